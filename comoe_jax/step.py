@@ -1,0 +1,170 @@
+"""The jitted, sharded train step: ``L = CE + lambda * L_con (+ mu * L_balance)``, AdamW, accumulation.
+
+Gradients are taken for adapter and router parameters only; the frozen base is an
+argument of the step (never a compile-time constant) and gets no gradient and no
+optimizer state. Micro-batches are accumulated with ``lax.scan`` inside the step,
+with every term normalised by the whole batch's token counts, so accumulating A
+micro-batches gives the gradient of one A-times larger batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from comoe_jax import sharding as shd
+from comoe_jax.adapters import ForwardContext
+from comoe_jax.config import Config
+from comoe_jax.data import BATCH_ARRAYS
+from comoe_jax.model import flat_axes, flat_values, state_from_flat
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a checkpoint holds: step, adapter params, optimizer state, PRNG key data."""
+
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data (jax.random.key_data), checkpoint-friendly
+
+
+def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up and cosine decay, after global-norm clipping."""
+    o = cfg.optim
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.learning_rate, warmup_steps=min(o.warmup_steps, cfg.train.steps),
+        decay_steps=max(cfg.train.steps, 1), end_value=o.learning_rate * o.end_lr_ratio)
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.adam_eps, weight_decay=o.weight_decay)
+    tx = optax.chain(optax.clip_by_global_norm(o.max_grad_norm), adamw) if o.max_grad_norm > 0 else adamw
+    return tx, schedule
+
+
+def mean_over_modules(stats: dict, key: str) -> jax.Array | None:
+    values = [s[key] for s in stats.values() if key in s]
+    return jnp.mean(jnp.stack(values)) if values else None
+
+
+@dataclass
+class TrainStep:
+    """A compiled-on-first-use train step for one model structure, optimizer and mesh.
+
+    ``step(state, frozen, batch) -> (state, metrics)``; ``batch`` arrays are
+    ``[grad_accum_steps, batch_size, T]``, sharded over the mesh's batch axes.
+    """
+
+    cfg: Config
+    graphdef: nnx.GraphDef
+    adapters_template: nnx.State
+    frozen_template: nnx.State
+    mesh: Mesh
+    rules: dict
+
+    def __post_init__(self):
+        self.tx, self.schedule = make_optimizer(self.cfg)
+        self.param_shardings = self._shardings(self.adapters_template)
+        self.frozen_shardings = self._shardings(self.frozen_template)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        abstract = jax.eval_shape(self.tx.init, self._abstract(self.adapters_template))
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, abstract, self.param_shardings,
+            transform_non_params=lambda _: self.replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
+        self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
+                                          opt_state=opt_shardings, rng=self.replicated)
+        self.batch_shardings = {k: shd.batch_sharding(self.mesh, self.rules, 3, batch_axis=1) for k in BATCH_ARRAYS}
+        self.jitted = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings,
+                                                        self.batch_shardings),
+                              out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _shardings(self, template: nnx.State) -> dict:
+        shapes = {k: v.shape for k, v in flat_values(template).items()}
+        return {k: shd.named_sharding(axes, shapes[k], self.rules, self.mesh)
+                for k, axes in flat_axes(template).items()}
+
+    @staticmethod
+    def _abstract(template: nnx.State) -> dict:
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat_values(template).items()}
+
+    def init_state(self, params: dict) -> TrainState:
+        """Fresh optimizer state for ``params`` (flat adapter dict), placed on the mesh."""
+        def init(params):
+            rng = jax.random.key_data(jax.random.key(self.cfg.train.seed))
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), rng=rng)
+
+        return jax.jit(init, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)(params)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs (with shardings) of the train state, for AOT compilation and restores."""
+        shapes = jax.eval_shape(self.init_state, self._abstract(self.adapters_template))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    def abstract_inputs(self, seq_len: int):
+        """(state, frozen, batch) ShapeDtypeStructs for ``self.jitted.lower(...)``."""
+        frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.frozen_shardings[k])
+                  for k, v in flat_values(self.frozen_template).items()}
+        shape = (self.cfg.optim.grad_accum_steps, self.cfg.train.batch_size, seq_len)
+        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k, s in self.batch_shardings.items()}
+        return self.abstract_state(), frozen, batch
+
+    # ------------------------------------------------------------------ the step
+
+    def loss(self, params: dict, frozen: dict, batch: dict, key, counts: dict):
+        """Loss of one micro-batch (normalised by whole-batch counts) and its metrics."""
+        lo = self.cfg.loss
+        model = nnx.merge(self.graphdef, state_from_flat(self.adapters_template, params),
+                          state_from_flat(self.frozen_template, frozen))
+        ctx = ForwardContext(token_mask=batch["attention_mask"].astype(jnp.float32),
+                             token_count=counts["tokens"], key=key)
+        out = model.forward(batch["input_ids"], batch["attention_mask"], ctx=ctx)
+        ce_tokens = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
+        ce = jnp.sum(ce_tokens * batch["loss_mask"]) / counts["response"]
+        metrics = {"ce": ce, "response_tokens": jnp.sum(batch["loss_mask"]).astype(jnp.float32),
+                   "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
+        loss = ce
+        contrastive = mean_over_modules(out.stats, "contrastive")
+        if contrastive is not None:
+            metrics |= {"contrastive": contrastive, "mi_gap": mean_over_modules(out.stats, "mi_gap")}
+            loss = loss + lo.contrastive_weight * contrastive
+        balance = mean_over_modules(out.stats, "load_balance")
+        if balance is not None:
+            balance = balance / self.cfg.optim.grad_accum_steps
+            metrics["load_balance"] = balance
+            loss = loss + lo.load_balance_weight * balance
+        if out.stats:
+            metrics["expert_load"] = jnp.stack([s["load"] for s in out.stats.values()])  # [modules, n]
+        metrics["loss"] = loss
+        return loss, metrics
+
+    def _step(self, state: TrainState, frozen: dict, batch: dict):
+        with shd.activation_rules(self.mesh, self.rules):
+            counts = {"tokens": jnp.maximum(jnp.sum(batch["attention_mask"]), 1).astype(jnp.float32),
+                      "response": jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)}
+            key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+            micro_keys = jax.random.split(step_key, self.cfg.optim.grad_accum_steps)
+            grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+
+            def micro(grads, xs):
+                mb, k = xs
+                (_, metrics), g = grad_fn(state.params, frozen, mb, k, counts)
+                return jax.tree.map(jnp.add, grads, g), metrics
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, metrics = jax.lax.scan(micro, zeros, (batch, micro_keys))
+            metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics |= {"grad_norm": optax.global_norm(grads), "learning_rate": self.schedule(state.step)}
+            new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                             rng=jax.random.key_data(key))
+            return new, metrics
+
+    def __call__(self, state: TrainState, frozen: dict, batch: dict):
+        return self.jitted(state, frozen, batch)
