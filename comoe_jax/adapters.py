@@ -82,7 +82,7 @@ class Linear(nnx.Module):
 
     def __init__(self, d_in: int, d_out: int, *, axes: tuple, use_bias: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        init = jax.nn.initializers.normal(0.02)
+        init = jax.nn.initializers.lecun_normal()  # only random test models keep it; loaders overwrite it
         self.kernel = Frozen(init(rngs.params(), (d_in, d_out), param_dtype), axes=axes)
         self.bias = Frozen(jnp.zeros((d_out,), param_dtype), axes=axes[1:]) if use_bias else None
         self.dtype = dtype

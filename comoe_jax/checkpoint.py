@@ -19,12 +19,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from comoe_jax.config import Config
+from comoe_jax.model import flat_values, split_model, stack, state_from_flat, unstack
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 FORMAT = "comoe-jax-moe-lora/1"
 # Keys that may change when a run is resumed (they do not change what is trained).
 RESUMABLE_CHANGES = {"train.steps", "train.save_every", "train.keep_checkpoints", "train.log_every",
-                     "train.output_dir", "train.resume", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                     "train.output_dir", "train.resume", "train.compilation_cache", "mesh.num_devices", "mesh.data", "mesh.fsdp", "mesh.tensor",
                      "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id"}
 
 
@@ -46,12 +47,16 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(cfg.to_dict()))
         self.manager.save(step, args=args)
 
-    def restore(self, abstract_state, step: int | None = None):
-        """(state, saved config dict) of ``step`` (default: latest), placed on ``abstract_state``'s shardings."""
+    def saved_config(self, step: int | None = None) -> dict:
+        """The config dict saved with ``step`` (default: latest)."""
         step = self.latest_step() if step is None else step
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore())
-        restored = self.manager.restore(step, args=args)
-        return restored.state, restored.config
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    def restore(self, abstract_state, step: int | None = None):
+        """The train state of ``step`` (default: latest), placed on ``abstract_state``'s shardings."""
+        step = self.latest_step() if step is None else step
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self.manager.restore(step, args=args).state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -72,14 +77,17 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     return changed
 
 
-def save_adapters(directory: str | Path, params: dict, cfg: Config) -> Path:
-    """Write ``params`` (flat adapter dict) as safetensors + adapter_config.json, atomically.
+def save_adapters(directory: str | Path, params: dict, groups: tuple[range, ...], cfg: Config) -> Path:
+    """Write ``params`` (flat, stacked adapter dict) as safetensors + adapter_config.json, atomically.
 
+    Keys are per layer (``layers.3.self_attn.q_proj.lora_a``), whatever the layer stacking.
     Multi-host safe: every process joins the gather, process 0 writes.
     """
     from safetensors.numpy import save_file
 
-    host = {k: np.asarray(v) for k, v in multihost_utils.process_allgather(params, tiled=True).items()}
+    gathered = multihost_utils.process_allgather(params, tiled=True)
+    host = {k: np.ascontiguousarray(v) for k, v in unstack({k: np.asarray(v) for k, v in gathered.items()},
+                                                            groups).items()}
     directory = Path(directory)
     if jax.process_index() != 0:
         return directory
@@ -88,8 +96,9 @@ def save_adapters(directory: str | Path, params: dict, cfg: Config) -> Path:
     tmp.mkdir(parents=True)
     save_file(host, str(tmp / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "base_model": cfg.model.path, "adapter": cfg.to_dict()["adapter"],
-            "loss": cfg.to_dict()["loss"], "key_layout": "flat names '<module path>.lora_a' [n, d_in, r], "
-            "'.lora_b' [n, r, d_out], '.router' [d_in, n]; kernels are x @ W (Hugging Face weights transposed)"}
+            "loss": cfg.to_dict()["loss"], "key_layout": "'layers.<i>.<self_attn|mlp>.<proj>.lora_a' [n, d_in, r], "
+            "'.lora_b' [n, r, d_out], '.router' [d_in, n] (absent for n = 1); y = x @ W, i.e. the paper's A_i, "
+            "B_i and G transposed"}
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, default=list))
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
@@ -111,3 +120,19 @@ def load_adapters(directory: str | Path) -> tuple[dict, dict]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory / ADAPTER_CONFIG}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return load_file(str(directory / ADAPTER_WEIGHTS)), meta
+
+
+def set_adapters(model, per_layer: dict) -> None:
+    """Put per-layer adapter arrays (from :func:`load_adapters`) into ``model``, checking names and shapes."""
+    from flax import nnx
+
+    _, adapters, _ = split_model(model)
+    current = flat_values(adapters)
+    missing = [n for n in unstack(current, model.groups) if n not in per_layer]
+    if missing:
+        raise ValueError(f"adapter file lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+    values = stack(per_layer, list(current), model.groups)
+    for name, value in values.items():
+        if tuple(value.shape) != tuple(current[name].shape):
+            raise ValueError(f"adapter tensor {name}: shape {value.shape}, the model expects {current[name].shape}")
+    nnx.update(model, state_from_flat(adapters, {n: jax.numpy.asarray(v, current[n].dtype) for n, v in values.items()}))

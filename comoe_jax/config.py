@@ -101,6 +101,7 @@ class DataConfig:
 
 @dataclass
 class MeshConfig:
+    num_devices: int = _f(-1, "Devices the mesh spans (the first N of jax.devices()); -1 = all.")
     data: int = _f(-1, "Data-parallel mesh axis size; -1 takes every device left after fsdp and tensor.")
     fsdp: int = _f(1, "Fully-sharded data-parallel axis size (parameters sharded, batch split).")
     tensor: int = _f(1, "Tensor-parallel axis size (heads / MLP / vocab split).")
@@ -125,6 +126,8 @@ class TrainConfig:
     save_every: int = _f(20, "Steps between checkpoints (the last step is always saved).")
     keep_checkpoints: int = _f(3, "Checkpoints kept (the oldest are deleted).")
     log_every: int = _f(5, "Steps between progress lines.")
+    compilation_cache: str = _f("~/.cache/comoe-jax/xla", "Persistent XLA compilation cache folder (a rerun skips "
+                                "most compilation); '' disables. Ignored if JAX already has a cache folder.")
 
 
 @dataclass
@@ -196,7 +199,7 @@ def _parse_value(key: str, text: str, current: Any, annotation: Any) -> Any:
             return _freeze(value) if kind is not dict else value
         return text
     except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"{key}={text!r}: expected a {kind.__name__} value (current value {current!r})") from None
+        raise ConfigError(f"{key}={text!r}: expected a value of type {kind.__name__} (current value {current!r})") from None
 
 
 def _freeze(value):
@@ -307,6 +310,7 @@ def validate(cfg: Config) -> Config:
     _require(len(d.tasks) > 0, "data.tasks", d.tasks, f"at least one of {' '.join(BUILTIN_TASKS)}")
     for task in d.tasks:
         _require(task in BUILTIN_TASKS, "data.tasks", task, f"one of {' '.join(BUILTIN_TASKS)}")
+    _require(me.num_devices == -1 or me.num_devices >= 1, "mesh.num_devices", me.num_devices, "-1 (all) or >= 1")
     for key in ("data", "fsdp", "tensor"):
         size = getattr(me, key)
         _require(size == -1 or size >= 1, f"mesh.{key}", size, "a positive size, or -1 for the remaining devices")

@@ -100,29 +100,35 @@ def encode(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[np.ndar
 class BuiltinData:
     """A fixed pool of built-in examples, tokenized once, served in seeded epochs.
 
-    ``batch(step, batch_size)`` depends only on ``(seed, step, batch_size)``.
+    ``batch(step, batch_size)`` depends only on ``(seed, step, batch_size)``. Examples
+    cut at ``seq_len`` are counted in ``truncated``; those left with no response token
+    are left out and counted in ``dropped``.
     """
 
     def __init__(self, tokenizer, tasks, seq_len: int, seed: int = 0, size: int = 2048, template: str = "alpaca"):
         rng = np.random.default_rng([seed, 1])
         self.tasks = tuple(tasks)
-        rows, masks, lengths, task_ids, self.truncated = [], [], [], [], 0
+        rows, masks, lengths, task_ids = [], [], [], []
+        self.truncated = self.dropped = 0
         for i in range(size):
             task_id = i % len(self.tasks)
             instruction, response = make_example(self.tasks[task_id], rng)
             prompt = TEMPLATES[template].format(instruction=instruction)
             ids, is_response, length, truncated = encode(tokenizer, prompt, response, seq_len)
+            if not is_response[1:].any():  # the cutoff left no response token: nothing to learn from
+                self.dropped += 1
+                continue
             rows.append(ids)
             masks.append(is_response)
             lengths.append(length)
             task_ids.append(task_id)
             self.truncated += truncated
+        if not rows:
+            raise ValueError(f"data.seq_len={seq_len} leaves no response tokens in any example: raise "
+                             "data.seq_len or use a shorter data.template")
         self.ids, self.is_response = np.stack(rows), np.stack(masks)
         self.lengths, self.task_ids = np.array(lengths), np.array(task_ids, np.int32)
-        if not self.is_response[:, 1:].any():
-            raise ValueError(f"data.seq_len={seq_len} leaves no response tokens after truncation: raise "
-                             "data.seq_len or use a shorter data.template")
-        self.seed, self.size = seed, size
+        self.seed, self.size = seed, len(rows)
 
     def indices(self, step: int, batch_size: int) -> np.ndarray:
         start = step * batch_size

@@ -192,19 +192,13 @@ def _gguf_tensors(reader, path: Path, spec: LlamaSpec) -> Callable[[str], np.nda
 # --------------------------------------------------------------------------- building
 
 
-def _placement(spec: LlamaSpec, adapter: AdapterConfig | None, moe: MoESpec) -> AdapterPlacement | None:
-    if adapter is None:
-        return None
-    layers = tuple(parse_layer_range(adapter.layers, spec.num_layers))
-    return AdapterPlacement(moe, tuple(adapter.target_modules), layers)
-
-
-def _open(path: Path, model_cfg: ModelConfig):
-    """(LlamaSpec, reader of frozen tensors by flat name) for a resolved model path."""
+def _open(model_cfg: ModelConfig):
+    """(LlamaSpec, factory of a reader of frozen tensors by per-layer name, or None for 'random')."""
     if model_cfg.path == "random":
         from transformers import LlamaConfig
 
         return LlamaSpec.from_hf(LlamaConfig(**model_cfg.random_arch), "model.random_arch"), None
+    path = resolve_model_path(model_cfg.path)
     if path.suffix == ".gguf":
         import gguf
 
@@ -221,15 +215,66 @@ def _open(path: Path, model_cfg: ModelConfig):
     return spec, lambda names: _hf_tensors(path, names)
 
 
-def build_model(
-    cfg: Config,
-    mesh: Mesh | None = None,
-    rules: dict | None = None,
-) -> CausalLM:
+def model_factory(model_cfg: ModelConfig, adapter: AdapterConfig | None, loss: LossConfig | None, seed: int,
+                  spec: LlamaSpec | None = None) -> Callable[[], CausalLM]:
+    """A zero-argument constructor of the model (random weights): use under ``nnx.eval_shape`` for shapes.
+
+    Reads only the model's config (``config.json`` or the GGUF header), never its weights.
+    """
+    spec = spec or _open(model_cfg)[0]
+    moe = MoESpec.from_config(Config(adapter=adapter or AdapterConfig(num_experts=1, top_k=1),
+                                     loss=loss or LossConfig(contrastive_weight=0)))
+    placement = None
+    if adapter is not None:
+        layers = tuple(parse_layer_range(adapter.layers, spec.num_layers))
+        placement = AdapterPlacement(moe, tuple(adapter.target_modules), layers)
+    dtype, param_dtype = DTYPES[model_cfg.dtype], DTYPES[model_cfg.param_dtype]
+
+    def create() -> CausalLM:
+        return CausalLM(spec, placement, dtype=dtype, param_dtype=param_dtype, remat=model_cfg.remat,
+                        rngs=nnx.Rngs(seed))
+
+    return create
+
+
+def _materialise(create, reader_factory, model_cfg: ModelConfig, mesh: Mesh | None, rules: dict | None) -> CausalLM:
+    """Initialise adapters (and a random base) on device; read the frozen base tensor by tensor."""
+    if mesh is None:
+        mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
+    rules = rules if rules is not None else shd.rules_dict(shd.MeshConfig().rules)
+    abstract = nnx.eval_shape(create)
+    graphdef, adapters_abs, frozen_abs = split_model(abstract)
+    shapes = {n: tuple(v.shape) for state in (adapters_abs, frozen_abs) for n, v in flat_values(state).items()}
+    shardings = {n: shd.named_sharding(axes, shapes[n], rules, mesh)
+                 for state in (adapters_abs, frozen_abs) for n, axes in flat_axes(state).items()}
+    adapter_names, frozen_names = list(flat_values(adapters_abs)), list(flat_values(frozen_abs))
+    init_names = adapter_names + (frozen_names if reader_factory is None else [])
+    # Under jit, the unused random init of the frozen base is dead code and never runs.
+    init = jax.jit(lambda: {n: v for n, v in flat_values(nnx.state(create())).items() if n in init_names},
+                   out_shardings={n: shardings[n] for n in init_names})
+    values = dict(init())
+    if reader_factory is not None:
+        stacked = {n: stacked_sources(n, abstract.groups) for n in frozen_names}
+        sources = {n: stacked[n] or [n] for n in frozen_names}  # per-layer names in the file
+        read = reader_factory([src for srcs in sources.values() for src in srcs])
+        target = DTYPES[model_cfg.param_dtype]
+        for name in frozen_names:
+            parts = [np.asarray(read(src)) for src in sources[name]]
+            array = parts[0] if stacked[name] is None else np.stack(parts)
+            if array.shape != shapes[name]:
+                raise LoadError(f"{model_cfg.path}: tensor for {sources[name][0]} has shape {parts[0].shape}, the "
+                                f"config implies {shapes[name][-parts[0].ndim:]}")
+            values[name] = jax.device_put(array.astype(target), shardings[name])
+    adapters = state_from_flat(adapters_abs, {n: values[n] for n in adapter_names})
+    frozen = state_from_flat(frozen_abs, {n: values[n] for n in frozen_names})
+    return nnx.merge(graphdef, adapters, frozen)
+
+
+def build_model(cfg: Config, mesh: Mesh | None = None, rules: dict | None = None) -> CausalLM:
     """The model of ``cfg`` (base weights loaded, adapters initialised from ``train.seed``), sharded on ``mesh``."""
-    return from_pretrained(cfg.model.path, adapter=cfg.adapter, loss=cfg.loss, dtype=cfg.model.dtype,
-                           param_dtype=cfg.model.param_dtype, remat=cfg.model.remat, seed=cfg.train.seed,
-                           mesh=mesh, rules=rules, random_arch=cfg.model.random_arch)
+    spec, reader_factory = _open(cfg.model)
+    create = model_factory(cfg.model, cfg.adapter, cfg.loss, cfg.train.seed, spec)
+    return _materialise(create, reader_factory, cfg.model, mesh, rules)
 
 
 def from_pretrained(
@@ -254,59 +299,17 @@ def from_pretrained(
         CoMoE default); None gives the bare base model.
       loss: contrastive-term settings the adapters need (temperature, anchor, ...).
       dtype / param_dtype: compute / storage dtype of the frozen base ('float32', 'bfloat16').
+      remat: recompute decoder layers in the backward pass.
       seed: adapter initialisation (and random base weights for 'random').
       mesh, rules: place every weight on its sharding (default: one device, replicated).
+      random_arch: LlamaConfig fields of the random model (``path='random'`` only).
     Returns:
       a ``CausalLM``; ``model(input_ids [B, T] int32) -> logits [B, T, V]``.
     """
-    model_cfg = ModelConfig(path=path, random_arch=random_arch or ModelConfig().random_arch)
-    resolved = Path(path) if path == "random" else resolve_model_path(path)
-    spec, reader_factory = _open(resolved, model_cfg)
-    cfg = Config(adapter=adapter or AdapterConfig(num_experts=1, top_k=1), loss=loss or LossConfig(contrastive_weight=0))
-    moe = MoESpec.from_config(cfg)
-    placement = _placement(spec, adapter, moe)
-    if mesh is None:
-        mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
-    rules = rules if rules is not None else shd.rules_dict(shd.MeshConfig().rules)
-
-    def create():
-        return CausalLM(spec, placement, dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype], remat=remat,
-                        rngs=nnx.Rngs(seed))
-
-    abstract = nnx.eval_shape(create)
-    graphdef, adapters_abs, frozen_abs = split_model(abstract)
-    shardings = {
-        name: shd.named_sharding(axes, value.shape, rules, mesh)
-        for state in (adapters_abs, frozen_abs)
-        for (name, axes), value in zip(flat_axes(state).items(), flat_values(state).values())
-    }
-    init_names = list(flat_values(adapters_abs))
-    frozen_names = list(flat_values(frozen_abs))
-    if reader_factory is None:  # random base: initialise everything on device
-        init_names += frozen_names
-    out_shardings = {n: shardings[n] for n in init_names}
-    initial = jax.jit(lambda: _select(flat_values(nnx.state(create())), init_names), out_shardings=out_shardings)()
-    values = dict(initial)
-    if reader_factory is not None:
-        groups = abstract.groups
-        sources = {n: stacked_sources(n, groups) or [n] for n in frozen_names}
-        read = reader_factory([src for srcs in sources.values() for src in srcs])
-        target = DTYPES[param_dtype]
-        expected = {n: tuple(v.shape) for n, v in flat_values(frozen_abs).items()}
-        for name in frozen_names:
-            parts = [np.asarray(read(src)) for src in sources[name]]
-            array = np.stack(parts) if stacked_sources(name, groups) else parts[0]
-            if array.shape != expected[name]:
-                raise LoadError(f"{path}: tensor for {sources[name][0]} has shape {parts[0].shape}, the config "
-                                f"implies {expected[name][-parts[0].ndim:]}")
-            values[name] = jax.device_put(array.astype(target), shardings[name])
-    adapters = state_from_flat(adapters_abs, {n: values[n] for n in flat_values(adapters_abs)})
-    frozen = state_from_flat(frozen_abs, {n: values[n] for n in frozen_names})
-    return nnx.merge(graphdef, adapters, frozen)
-
-
-def _select(values: dict, names: list[str]) -> dict:
-    return {n: values[n] for n in names}
+    model_cfg = ModelConfig(path=path, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                            random_arch=random_arch or ModelConfig().random_arch)
+    spec, reader_factory = _open(model_cfg)
+    return _materialise(model_factory(model_cfg, adapter, loss, seed, spec), reader_factory, model_cfg, mesh, rules)
 
 
 # --------------------------------------------------------------------------- tokenizers

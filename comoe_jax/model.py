@@ -202,7 +202,7 @@ class LayerStack(nnx.Module):
         indices = jnp.arange(self.first, self.first + self.size, dtype=jnp.int32)
         x, stats = jax.lax.scan(body, x, (indices, state))
         per_layer = {f"layers.{self.first + j}.{name}": jax.tree.map(lambda v, j=j: v[j], s)
-                     for name, s in stats.items() for j in range(self.size)}
+                     for j in range(self.size) for name, s in stats.items()}
         return x, per_layer
 
 
@@ -219,7 +219,7 @@ class CausalLM(nnx.Module):
 
     def __init__(self, spec: LlamaSpec, placement: AdapterPlacement | None = None, *, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
-        embed = jax.nn.initializers.normal(0.02)(rngs.params(), (spec.vocab_size, spec.hidden_size), param_dtype)
+        embed = jax.nn.initializers.normal(1.0)(rngs.params(), (spec.vocab_size, spec.hidden_size), param_dtype)
         self.embed_tokens = Frozen(embed, axes=("vocab", "embed"))
         self.groups = tuple(layer_groups(spec.num_layers, placement))
         stack = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
@@ -230,6 +230,14 @@ class CausalLM(nnx.Module):
         self.lm_head = None if spec.tie_word_embeddings else head
         self.spec, self.placement, self.dtype = spec, placement, dtype
         self.num_adapters = sum(stack.num_adapters for stack in self.layers)
+
+    def adapter_modules(self) -> list[str]:
+        """Names of the adapted modules, in the order of ``forward``'s statistics (layer, then module)."""
+        if self.placement is None:
+            return []
+        parts = [("self_attn", n) for n in ATTENTION_PROJECTIONS] + [("mlp", n) for n in MLP_PROJECTIONS]
+        return [f"layers.{layer}.{block}.{name}" for layer in self.placement.layers for block, name in parts
+                if name in self.placement.target_modules]
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                 positions: jax.Array | None = None, ctx: ForwardContext | None = None) -> ModelOutput:
@@ -248,6 +256,8 @@ class CausalLM(nnx.Module):
         for stack in self.layers:
             x, stack_stats = stack(x, cos, sin, mask, ctx)
             stats |= stack_stats
+        if stats:  # scan outputs come back with sorted keys; restore (layer, module) order
+            stats = {name: stats[name] for name in self.adapter_modules()}
         x = self.norm(x)
         if self.lm_head is None:
             head = self.embed_tokens[...].astype(self.dtype).T
@@ -266,17 +276,17 @@ class CausalLM(nnx.Module):
 
 def flat_values(state: nnx.State) -> dict[str, jax.Array]:
     """``nnx.State`` -> ``{"layers.0.self_attn.q_proj.lora_a": array, ...}``."""
-    return {".".join(map(str, path)): var.get_value() for path, var in state.flat_state()}
+    return {".".join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
 def state_from_flat(template: nnx.State, values: dict[str, jax.Array]) -> nnx.State:
     """Inverse of :func:`flat_values`, keeping the template's variable types and metadata."""
-    return nnx.from_flat_state([(p, v.replace(values[".".join(map(str, p))])) for p, v in template.flat_state()])
+    return nnx.from_flat_state([(p, v.replace(values[".".join(map(str, p))])) for p, v in nnx.to_flat_state(template)])
 
 
 def flat_axes(state: nnx.State) -> dict[str, tuple]:
     """Logical axis names of every variable, by flat name."""
-    return {".".join(map(str, path)): var.get_metadata().get("axes") for path, var in state.flat_state()}
+    return {".".join(map(str, path)): var.get_metadata().get("axes") for path, var in nnx.to_flat_state(state)}
 
 
 _STACKED = re.compile(r"layers\.(\d+)\.layer\.(.+)$")

@@ -31,7 +31,6 @@ class Progress:
         self.history: list[dict] = []
         self.started = self.last_time = time.perf_counter()
         self.first_step_seconds: float | None = None
-        self.tokens_since = 0.0
         self.is_main = jax.process_index() == 0
 
     def update(self, step: int, metrics: dict) -> None:
@@ -47,6 +46,7 @@ class Progress:
             self.flush(print_line=True)
 
     def flush(self, print_line: bool = True) -> None:
+        """Fetch pending metrics, append them to metrics.jsonl, print the interval's means."""
         if not self.pending:
             return
         rows = []
@@ -63,15 +63,15 @@ class Progress:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
         now = time.perf_counter()
-        tokens = sum(r.get("tokens", 0.0) for r in rows)
-        rate = tokens / max(now - self.last_time, 1e-9)
+        rate = sum(r.get("tokens", 0.0) for r in rows) / max(now - self.last_time, 1e-9)
         self.last_time = now
         if print_line:
-            self._say(self.line(rows[-1], rate))
+            means = {k: float(np.mean([r[k] for r in rows])) for k, _, _ in SHOWN if k in rows[-1]}
+            self._say(self.line(rows[-1]["step"], means, rate))
 
-    def line(self, row: dict, tokens_per_second: float) -> str:
-        step = row["step"]
-        terms = " ".join(f"{label} {row[k]:{fmt}}" for k, label, fmt in SHOWN if k in row)
+    def line(self, step: int, means: dict, tokens_per_second: float) -> str:
+        """One progress line; ``means`` are the loss terms averaged since the previous line."""
+        terms = " ".join(f"{label} {means[k]:{fmt}}" for k, label, fmt in SHOWN if k in means)
         done = step - self.start
         elapsed = time.perf_counter() - self.started
         steady = elapsed - (self.first_step_seconds or 0.0)
@@ -85,16 +85,18 @@ class Progress:
             print(text, file=self.stream, flush=True)
 
 
-def plot_run(history: list[dict], out_dir: Path) -> list[Path]:
-    """Loss curves and the final per-module expert load, as PNGs in ``out_dir``."""
+def plot_run(history: list[dict], out_dir: Path, modules: list[str] | None = None) -> list[Path]:
+    """Loss curves, and the last expert load (one panel per adapted projection, layers x experts), as PNGs.
+
+    ``modules`` names the rows of ``expert_load`` (``CausalLM.adapter_modules()``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
     if not history:
-        return written
+        return []
     steps = [r["step"] for r in history]
     keys = [k for k in ("loss", "ce", "contrastive", "mi_gap") if k in history[-1]]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
@@ -105,18 +107,30 @@ def plot_run(history: list[dict], out_dir: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(out_dir / "losses.png", dpi=100)
     plt.close(fig)
-    written.append(out_dir / "losses.png")
+    written = [out_dir / "losses.png"]
     loads = [r for r in history if "expert_load" in r]
-    if loads:
-        load = np.asarray(loads[-1]["expert_load"])
-        fig, ax = plt.subplots(figsize=(2 + load.shape[1] * 0.5, 2 + load.shape[0] * 0.12))
-        image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0)
-        ax.set_xlabel("expert")
-        ax.set_ylabel("adapted module (construction order)")
-        ax.set_title(f"expert load at step {loads[-1]['step']}")
-        fig.colorbar(image, ax=ax, label="share of routing slots")
-        fig.tight_layout()
-        fig.savefig(out_dir / "expert_load.png", dpi=100)
-        plt.close(fig)
-        written.append(out_dir / "expert_load.png")
+    if loads and modules:
+        written.append(_plot_load(np.asarray(loads[-1]["expert_load"]), modules, loads[-1]["step"], out_dir, plt))
     return written
+
+
+def _plot_load(load: np.ndarray, modules: list[str], step: int, out_dir: Path, plt) -> Path:
+    """Heatmap per projection: rows = layers, columns = experts, colour = share of routing slots."""
+    projections = list(dict.fromkeys(m.split(".", 2)[2] for m in modules))
+    layers = sorted({int(m.split(".")[1]) for m in modules})
+    fig, axes = plt.subplots(1, len(projections), figsize=(1.5 + 1.6 * len(projections), 2.2 + 0.18 * len(layers)),
+                             squeeze=False, sharey=True, layout="constrained")
+    for ax, proj in zip(axes[0], projections):
+        rows = [modules.index(f"layers.{layer}.{proj}") for layer in layers]
+        image = ax.imshow(load[rows], aspect="auto", cmap="viridis", vmin=0, vmax=max(float(load.max()), 1e-6))
+        ax.set_title(proj.split(".")[-1], fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(load.shape[1]))
+    axes[0][0].set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="share of routing slots")
+    fig.suptitle(f"expert load at step {step}")
+    path = out_dir / "expert_load.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -56,8 +56,14 @@ def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (all devices by default)."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (default: the first ``cfg.num_devices``)."""
+    if devices is None:
+        devices = jax.devices()
+        if cfg.num_devices != -1:
+            if cfg.num_devices > len(devices):
+                raise ConfigError(f"mesh.num_devices={cfg.num_devices} but only {len(devices)} devices are visible")
+            devices = devices[: cfg.num_devices]
+    devices = list(devices)
     shape = mesh_shape(cfg, len(devices))
     types = (jax.sharding.AxisType.Auto,) * 3
     try:

@@ -161,7 +161,7 @@ class TrainStep:
             metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics |= {"grad_norm": optax.global_norm(grads), "learning_rate": self.schedule(state.step)}
+            metrics |= {"grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step)}
             new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                              rng=jax.random.key_data(key))
             return new, metrics

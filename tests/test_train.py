@@ -1,0 +1,184 @@
+"""The jitted train step and the training loop: learning, frozen base, accumulation, resume, interruption."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from comoe_jax import sharding as shd
+from comoe_jax import trainer
+from comoe_jax.config import Config, ConfigError
+from comoe_jax.data import BuiltinData
+from comoe_jax.loading import build_model, load_tokenizer
+from comoe_jax.model import flat_values, split_model
+from comoe_jax.step import TrainStep
+
+
+def tiny_config(tmp_path=None, **overrides) -> Config:
+    cfg = Config()
+    cfg.model.path = "random"
+    cfg.model.random_arch = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)
+    cfg.adapter.rank = 4
+    cfg.data.template = "plain"
+    cfg.data.seq_len = 56
+    cfg.data.tasks = ("add", "reverse", "antonym")
+    cfg.train.batch_size = 4
+    cfg.train.steps = 6
+    cfg.train.log_every = 2
+    cfg.train.save_every = 2
+    cfg.optim.learning_rate = 1e-2
+    cfg.optim.warmup_steps = 1
+    cfg.mesh.num_devices = 1
+    if tmp_path is not None:
+        cfg.train.output_dir = str(tmp_path / "run")
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def _setup(cfg, devices=None):
+    mesh = shd.make_mesh(cfg.mesh, devices or jax.devices()[:1])
+    rules = shd.rules_dict(cfg.mesh.rules)
+    model = build_model(cfg, mesh, rules)
+    graphdef, adapters, frozen = split_model(model)
+    step = TrainStep(cfg, graphdef, adapters, frozen, mesh, rules)
+    data = BuiltinData(load_tokenizer("random"), cfg.data.tasks, cfg.data.seq_len, template="plain", size=64)
+    return step, step.init_state(flat_values(adapters)), flat_values(frozen), data, mesh, rules
+
+
+def _batch(data, cfg, step, mesh, rules):
+    return shd.global_batch(trainer.global_batch(data, step, cfg), mesh, rules, batch_axis=1)
+
+
+def test_overfitting_one_batch_lowers_the_loss_and_only_adapters_change():
+    cfg = tiny_config(train__steps=40)
+    step_fn, state, frozen, data, mesh, rules = _setup(cfg)
+    before = jax.tree.map(np.asarray, state.params)
+    frozen_before = jax.tree.map(np.asarray, frozen)
+    batch = _batch(data, cfg, 0, mesh, rules)
+    losses = []
+    for _ in range(40):
+        state, metrics = step_fn(state, frozen, batch)
+        losses.append(float(metrics["ce"]))
+    assert losses[-1] < 0.6 * losses[0], losses
+    for name, value in state.params.items():
+        assert not np.allclose(np.asarray(value), before[name]), f"{name} did not train"
+    for name, value in frozen.items():
+        np.testing.assert_array_equal(np.asarray(value), frozen_before[name])
+    # the optimizer has state for adapter leaves only
+    leaves = {a.shape for a in jax.tree.leaves(state.opt_state) if a.ndim}
+    assert leaves <= {v.shape for v in state.params.values()}
+
+
+def test_total_loss_is_ce_plus_weighted_terms():
+    cfg = tiny_config(loss__load_balance_weight=0.3)
+    step_fn, state, frozen, data, mesh, rules = _setup(cfg)
+    for s in range(3):  # after a few steps B != 0, so the contrastive term is informative
+        state, m = step_fn(state, frozen, _batch(data, cfg, s, mesh, rules))
+    want = m["ce"] + 0.01 * m["contrastive"] + 0.3 * m["load_balance"]
+    np.testing.assert_allclose(m["loss"], want, rtol=1e-6)
+    assert np.isfinite(m["mi_gap"]) and m["expert_load"].shape == (8, 4)
+    np.testing.assert_allclose(np.asarray(m["expert_load"]).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    # Deterministic forward (no dropout, every anchor) so both runs see identical terms.
+    base = dict(adapter__dropout=0.0, loss__anchor="all")
+    big = tiny_config(train__batch_size=4, **base)
+    small = tiny_config(train__batch_size=2, optim__grad_accum_steps=2, **base)
+    step_big, state_big, frozen, data, mesh, rules = _setup(big)
+    step_small, state_small, *_ = _setup(small)
+    for s in range(2):
+        b = _batch(data, big, s, mesh, rules)
+        micro = {k: v.reshape(2, 2, -1) for k, v in b.items()}
+        state_big, m_big = step_big(state_big, frozen, b)
+        state_small, m_small = step_small(state_small, frozen, micro)
+        for key in ("loss", "ce", "contrastive", "mi_gap", "grad_norm"):
+            np.testing.assert_allclose(m_small[key], m_big[key], rtol=2e-5, err_msg=key)
+    for name in state_big.params:
+        np.testing.assert_allclose(state_small.params[name], state_big.params[name], rtol=1e-4, atol=1e-6)
+
+
+def test_monitoring_the_term_does_not_change_training():
+    plain = tiny_config(loss__contrastive_weight=0.0)
+    watched = tiny_config(loss__contrastive_weight=0.0, loss__monitor_contrastive=True)
+    a, state_a, frozen, data, mesh, rules = _setup(plain)
+    b, state_b, *_ = _setup(watched)
+    for s in range(2):
+        batch = _batch(data, plain, s, mesh, rules)
+        state_a, m_a = a(state_a, frozen, batch)
+        state_b, m_b = b(state_b, frozen, batch)
+    assert "contrastive" not in m_a and np.isfinite(m_b["contrastive"])
+    for name in state_a.params:
+        np.testing.assert_allclose(state_a.params[name], state_b.params[name], rtol=1e-6, atol=1e-7)
+
+
+def _params(result):
+    return {k: np.asarray(v) for k, v in result.state.params.items()}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    return _params(trainer.train(tiny_config(tmp_path_factory.mktemp("straight"))))
+
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, straight_run, how):
+    real = trainer.global_batch
+
+    def interrupting(data, step, cfg):
+        if step == 3:
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # preemption notice: finish this step, save, stop
+        return real(data, step, cfg)
+
+    monkeypatch.setattr(trainer, "global_batch", interrupting)
+    first = trainer.train(tiny_config(tmp_path, train__save_every=100))
+    saved = 4 if how == "sigterm" else 3
+    assert first.interrupted and int(first.state.step) == saved
+    assert trainer.Checkpointer(tmp_path / "run", 3).latest_step() == saved
+    monkeypatch.setattr(trainer, "global_batch", real)
+    resumed = trainer.train(tiny_config(tmp_path, train__save_every=100))
+    assert int(resumed.state.step) == 6 and not resumed.interrupted
+    for name, value in straight_run.items():
+        np.testing.assert_allclose(_params(resumed)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_run_folder_and_checkpoint_rotation(tmp_path):
+    trainer.train(tiny_config(tmp_path, train__steps=8))
+    run = tmp_path / "run"
+    for name in ("metrics.jsonl", "config.json", "losses.png", "expert_load.png", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json"):
+        assert (run / name).exists(), name
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4, 6, 8]  # train.keep_checkpoints=3 keeps the last three
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 8
+
+
+def test_changed_config_is_not_resumed(tmp_path):
+    trainer.train(tiny_config(tmp_path, train__steps=2))
+    with pytest.raises(ConfigError, match=r"different config.*adapter\.rank: checkpoint 4, now 8"):
+        trainer.train(tiny_config(tmp_path, adapter__rank=8))
+    with pytest.raises(ConfigError, match="already holds checkpoints up to step 2; pass train.resume=true"):
+        trainer.train(tiny_config(tmp_path, train__resume=False))
+    extended = trainer.train(tiny_config(tmp_path, train__steps=3))  # more steps is allowed
+    assert int(extended.state.step) == 3
+
+
+def test_bfloat16_base_trains():
+    cfg = tiny_config(model__dtype="bfloat16", model__param_dtype="bfloat16", train__steps=15)
+    step_fn, state, frozen, data, mesh, rules = _setup(cfg)
+    assert all(v.dtype == jnp.bfloat16 for v in frozen.values())
+    assert all(v.dtype == jnp.float32 for v in state.params.values())
+    batch = _batch(data, cfg, 0, mesh, rules)
+    first = None
+    for _ in range(15):
+        state, m = step_fn(state, frozen, batch)
+        first = first or float(m["ce"])
+    assert np.isfinite(m["loss"]) and float(m["ce"]) < first
