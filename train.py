@@ -24,9 +24,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.help:
             print(__doc__ + "\nConfig keys (section.key=value):\n" + describe(cfg))
             return 0
-        from comoe_jax.trainer import train  # imports JAX: after the cheap checks
+        from comoe_jax.loading import LoadError  # imports JAX: after the cheap checks
+        from comoe_jax.progress import TrainingDiverged
+        from comoe_jax.trainer import train
 
-        train(cfg)
+        try:
+            train(cfg)
+        except LoadError as e:
+            print(f"model error: {e}", file=sys.stderr)
+            return 2
+        except TrainingDiverged as e:
+            print(f"training diverged: {e}", file=sys.stderr)
+            return 3
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -58,7 +58,8 @@ def main() -> None:
         result = compile_train_step(cfg, devices, args.seq_len)
         memory = result.memory_per_device()
         rows.append({"topology": args.topology, "chips": len(devices), "mesh": dict(result.mesh.shape),
-                     "remat": remat, "batch": args.batch, "seq_len": args.seq_len, "compile_s": time.perf_counter() - start,
+                     "remat": remat, "batch": args.batch, "seq_len": args.seq_len,
+                     "compile_s": time.perf_counter() - start,
                      "trainable_params": result.trainable_parameters, "frozen_params": result.frozen_parameters,
                      **{f"{k}_bytes": v for k, v in memory.items()}, "hbm_gib": hbm})
     gib = 2**30
@@ -69,8 +70,8 @@ def main() -> None:
     for r in rows:
         peak = r["peak_estimate_bytes"] / gib
         fits = "?" if hbm is None else ("yes" if peak < hbm else "no")
-        print(f"{str(r['remat']):>6} {str(r['mesh']):>24} {r['argument_bytes'] / gib:9.2f} {r['temp_bytes'] / gib:9.2f} "
-              f"{peak:9.2f} {str(hbm):>8} {fits:>5} {r['compile_s']:9.1f}")
+        print(f"{str(r['remat']):>6} {str(r['mesh']):>24} {r['argument_bytes'] / gib:9.2f} "
+              f"{r['temp_bytes'] / gib:9.2f} {peak:9.2f} {str(hbm):>8} {fits:>5} {r['compile_s']:9.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.out}")

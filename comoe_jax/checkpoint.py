@@ -25,8 +25,8 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.j
 FORMAT = "comoe-jax-moe-lora/1"
 # Keys that may change when a run is resumed (they do not change what is trained).
 RESUMABLE_CHANGES = {"train.steps", "train.save_every", "train.keep_checkpoints", "train.log_every",
-                     "train.output_dir", "train.resume", "train.compilation_cache", "mesh.num_devices", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                     "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id"}
+                     "train.output_dir", "train.resume", "train.compilation_cache", "mesh.num_devices", "mesh.data",
+                     "mesh.fsdp", "mesh.tensor", "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id"}
 
 
 class Checkpointer:

@@ -199,7 +199,8 @@ def _parse_value(key: str, text: str, current: Any, annotation: Any) -> Any:
             return _freeze(value) if kind is not dict else value
         return text
     except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"{key}={text!r}: expected a value of type {kind.__name__} (current value {current!r})") from None
+        raise ConfigError(f"{key}={text!r}: expected a value of type {kind.__name__} "
+                          f"(current value {current!r})") from None
 
 
 def _freeze(value):
@@ -259,7 +260,8 @@ def validate(cfg: Config) -> Config:
     _require(bool(m.path), "model.path", m.path, "give a Hugging Face folder, a .gguf file, 'smollm2-135m' or 'random'")
     if m.path not in MODEL_ALIASES:
         _require(Path(m.path).exists(), "model.path", m.path,
-                 f"no such file or folder; give a Hugging Face folder, a .gguf file or one of {', '.join(MODEL_ALIASES)}")
+                 "no such file or folder; give a Hugging Face folder, a .gguf file or one of "
+                 f"{', '.join(MODEL_ALIASES)}")
     _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
     _require(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {', '.join(DTYPES)}")
     _require(a.num_experts >= 1, "adapter.num_experts", a.num_experts, "at least 1 (1 = plain LoRA)")
@@ -293,7 +295,8 @@ def validate(cfg: Config) -> Config:
         _require(0 <= lo.num_negatives <= a.num_experts - a.top_k, "loss.num_negatives", lo.num_negatives,
                  f"0 (all inactive experts) to n - k = {a.num_experts - a.top_k}")
     if lo.load_balance_weight > 0:
-        _require(a.num_experts >= 2, "adapter.num_experts", a.num_experts, "the load-balance loss needs a router (n >= 2)")
+        _require(a.num_experts >= 2, "adapter.num_experts", a.num_experts,
+                 "the load-balance loss needs a router (n >= 2)")
     _require(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "a positive number")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
     _require(0 <= o.end_lr_ratio <= 1, "optim.end_lr_ratio", o.end_lr_ratio, "between 0 and 1")

@@ -21,9 +21,23 @@ from jax.sharding import Mesh
 
 from comoe_jax import sharding as shd
 from comoe_jax.adapters import MoESpec
-from comoe_jax.config import AdapterConfig, Config, LossConfig, ModelConfig, parse_layer_range
-from comoe_jax.model import (AdapterPlacement, CausalLM, LlamaSpec, flat_axes, flat_values, split_model,
-                             stacked_sources, state_from_flat)
+from comoe_jax.config import (
+    AdapterConfig,
+    Config,
+    LossConfig,
+    ModelConfig,
+    parse_layer_range,
+)
+from comoe_jax.model import (
+    AdapterPlacement,
+    CausalLM,
+    LlamaSpec,
+    flat_axes,
+    flat_values,
+    split_model,
+    stacked_sources,
+    state_from_flat,
+)
 
 log = logging.getLogger(__name__)
 

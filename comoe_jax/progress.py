@@ -10,6 +10,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the run stops without checkpointing the bad state."""
+
+
 SHOWN = (("loss", "loss", ".4f"), ("ce", "ce", ".4f"), ("contrastive", "con", ".4f"), ("mi_gap", "mi_gap", ".3f"),
          ("load_balance", "lb", ".3f"), ("grad_norm", "gnorm", ".3f"), ("learning_rate", "lr", ".2e"))
 
@@ -32,6 +37,7 @@ class Progress:
         self.started = self.last_time = time.perf_counter()
         self.first_step_seconds: float | None = None
         self.is_main = jax.process_index() == 0
+        self.healthy = True
 
     def update(self, step: int, metrics: dict) -> None:
         """Record the metrics of the step that just ran (``step`` = steps done so far)."""
@@ -57,14 +63,21 @@ class Progress:
                 row["expert_load"] = np.asarray(host["expert_load"]).round(4).tolist()
             rows.append(row)
         self.pending = []
+        now = time.perf_counter()
+        rate = sum(r.get("tokens", 0.0) for r in rows) / max(now - self.last_time, 1e-9)
+        rows[-1]["tokens_per_second"] = rate
+        self.last_time = now
         self.history.extend(rows)
         if self.jsonl is not None and self.is_main:
             with self.jsonl.open("a") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
-        now = time.perf_counter()
-        rate = sum(r.get("tokens", 0.0) for r in rows) / max(now - self.last_time, 1e-9)
-        self.last_time = now
+        bad = next((r for r in rows if not np.isfinite(r.get("loss", 0.0))), None)
+        if bad is not None:
+            self.healthy = False
+            raise TrainingDiverged(f"the loss is {bad['loss']} at step {bad['step']} (ce {bad.get('ce')}, contrastive "
+                                   f"{bad.get('contrastive')}); the checkpoints before it are intact. Lower "
+                                   "optim.learning_rate (or raise loss.temperature) and rerun")
         if print_line:
             means = {k: float(np.mean([r[k] for r in rows])) for k, _, _ in SHOWN if k in rows[-1]}
             self._say(self.line(rows[-1]["step"], means, rate))

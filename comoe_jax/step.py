@@ -135,9 +135,10 @@ class TrainStep:
             loss = loss + lo.contrastive_weight * contrastive
         balance = mean_over_modules(out.stats, "load_balance")
         if balance is not None:
-            balance = balance / self.cfg.optim.grad_accum_steps
+            balance = balance / self.cfg.optim.grad_accum_steps  # a per-micro-batch mean: average them
             metrics["load_balance"] = balance
-            loss = loss + lo.load_balance_weight * balance
+            if lo.load_balance_weight > 0:
+                loss = loss + lo.load_balance_weight * balance
         if out.stats:
             metrics["expert_load"] = jnp.stack([s["load"] for s in out.stats.values()])  # [modules, n]
         metrics["loss"] = loss

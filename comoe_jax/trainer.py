@@ -141,21 +141,35 @@ def train(cfg: Config, *, stream=None) -> RunResult:
                 done = step + 1
                 progress.update(done, metrics)
                 if done % cfg.train.save_every == 0 or done == cfg.train.steps:
+                    progress.flush(print_line=False)  # never checkpoint a diverged state
                     ckpt.save(state, cfg)
                 if stop.raised:
                     interrupted = True
                     say(f"SIGTERM: saving step {done} and stopping")
                     break
+        progress.flush(print_line=False)
     except KeyboardInterrupt:
         interrupted = True
         say("interrupted: saving the last completed step")
-    finally:
         progress.flush(print_line=False)
-        ckpt.save(state, cfg)
-        ckpt.wait()
-        ckpt.close()
+    finally:
+        _final_save(ckpt, state, cfg, progress, say)
     save_adapters(out / "adapter", state.params, model.groups, cfg)
     if jax.process_index() == 0:
         plot_run(progress.history, out, model.adapter_modules())
     say(f"checkpoint step {int(jax.device_get(state.step))} and adapter export written to {out}")
     return RunResult(state, progress.history, out, interrupted)
+
+
+def _final_save(ckpt: Checkpointer, state: TrainState, cfg: Config, progress: Progress, say) -> None:
+    """Save the last completed step unless it diverged or its buffers were already donated."""
+    try:
+        donated = any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
+        if progress.healthy and not donated:
+            ckpt.save(state, cfg)
+        else:
+            why = "the loss is not finite" if not progress.healthy else "the step was cut off mid-way"
+            say(f"not saving the current state ({why}); checkpoint {ckpt.latest_step()} is the latest good one")
+        ckpt.wait()
+    finally:
+        ckpt.close()

@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from comoe_jax.config import Config, ConfigError, apply_overrides, describe, load_config_file, validate
+from comoe_jax.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    describe,
+    load_config_file,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from comoe_jax import AdapterConfig, from_pretrained  # noqa: E402
-from comoe_jax.loading import LoadError, SMOLLM2_FILE, SMOLLM2_PACKAGE, load_tokenizer  # noqa: E402
+from comoe_jax.loading import SMOLLM2_FILE, SMOLLM2_PACKAGE, LoadError, load_tokenizer  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
             head_dim=12, max_position_embeddings=64)

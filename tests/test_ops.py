@@ -110,7 +110,9 @@ class ContrastiveTest(parameterized.TestCase):
     @parameterized.parameters(*CASES)
     def test_reference_form_random_anchor(self, lead, n, k, r, d_in, d_out, m):
         x, a, b, topk, slot, neg, flat = _contrastive_case(1, lead, n, k, r, d_in, d_out, m)
-        fn = lambda e, t, s, ng: ops.contrastive_loss(e, t, s, temperature=0.3, eps=1e-3, negative_indices=ng)
+        def fn(e, t, s, ng):
+            return ops.contrastive_loss(e, t, s, temperature=0.3, eps=1e-3, negative_indices=ng)
+
         got = self.variant(fn)(ops.expert_outputs(x, a, b), topk, slot, neg)
         chex.assert_shape(got, lead)
         chex.assert_type(got, jnp.float32)
@@ -121,7 +123,9 @@ class ContrastiveTest(parameterized.TestCase):
     @parameterized.parameters(*CASES)
     def test_reference_form_all_anchors(self, lead, n, k, r, d_in, d_out, m):
         x, a, b, topk, _, neg, flat = _contrastive_case(2, lead, n, k, r, d_in, d_out, m)
-        fn = lambda e, t, ng: ops.contrastive_loss_all_anchors(e, t, temperature=0.5, eps=1e-3, negative_indices=ng)
+        def fn(e, t, ng):
+            return ops.contrastive_loss_all_anchors(e, t, temperature=0.5, eps=1e-3, negative_indices=ng)
+
         got = self.variant(fn)(ops.expert_outputs(x, a, b), topk, neg)
         want = ref.contrastive(flat["e"], flat["topk"], None, 0.5, 1e-3, flat["neg"])
         np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=2e-5, atol=2e-5)
@@ -216,12 +220,14 @@ class ContrastiveTest(parameterized.TestCase):
             assert len(set(neg[t])) == 5
             assert not set(neg[t]) & set(np.asarray(topk[t]))
         # uniform over the inactive experts: every inactive expert is drawn sometimes
-        counts = np.bincount(np.asarray(ops.sample_negatives(jax.random.key(2), topk[:1].repeat(2000, 0), 12, 1)).ravel(), minlength=12)
+        draws = ops.sample_negatives(jax.random.key(2), topk[:1].repeat(2000, 0), 12, 1)
+        counts = np.bincount(np.asarray(draws).ravel(), minlength=12)
         inactive = [i for i in range(12) if i not in np.asarray(topk[0])]
         assert all(counts[i] > 2000 / 9 * 0.7 for i in inactive)
 
     def test_mi_gap(self):
-        np.testing.assert_allclose(ops.mi_gap_estimate(jnp.array([0.5, 1.0]), 3), np.log(3) - np.array([0.5, 1.0]), rtol=1e-6)
+        got = ops.mi_gap_estimate(jnp.array([0.5, 1.0]), 3)
+        np.testing.assert_allclose(got, np.log(3) - np.array([0.5, 1.0]), rtol=1e-6)
 
 
 class LoadBalanceTest(parameterized.TestCase):
@@ -235,7 +241,8 @@ class LoadBalanceTest(parameterized.TestCase):
         mask = (rng.random(tokens) > 0.3).astype(np.float32)
         got = self.variant(ops.load_balance_loss)(probs, topk, mask)
         chex.assert_shape(got, ())
-        np.testing.assert_allclose(got, ref.load_balance(np.asarray(probs, np.float64), np.asarray(topk), mask), rtol=1e-5)
+        want = ref.load_balance(np.asarray(probs, np.float64), np.asarray(topk), mask)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
 
     def test_uniform_routing_gives_k(self):
         probs = jnp.full((8, 4), 0.25)

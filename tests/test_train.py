@@ -171,6 +171,24 @@ def test_changed_config_is_not_resumed(tmp_path):
     assert int(extended.state.step) == 3
 
 
+def test_divergence_stops_without_checkpointing_the_bad_state(tmp_path, monkeypatch):
+    from comoe_jax.progress import TrainingDiverged
+    from comoe_jax.step import TrainStep
+
+    real = TrainStep.__call__
+
+    def poisoned(self, state, frozen, batch):
+        state, metrics = real(self, state, frozen, batch)
+        if int(state.step) >= 3:
+            metrics = dict(metrics, loss=metrics["loss"] * jnp.nan)
+        return state, metrics
+
+    monkeypatch.setattr(TrainStep, "__call__", poisoned)
+    with pytest.raises(TrainingDiverged, match="the loss is nan at step 3"):
+        trainer.train(tiny_config(tmp_path, train__log_every=1))
+    assert trainer.Checkpointer(tmp_path / "run", 3).latest_step() == 2
+
+
 def test_bfloat16_base_trains():
     cfg = tiny_config(model__dtype="bfloat16", model__param_dtype="bfloat16", train__steps=15)
     step_fn, state, frozen, data, mesh, rules = _setup(cfg)
