@@ -70,11 +70,15 @@ class ForwardContext:
     token_count: scalar, real tokens in the whole optimizer batch (all micro-batches),
       so per-module sums of ``token_mask * value / token_count`` add up to batch means.
     key: PRNG key for dropout and anchor / negative sampling; None = deterministic.
+    probe: ``[B]`` token positions; when given (analysis), every adapter also returns its
+      routing (``topk [B, T, k]``, ``router_entropy [B, T]``) and its experts' rank-r codes
+      at the probed positions (``codes [B, n, r]``).
     """
 
     token_mask: jax.Array
     token_count: jax.Array
     key: jax.Array | None = None
+    probe: jax.Array | None = None
 
 
 class Linear(nnx.Module):
@@ -151,6 +155,10 @@ class MoLoRALinear(Linear):
             "load": jnp.einsum("bt,btn->n", w, active) / spec.top_k,
             "load_balance": ops.load_balance_loss(probs, topk, ctx.token_mask),
         }
+        if ctx.probe is not None:
+            rows = jnp.arange(h.shape[0])
+            stats |= {"topk": topk, "codes": h[rows, ctx.probe].astype(jnp.float32),
+                      "router_entropy": -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)}
         if spec.contrastive:
             per_token = self._contrastive(x_in, h, topk, keys)
             anchors = spec.top_k if spec.anchor == "all" else 1

@@ -1,7 +1,8 @@
 """Checkpoints (orbax) and adapter export (safetensors + adapter_config.json).
 
 A checkpoint holds the train state (adapter params, optimizer state, step, PRNG
-key) and the run's config as JSON; the frozen base is never copied. The adapters
+key), the run's config and the data stream's position (both JSON); the frozen base
+is never copied. The adapters
 are also written as ``adapter/adapter_model.safetensors`` with ``adapter_config.json``
 beside it, readable without JAX.
 """
@@ -40,17 +41,24 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state, cfg: Config) -> None:
+    def save(self, state, cfg: Config, data_state: dict) -> None:
+        """Save ``state`` at its step, with the config and the data stream position (JSON)."""
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():
             return
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(cfg.to_dict()))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(cfg.to_dict()),
+                                  data=ocp.args.JsonSave(data_state))
         self.manager.save(step, args=args)
 
     def saved_config(self, step: int | None = None) -> dict:
         """The config dict saved with ``step`` (default: latest)."""
         step = self.latest_step() if step is None else step
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    def saved_data_state(self, step: int | None = None) -> dict:
+        """The data stream position saved with ``step`` (default: latest)."""
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
 
     def restore(self, abstract_state, step: int | None = None):
         """The train state of ``step`` (default: latest), placed on ``abstract_state``'s shardings."""

@@ -21,6 +21,9 @@ LAYER_PLACEMENTS = ("all", "low", "middle", "high")
 ANCHOR_MODES = ("random", "all")
 CONTRASTIVE_FORMS = ("gram", "reference")
 DTYPES = ("float32", "bfloat16")
+SPLITS = ("train", "validation", "test")
+EVAL_MODES = ("label", "loglik", "generate")
+SOURCE_FORMATS = ("jsonl", "llm_adapters", "bigbench", "hf")
 MODEL_ALIASES = ("smollm2-135m", "random")
 
 
@@ -92,11 +95,33 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    name: str = _f("builtin", "Training data: builtin (small procedurally generated instruction tasks).")
-    template: str = _f("alpaca", "Prompt template: alpaca (the paper's) | plain ('Q: ... A: ', for tiny models).")
-    seq_len: int = _f(64, "Tokens per example (cutoff length); longer examples are truncated, shorter padded.")
-    tasks: tuple = _f(("add", "reverse", "upper", "sort", "antonym"),
-                      "Built-in tasks to mix: add reverse upper sort antonym.")
+    train: tuple = _f(("mix",), "Training sources, concatenated: mix (data/comoe_mix, the committed BIG-bench "
+                      "multi-task mix) | builtin[:task,task] | jsonl:PATH | llm_adapters:PATH | bigbench:PATH | "
+                      "hf:PATH (a datasets folder from save_to_disk). See comoe_jax/data/loaders.py.")
+    tasks: tuple = _f((), "Only these tasks of the sources (empty = all).")
+    max_examples_per_task: int = _f(0, "At most this many training examples per task (0 = all).")
+    mix_weights: dict = _f({}, "Sampling weight per task, e.g. {\"math_qa\": 2}; a task not named weighs its number "
+                           "of examples (the paper's concatenated multi-task setting).")
+    template: str = _f("alpaca", "Prompt template: alpaca (the paper's) | choice (MoE-PEFT's multiple-choice "
+                       "prompt) | plain ('Q: ... A: ', for tiny models).")
+    seq_len: int = _f(128, "Tokens per row (cutoff length): longer examples are truncated; shorter ones are packed "
+                      "or padded.")
+    packing: bool = _f(True, "Pack several examples per row (attention and positions stay within each example); "
+                       "false pads every example to data.seq_len.")
+
+
+@dataclass
+class EvalConfig:
+    sources: tuple = _f(("mix",), "Evaluation sources (same forms as data.train), read at split eval.split.")
+    split: str = _f("test", "Split of the evaluation sources: train | validation | test.")
+    mode: str = _f("label", "label: logits of the option labels at the answer position (MoE-PEFT's restricted-label "
+                   "scoring) | loglik: length-normalised log-likelihood of each option | generate: greedy "
+                   "generation with a KV cache and answer extraction (LLM-Adapters style).")
+    max_per_task: int = _f(50, "At most this many items per task (0 = all).")
+    batch_size: int = _f(16, "Sequences per evaluation batch.")
+    max_new_tokens: int = _f(16, "Generation length (mode generate).")
+    before_training: bool = _f(True, "Evaluate the base model (adapters at initialisation) before training.")
+    after_training: bool = _f(True, "Evaluate the trained adapters at the end and write report.md.")
 
 
 @dataclass
@@ -137,6 +162,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -161,6 +187,28 @@ def load_config_file(path: str | Path) -> Config:
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected comoe_jax.config.Config")
     return cfg
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    """A Config from ``Config.to_dict()`` output (e.g. a run's config.json); unknown keys are refused."""
+    cfg = Config()
+    keys = all_keys(cfg)
+    for section, values in data.items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if key not in keys:
+                raise ConfigError(f"{source}: unknown config key {key!r}")
+            current = getattr(getattr(cfg, section), name)
+            setattr(getattr(cfg, section), name, _freeze(value) if isinstance(current, tuple) else value)
+    return cfg
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config a run was trained with (``<run_dir>/config.json``)."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist: {run_dir} is not a comoe-jax run folder")
+    return config_from_dict(json.loads(path.read_text()), str(path))
 
 
 def all_keys(cfg: Config | None = None) -> dict[str, dataclasses.Field]:
@@ -254,6 +302,15 @@ def parse_layer_range(layers: str, num_layers: int) -> range:
     return range(start, end)
 
 
+def _check_source(key: str, spec: str) -> None:
+    if spec == "mix" or spec == "builtin" or spec.startswith("builtin:"):
+        return
+    fmt, sep, path = spec.partition(":")
+    _require(bool(sep) and fmt in SOURCE_FORMATS, key, spec,
+             f"mix, builtin[:tasks] or <format>:<path> with format one of {', '.join(SOURCE_FORMATS)}")
+    _require(Path(path).exists(), key, spec, f"{path} does not exist")
+
+
 def validate(cfg: Config) -> Config:
     """Refuse values that cannot work, naming the key and what is allowed. Returns ``cfg``."""
     m, a, lo, o, d, t, me = cfg.model, cfg.adapter, cfg.loss, cfg.optim, cfg.data, cfg.train, cfg.mesh
@@ -303,16 +360,24 @@ def validate(cfg: Config) -> Config:
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     _require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, ">= 0 (0 disables clipping)")
     _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, ">= 1")
-    _require(d.name == "builtin", "data.name", d.name, "builtin")
-    from comoe_jax.data import TEMPLATES  # noqa: PLC0415
+    from comoe_jax.data import TEMPLATES  # noqa: PLC0415  (data imports config)
 
     _require(d.template in TEMPLATES, "data.template", d.template, f"one of {', '.join(TEMPLATES)}")
     _require(d.seq_len >= 8, "data.seq_len", d.seq_len, ">= 8 tokens")
-    from comoe_jax.data import BUILTIN_TASKS  # noqa: PLC0415  (data imports config)
-
-    _require(len(d.tasks) > 0, "data.tasks", d.tasks, f"at least one of {' '.join(BUILTIN_TASKS)}")
-    for task in d.tasks:
-        _require(task in BUILTIN_TASKS, "data.tasks", task, f"one of {' '.join(BUILTIN_TASKS)}")
+    _require(d.max_examples_per_task >= 0, "data.max_examples_per_task", d.max_examples_per_task, ">= 0 (0 = all)")
+    for key, specs in (("data.train", d.train), ("eval.sources", cfg.eval.sources)):
+        _require(len(specs) > 0, key, specs, "at least one source")
+        for spec in specs:
+            _check_source(key, spec)
+    for task, weight in d.mix_weights.items():
+        _require(isinstance(weight, (int, float)) and weight > 0, "data.mix_weights", {task: weight},
+                 "positive numbers")
+    ev = cfg.eval
+    _require(ev.split in SPLITS, "eval.split", ev.split, f"one of {', '.join(SPLITS)}")
+    _require(ev.mode in EVAL_MODES, "eval.mode", ev.mode, f"one of {', '.join(EVAL_MODES)}")
+    _require(ev.max_per_task >= 0, "eval.max_per_task", ev.max_per_task, ">= 0 (0 = all)")
+    _require(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, ">= 1")
+    _require(ev.max_new_tokens >= 1, "eval.max_new_tokens", ev.max_new_tokens, ">= 1")
     _require(me.num_devices == -1 or me.num_devices >= 1, "mesh.num_devices", me.num_devices, "-1 (all) or >= 1")
     for key in ("data", "fsdp", "tensor"):
         size = getattr(me, key)

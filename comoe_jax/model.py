@@ -79,6 +79,7 @@ class AdapterPlacement:
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
     stats: dict  # {"layers.3.self_attn.q_proj": {"load": [n], "contrastive": [], ...}, ...}
+    cache: tuple | None = None  # per layer stack (k, v) [layers, B, S, K, hd], when decoding with a KV cache
 
 
 class _Builder:
@@ -118,7 +119,9 @@ class Attention(nnx.Module):
         self.o_proj = build.linear("o_proj", spec.num_heads * hd, d, ("heads", "embed"), bias)
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
 
-    def __call__(self, x, cos, sin, mask, ctx):
+    def __call__(self, x, cos, sin, mask, ctx, kv=None):
+        """``kv = (k_cache, v_cache, index)`` (``[B, S, K, hd]`` each): write this call's keys and
+        values at ``index`` and attend over the whole cache (``mask`` is then ``[B, 1, T, S]``)."""
         b, t, _ = x.shape
         q, sq = self.q_proj(x, ctx)
         k, sk = self.k_proj(x, ctx)
@@ -126,9 +129,16 @@ class Attention(nnx.Module):
         q = apply_rope(q.reshape(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        if kv is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        else:
+            k_cache, v_cache, index = kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            kv = (k, v)
         y, so = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), ctx)
-        return y, _named(zip(ATTENTION_PROJECTIONS, (sq, sk, sv, so)))
+        return y, _named(zip(ATTENTION_PROJECTIONS, (sq, sk, sv, so))), kv
 
 
 class MLP(nnx.Module):
@@ -158,13 +168,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(spec, build)
         self.num_adapters = build.count
 
-    def __call__(self, x, cos, sin, mask, ctx):
-        attn, s_attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, ctx)
+    def __call__(self, x, cos, sin, mask, ctx, kv=None):
+        attn, s_attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, ctx, kv)
         x = x + attn
         mlp, s_mlp = self.mlp(self.post_attention_layernorm(x), ctx)
         x = constrain(x + mlp, ("batch", "length", "act_embed"))
         stats = {f"self_attn.{k}": v for k, v in s_attn.items()} | {f"mlp.{k}": v for k, v in s_mlp.items()}
-        return x, stats
+        return x, (stats, kv)
 
 
 class LayerStack(nnx.Module):
@@ -189,21 +199,23 @@ class LayerStack(nnx.Module):
         self.first, self.size, self.remat = layers.start, len(layers), remat
         self.num_adapters = self.layer.num_adapters * len(layers)
 
-    def __call__(self, x, cos, sin, mask, ctx):
+    def __call__(self, x, cos, sin, mask, ctx, cache=None, cache_index=None):
+        """Scan the stack. ``cache = (k, v)`` stacked ``[layers, B, S, K, hd]``; returns it updated."""
         graphdef, state = nnx.split(self.layer)
 
         def body(x, scanned):
-            index, layer_state = scanned
+            index, layer_state, layer_cache = scanned
             layer_ctx = ctx if ctx is None or ctx.key is None else ctx.replace(key=jax.random.fold_in(ctx.key, index))
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask, layer_ctx)
+            kv = None if layer_cache is None else (*layer_cache, cache_index)
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask, layer_ctx, kv)
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         indices = jnp.arange(self.first, self.first + self.size, dtype=jnp.int32)
-        x, stats = jax.lax.scan(body, x, (indices, state))
+        x, (stats, cache) = jax.lax.scan(body, x, (indices, state, cache))
         per_layer = {f"layers.{self.first + j}.{name}": jax.tree.map(lambda v, j=j: v[j], s)
                      for j in range(self.size) for name, s in stats.items()}
-        return x, per_layer
+        return x, per_layer, cache
 
 
 def layer_groups(num_layers: int, placement: AdapterPlacement | None) -> list[range]:
@@ -239,23 +251,48 @@ class CausalLM(nnx.Module):
         return [f"layers.{layer}.{block}.{name}" for layer in self.placement.layers for block, name in parts
                 if name in self.placement.target_modules]
 
+    def init_cache(self, batch: int, length: int) -> tuple:
+        """An empty KV cache for ``batch`` sequences of up to ``length`` tokens (one (k, v) per stack)."""
+        shape = (batch, length, self.spec.num_kv_heads, self.spec.head_dim)
+        return tuple((jnp.zeros((s.size, *shape), self.dtype), jnp.zeros((s.size, *shape), self.dtype))
+                     for s in self.layers)
+
+    def _mask(self, t, attention_mask, segment_ids, cache, cache_index):
+        if cache is not None:  # keys: every valid cache slot up to each query's absolute position
+            s = cache[0][0].shape[2]
+            causal = jnp.arange(s)[None, :] <= (cache_index + jnp.arange(t))[:, None]
+            valid = jnp.ones((1, s), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
+            return valid[:, None, None, :] & causal[None, None]
+        if segment_ids is not None:
+            return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0))[:, None]
+        return None if attention_mask is None else attention_mask.astype(jnp.bool_)[:, None, None, :]
+
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                positions: jax.Array | None = None, ctx: ForwardContext | None = None) -> ModelOutput:
+                positions: jax.Array | None = None, ctx: ForwardContext | None = None,
+                segment_ids: jax.Array | None = None, cache: tuple | None = None,
+                cache_index: jax.Array | int = 0) -> ModelOutput:
         """``input_ids [B, T]`` int, ``attention_mask [B, T]`` (1 = real token), ``positions [B, T]``.
 
-        Returns logits ``[B, T, V]`` float32 and, when ``ctx`` is given, per-adapter statistics.
+        ``segment_ids [B, T]`` (packed rows: 1, 2, ... per example, 0 = padding) keeps attention
+        inside each example; it replaces ``attention_mask`` for masking. With ``cache`` (from
+        :meth:`init_cache`) the tokens are written at ``cache_index`` and ``attention_mask`` is
+        ``[B, S]`` over the cache's slots. Returns logits ``[B, T, V]`` float32, per-adapter
+        statistics when ``ctx`` is given, and the updated cache.
         """
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cos, sin = rope_cos_sin(self.spec.rope, positions, t)
-        mask = None if attention_mask is None else attention_mask.astype(jnp.bool_)[:, None, None, :]
+        rope_len = t if cache is None else cache[0][0].shape[2]
+        cos, sin = rope_cos_sin(self.spec.rope, positions, rope_len)
+        mask = self._mask(t, attention_mask, segment_ids, cache, cache_index)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
-        stats = {}
-        for stack in self.layers:
-            x, stack_stats = stack(x, cos, sin, mask, ctx)
+        stats, new_cache = {}, []
+        for i, stack in enumerate(self.layers):
+            x, stack_stats, stack_cache = stack(x, cos, sin, mask, ctx, None if cache is None else cache[i],
+                                                cache_index)
             stats |= stack_stats
+            new_cache.append(stack_cache)
         if stats:  # scan outputs come back with sorted keys; restore (layer, module) order
             stats = {name: stats[name] for name in self.adapter_modules()}
         x = self.norm(x)
@@ -264,7 +301,7 @@ class CausalLM(nnx.Module):
         else:
             head = self.lm_head.kernel[...].astype(self.dtype)
         logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
-        return ModelOutput(logits, stats)
+        return ModelOutput(logits, stats, None if cache is None else tuple(new_cache))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:

@@ -29,7 +29,8 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Collects per-step metrics (device arrays, fetched lazily) and prints a line every ``every`` steps."""
 
-    def __init__(self, total_steps: int, start_step: int, every: int, jsonl: Path | None, stream=sys.stdout):
+    def __init__(self, total_steps: int, start_step: int, every: int, jsonl: Path | None, stream=sys.stdout,
+                 tensorboard: Path | None = None):
         self.total, self.start, self.every, self.stream = total_steps, start_step, every, stream
         self.jsonl = jsonl
         self.pending: list[tuple[int, dict]] = []
@@ -38,6 +39,11 @@ class Progress:
         self.first_step_seconds: float | None = None
         self.is_main = jax.process_index() == 0
         self.healthy = True
+        self.writer = None
+        if tensorboard is not None and self.is_main:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(tensorboard))
 
     def update(self, step: int, metrics: dict) -> None:
         """Record the metrics of the step that just ran (``step`` = steps done so far)."""
@@ -72,6 +78,12 @@ class Progress:
             with self.jsonl.open("a") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for row in rows:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, float):
+                        self.writer.add_scalar(f"train/{key}", value, row["step"])
+            self.writer.flush()
         bad = next((r for r in rows if not np.isfinite(r.get("loss", 0.0))), None)
         if bad is not None:
             self.healthy = False
@@ -92,6 +104,10 @@ class Progress:
         eta = per_step * (self.total - step)
         return (f"step {step}/{self.total} | {terms} | {tokens_per_second:,.0f} tok/s | "
                 f"elapsed {_duration(elapsed)} ETA {_duration(eta)}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def _say(self, text: str) -> None:
         if self.is_main:

@@ -123,7 +123,8 @@ class TrainStep:
                           state_from_flat(self.frozen_template, frozen))
         ctx = ForwardContext(token_mask=batch["attention_mask"].astype(jnp.float32),
                              token_count=counts["tokens"], key=key)
-        out = model.forward(batch["input_ids"], batch["attention_mask"], ctx=ctx)
+        out = model.forward(batch["input_ids"], batch["attention_mask"], batch["positions"], ctx=ctx,
+                            segment_ids=batch["segment_ids"])
         ce_tokens = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
         ce = jnp.sum(ce_tokens * batch["loss_mask"]) / counts["response"]
         metrics = {"ce": ce, "response_tokens": jnp.sum(batch["loss_mask"]).astype(jnp.float32),

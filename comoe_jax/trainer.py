@@ -16,14 +16,24 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from comoe_jax import sharding as shd
 from comoe_jax.checkpoint import Checkpointer, config_changes, save_adapters
 from comoe_jax.config import Config, ConfigError, validate
-from comoe_jax.data import BATCH_ARRAYS, BuiltinData
+from comoe_jax.data import BATCH_ARRAYS, TrainStream, check_tokenizer, load_sources, tokenize
+from comoe_jax.evaluate import EvalResult, load_eval
 from comoe_jax.loading import build_model, load_tokenizer
-from comoe_jax.model import flat_values, split_model
+from comoe_jax.model import flat_values, split_model, state_from_flat
 from comoe_jax.progress import Progress, plot_run
+from comoe_jax.report import (
+    analyse_and_save,
+    evaluate_and_save,
+    evaluation_examples,
+    load_history,
+    plot_training,
+    write_report,
+)
 from comoe_jax.step import TrainState, TrainStep
 
 log = logging.getLogger(__name__)
@@ -59,11 +69,24 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def global_batch(data: BuiltinData, step: int, cfg: Config) -> dict[str, np.ndarray]:
-    """Host arrays ``[grad_accum_steps, batch_size, T]`` of optimizer step ``step``."""
-    accum, size = cfg.optim.grad_accum_steps, cfg.train.batch_size
-    micro = [data.batch(step * accum + a, size) for a in range(accum)]
-    return {k: np.stack([getattr(m, k) for m in micro]) for k in BATCH_ARRAYS}
+def next_global_batch(stream: TrainStream, cfg: Config) -> dict[str, np.ndarray]:
+    """Host arrays ``[grad_accum_steps, batch_size, T]`` of the next optimizer step."""
+    micro = [stream.next_batch() for _ in range(cfg.optim.grad_accum_steps)]
+    return {k: np.stack([m[k] for m in micro]) for k in BATCH_ARRAYS}
+
+
+def training_stream(cfg: Config, tokenizer, say) -> TrainStream:
+    """Load, tokenize and mix the training sources of ``cfg`` into a batch stream."""
+    check_tokenizer(tokenizer)
+    d = cfg.data
+    examples = load_sources(d.train, "train", seed=cfg.train.seed, tasks=d.tasks, max_per_task=d.max_examples_per_task)
+    tasks = tuple(dict.fromkeys(ex.task for ex in examples))
+    records, counts = tokenize(tokenizer, examples, d.template, d.seq_len, tasks)
+    say(counts.summary(d.seq_len))
+    stream = TrainStream(records, batch_size=cfg.train.batch_size, seq_len=d.seq_len, seed=cfg.train.seed,
+                         packing=d.packing, pad_id=tokenizer.pad_token_id, weights=d.mix_weights)
+    say("mix: " + ", ".join(f"{t} {w:.0%}" for t, w in stream.weights.items()))
+    return stream
 
 
 def _check_batch(cfg: Config, mesh) -> None:
@@ -95,13 +118,12 @@ def _use_compilation_cache(folder: str) -> None:
 
 
 def train(cfg: Config, *, stream=None) -> RunResult:
-    """Run ``cfg`` to ``train.steps`` (or until interrupted), checkpointing on the way."""
+    """Run ``cfg`` to ``train.steps`` (or until interrupted), checkpointing on the way; evaluate and report."""
     validate(cfg)
     _use_compilation_cache(cfg.train.compilation_cache)
     shd.init_distributed(cfg.mesh)
     say = (lambda text: print(text, flush=True, file=stream)) if jax.process_index() == 0 else (lambda text: None)
-    mesh = shd.make_mesh(cfg.mesh)
-    rules = shd.rules_dict(cfg.mesh.rules)
+    mesh, rules = shd.make_mesh(cfg.mesh), shd.rules_dict(cfg.mesh.rules)
     _check_batch(cfg, mesh)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,38 +133,58 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     except ConfigError:
         ckpt.close()
         raise
-
     tokenizer = load_tokenizer(cfg.model.path)
-    data = BuiltinData(tokenizer, cfg.data.tasks, cfg.data.seq_len, seed=cfg.train.seed, template=cfg.data.template)
-    if data.truncated or data.dropped:
-        say(f"data: {data.size} examples; {data.truncated} truncated to data.seq_len={cfg.data.seq_len}, "
-            f"{data.dropped} left out (no response token left)")
+    batches = training_stream(cfg, tokenizer, say)
     model = build_model(cfg, mesh, rules)
     graphdef, adapters, frozen_state = split_model(model)
-    params, frozen = flat_values(adapters), flat_values(frozen_state)
-    trainable = sum(int(np.prod(v.shape)) for v in params.values())
+    trainable = sum(int(np.prod(v.shape)) for v in flat_values(adapters).values())
     say(f"model {cfg.model.path}: {model.spec.num_layers} layers, {model.num_adapters} adapted modules, "
         f"{trainable:,} trainable parameters; mesh {dict(mesh.shape)} over {mesh.devices.size} devices")
     step_fn = TrainStep(cfg, graphdef, adapters, frozen_state, mesh, rules)
     if resume_from is None:
-        state = step_fn.init_state(params)
+        state = step_fn.init_state(flat_values(adapters))
     else:
         state = ckpt.restore(step_fn.abstract_state())
+        batches.set_state(ckpt.saved_data_state())
         say(f"resumed from step {resume_from} of {out}")
-    start = int(jax.device_get(state.step))
+    eval_items = evaluation_examples(cfg) if cfg.eval.before_training or cfg.eval.after_training else []
+    if resume_from is None and cfg.eval.before_training:
+        # adapters at initialisation: this is the base model
+        before = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_before")
+        say(f"eval before training ({cfg.eval.mode}): " + _accuracies(before))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
-    progress = Progress(cfg.train.steps, start, cfg.train.log_every, out / "metrics.jsonl", stream=stream)
+    state, interrupted = _loop(cfg, step_fn, state, flat_values(frozen_state), batches, ckpt, stream, say)
+    save_adapters(out / "adapter", state.params, model.groups, cfg)
+    history = load_history(out)  # the whole run, earlier sessions included
+    if jax.process_index() == 0:
+        plot_run(history, out, model.adapter_modules())
+        plot_training(out, cfg, history)
+    say(f"checkpoint step {int(jax.device_get(state.step))} and adapter export written to {out}")
+    if not interrupted and cfg.eval.after_training:
+        trained = nnx.merge(graphdef, state_from_flat(adapters, state.params), frozen_state)
+        _evaluate_after(cfg, trained, tokenizer, eval_items, history, out, say)
+    return RunResult(state, history, out, interrupted)
+
+
+def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batches: TrainStream,
+          ckpt: Checkpointer, stream, say) -> tuple[TrainState, bool]:
+    """Steps from ``state.step`` to ``train.steps``; checkpoints; stops cleanly on Ctrl-C / SIGTERM."""
+    out = Path(cfg.train.output_dir)
+    progress = Progress(cfg.train.steps, int(jax.device_get(state.step)), cfg.train.log_every, out / "metrics.jsonl",
+                        stream=stream, tensorboard=out / "tensorboard")
     interrupted = False
+    data_state = batches.get_state()  # the stream position that goes with ``state``
     try:
         with _StopFlag() as stop:
-            for step in range(start, cfg.train.steps):
-                batch = shd.global_batch(global_batch(data, step, cfg), mesh, rules, batch_axis=1)
+            for step in range(int(jax.device_get(state.step)), cfg.train.steps):
+                batch = shd.global_batch(next_global_batch(batches, cfg), step_fn.mesh, step_fn.rules, batch_axis=1)
                 state, metrics = step_fn(state, frozen, batch)
+                data_state = batches.get_state()
                 done = step + 1
                 progress.update(done, metrics)
                 if done % cfg.train.save_every == 0 or done == cfg.train.steps:
                     progress.flush(print_line=False)  # never checkpoint a diverged state
-                    ckpt.save(state, cfg)
+                    ckpt.save(state, cfg, data_state)
                 if stop.raised:
                     interrupted = True
                     say(f"SIGTERM: saving step {done} and stopping")
@@ -153,20 +195,33 @@ def train(cfg: Config, *, stream=None) -> RunResult:
         say("interrupted: saving the last completed step")
         progress.flush(print_line=False)
     finally:
-        _final_save(ckpt, state, cfg, progress, say)
-    save_adapters(out / "adapter", state.params, model.groups, cfg)
-    if jax.process_index() == 0:
-        plot_run(progress.history, out, model.adapter_modules())
-    say(f"checkpoint step {int(jax.device_get(state.step))} and adapter export written to {out}")
-    return RunResult(state, progress.history, out, interrupted)
+        progress.close()
+        _final_save(ckpt, state, cfg, data_state, progress, say)
+    return state, interrupted
 
 
-def _final_save(ckpt: Checkpointer, state: TrainState, cfg: Config, progress: Progress, say) -> None:
+def _evaluate_after(cfg: Config, model, tokenizer, eval_items, history: list[dict], out: Path, say) -> None:
+    after = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_after")
+    say(f"eval after training ({cfg.eval.mode}): " + _accuracies(after))
+    routing = analyse_and_save(cfg, model, tokenizer, eval_items, out)
+    if routing:
+        say(f"MI(task; expert set) {routing['mi_task_expert_set_bits']:.3f} bits, router entropy "
+            f"{routing['router_entropy_bits']:.3f} bits")
+    say(f"report: {write_report(out, cfg, load_eval(out / 'eval_before.json'), after, routing, history)}")
+
+
+def _accuracies(result: EvalResult) -> str:
+    return ", ".join(f"{t} {100 * r['accuracy']:.1f}" for t, r in result.per_task.items()) + \
+        f" | average {100 * result.average:.1f}% ({result.seconds:.0f}s)"
+
+
+def _final_save(ckpt: Checkpointer, state: TrainState, cfg: Config, data_state: dict, progress: Progress,
+                say) -> None:
     """Save the last completed step unless it diverged or its buffers were already donated."""
     try:
         donated = any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
         if progress.healthy and not donated:
-            ckpt.save(state, cfg)
+            ckpt.save(state, cfg, data_state)
         else:
             why = "the loss is not finite" if not progress.healthy else "the step was cut off mid-way"
             say(f"not saving the current state ({why}); checkpoint {ckpt.latest_step()} is the latest good one")

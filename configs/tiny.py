@@ -1,4 +1,4 @@
-"""A random tiny Llama for tests, benchmarks and quick experiments (seconds on a CPU)."""
+"""A random tiny Llama on the built-in tasks, for tests, benchmarks and quick experiments (seconds on a CPU)."""
 
 from comoe_jax.config import Config
 
@@ -6,8 +6,12 @@ from comoe_jax.config import Config
 def get_config() -> Config:
     cfg = Config()
     cfg.model.path = "random"
+    cfg.data.train = ("builtin",)
     cfg.data.template = "plain"
     cfg.data.seq_len = 64
+    cfg.eval.sources = ("builtin",)
+    cfg.eval.mode = "generate"
+    cfg.eval.max_per_task = 8
     cfg.train.steps = 20
     cfg.train.batch_size = 8
     cfg.train.save_every = 10

@@ -39,7 +39,11 @@ def _cfg(*overrides):
     (["model.path=/no/such/model"], r"model\.path='/no/such/model' is not allowed: no such file or folder"),
     (["model.path="], r"model\.path='' is not allowed"),
     (["model.dtype=float16"], r"model\.dtype='float16' is not allowed: one of float32, bfloat16"),
-    (["data.tasks=add,poetry"], r"data\.tasks='poetry' is not allowed: one of add reverse"),
+    (["data.train=builtin:add", "data.template=html"], r"data\.template='html' is not allowed: one of alpaca"),
+    (["data.train=csv:x.csv"], r"data\.train='csv:x.csv' is not allowed: mix, builtin\[:tasks\] or <format>:<path>"),
+    (["eval.sources=jsonl:/no/file.jsonl"], r"eval\.sources='jsonl:/no/file.jsonl' is not allowed: /no/file\.jsonl"),
+    (["eval.mode=vote"], r"eval\.mode='vote' is not allowed: one of label, loglik, generate"),
+    (["eval.split=dev"], r"eval\.split='dev' is not allowed: one of train, validation, test"),
     (["mesh.tensor=0"], r"mesh\.tensor=0 is not allowed"),
     (["optim.grad_accum_steps=0"], r"optim\.grad_accum_steps=0 is not allowed: >= 1"),
 ])

@@ -22,13 +22,12 @@ STEPS = 3
 
 def run_steps(cfg, devices):
     """Losses (and CE, contrastive term) of the first STEPS steps of ``cfg`` on ``devices``."""
-    from comoe_jax.trainer import global_batch
-    from tests.test_train import _setup
+    from tests.test_train import _batch, _setup
 
     step_fn, state, frozen, data, mesh, rules = _setup(cfg, devices)
     out = []
-    for s in range(STEPS):
-        batch = shd.global_batch(global_batch(data, s, cfg), mesh, rules, batch_axis=1)
+    for _ in range(STEPS):
+        batch = _batch(data, cfg, mesh, rules)
         state, m = step_fn(state, frozen, batch)
         out.append([float(m["loss"]), float(m["ce"]), float(m["contrastive"])])
     return out

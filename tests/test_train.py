@@ -1,5 +1,6 @@
 """The jitted train step and the training loop: learning, frozen base, accumulation, resume, interruption."""
 
+import json
 import os
 import signal
 
@@ -11,7 +12,6 @@ import pytest
 from comoe_jax import sharding as shd
 from comoe_jax import trainer
 from comoe_jax.config import Config, ConfigError
-from comoe_jax.data import BuiltinData
 from comoe_jax.loading import build_model, load_tokenizer
 from comoe_jax.model import flat_values, split_model
 from comoe_jax.step import TrainStep
@@ -23,9 +23,9 @@ def tiny_config(tmp_path=None, **overrides) -> Config:
     cfg.model.random_arch = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)
     cfg.adapter.rank = 4
+    cfg.data.train = ("builtin:add,reverse,antonym",)
     cfg.data.template = "plain"
     cfg.data.seq_len = 56
-    cfg.data.tasks = ("add", "reverse", "antonym")
     cfg.train.batch_size = 4
     cfg.train.steps = 6
     cfg.train.log_every = 2
@@ -33,6 +33,7 @@ def tiny_config(tmp_path=None, **overrides) -> Config:
     cfg.optim.learning_rate = 1e-2
     cfg.optim.warmup_steps = 1
     cfg.mesh.num_devices = 1
+    cfg.eval.before_training = cfg.eval.after_training = False
     if tmp_path is not None:
         cfg.train.output_dir = str(tmp_path / "run")
     for key, value in overrides.items():
@@ -47,12 +48,12 @@ def _setup(cfg, devices=None):
     model = build_model(cfg, mesh, rules)
     graphdef, adapters, frozen = split_model(model)
     step = TrainStep(cfg, graphdef, adapters, frozen, mesh, rules)
-    data = BuiltinData(load_tokenizer("random"), cfg.data.tasks, cfg.data.seq_len, template="plain", size=64)
+    data = trainer.training_stream(cfg, load_tokenizer("random"), say=lambda text: None)
     return step, step.init_state(flat_values(adapters)), flat_values(frozen), data, mesh, rules
 
 
-def _batch(data, cfg, step, mesh, rules):
-    return shd.global_batch(trainer.global_batch(data, step, cfg), mesh, rules, batch_axis=1)
+def _batch(stream, cfg, mesh, rules):
+    return shd.global_batch(trainer.next_global_batch(stream, cfg), mesh, rules, batch_axis=1)
 
 
 def test_overfitting_one_batch_lowers_the_loss_and_only_adapters_change():
@@ -60,7 +61,7 @@ def test_overfitting_one_batch_lowers_the_loss_and_only_adapters_change():
     step_fn, state, frozen, data, mesh, rules = _setup(cfg)
     before = jax.tree.map(np.asarray, state.params)
     frozen_before = jax.tree.map(np.asarray, frozen)
-    batch = _batch(data, cfg, 0, mesh, rules)
+    batch = _batch(data, cfg, mesh, rules)
     losses = []
     for _ in range(40):
         state, metrics = step_fn(state, frozen, batch)
@@ -79,7 +80,7 @@ def test_total_loss_is_ce_plus_weighted_terms():
     cfg = tiny_config(loss__load_balance_weight=0.3)
     step_fn, state, frozen, data, mesh, rules = _setup(cfg)
     for s in range(3):  # after a few steps B != 0, so the contrastive term is informative
-        state, m = step_fn(state, frozen, _batch(data, cfg, s, mesh, rules))
+        state, m = step_fn(state, frozen, _batch(data, cfg, mesh, rules))
     want = m["ce"] + 0.01 * m["contrastive"] + 0.3 * m["load_balance"]
     np.testing.assert_allclose(m["loss"], want, rtol=1e-6)
     assert np.isfinite(m["mi_gap"]) and m["expert_load"].shape == (8, 4)
@@ -94,7 +95,7 @@ def test_gradient_accumulation_equals_one_large_batch():
     step_big, state_big, frozen, data, mesh, rules = _setup(big)
     step_small, state_small, *_ = _setup(small)
     for s in range(2):
-        b = _batch(data, big, s, mesh, rules)
+        b = _batch(data, big, mesh, rules)
         micro = {k: v.reshape(2, 2, -1) for k, v in b.items()}
         state_big, m_big = step_big(state_big, frozen, b)
         state_small, m_small = step_small(state_small, frozen, micro)
@@ -110,7 +111,7 @@ def test_monitoring_the_term_does_not_change_training():
     a, state_a, frozen, data, mesh, rules = _setup(plain)
     b, state_b, *_ = _setup(watched)
     for s in range(2):
-        batch = _batch(data, plain, s, mesh, rules)
+        batch = _batch(data, plain, mesh, rules)
         state_a, m_a = a(state_a, frozen, batch)
         state_b, m_b = b(state_b, frozen, batch)
     assert "contrastive" not in m_a and np.isfinite(m_b["contrastive"])
@@ -129,36 +130,48 @@ def straight_run(tmp_path_factory):
 
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
 def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, straight_run, how):
-    real = trainer.global_batch
+    real, calls = trainer.next_global_batch, []
 
-    def interrupting(data, step, cfg):
-        if step == 3:
+    def interrupting(stream, cfg):
+        calls.append(1)
+        if len(calls) == 4:  # while fetching step 4's batch
             if how == "ctrl-c":
                 raise KeyboardInterrupt
             os.kill(os.getpid(), signal.SIGTERM)  # preemption notice: finish this step, save, stop
-        return real(data, step, cfg)
+        return real(stream, cfg)
 
-    monkeypatch.setattr(trainer, "global_batch", interrupting)
+    monkeypatch.setattr(trainer, "next_global_batch", interrupting)
     first = trainer.train(tiny_config(tmp_path, train__save_every=100))
     saved = 4 if how == "sigterm" else 3
     assert first.interrupted and int(first.state.step) == saved
     assert trainer.Checkpointer(tmp_path / "run", 3).latest_step() == saved
-    monkeypatch.setattr(trainer, "global_batch", real)
+    monkeypatch.setattr(trainer, "next_global_batch", real)
     resumed = trainer.train(tiny_config(tmp_path, train__save_every=100))
     assert int(resumed.state.step) == 6 and not resumed.interrupted
     for name, value in straight_run.items():
         np.testing.assert_allclose(_params(resumed)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
-def test_run_folder_and_checkpoint_rotation(tmp_path):
-    trainer.train(tiny_config(tmp_path, train__steps=8))
+def test_end_to_end_run_writes_every_artefact(tmp_path):
+    cfg = tiny_config(tmp_path, train__steps=8, eval__before_training=True, eval__after_training=True,
+                      eval__sources=("mix",), eval__max_per_task=3, eval__mode="label")
+    cfg.data.train = ("mix", "builtin:add")
+    cfg.data.max_examples_per_task, cfg.data.seq_len = 40, 384  # byte tokens: the mix's prompts are long
+    trainer.train(cfg)
     run = tmp_path / "run"
-    for name in ("metrics.jsonl", "config.json", "losses.png", "expert_load.png", "adapter/adapter_model.safetensors",
-                 "adapter/adapter_config.json"):
+    for name in ("metrics.jsonl", "config.json", "losses.png", "expert_load.png", "mi_gap.png", "workload.png",
+                 "representations.png", "routing.json", "eval_before.json", "eval_before.md", "eval_after.json",
+                 "eval_after.md", "report.md", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
         assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [4, 6, 8]  # train.keep_checkpoints=3 keeps the last three
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 8
+    report = (run / "report.md").read_text()
+    assert "| before |" in report and "| after |" in report and "MI(task; selected expert set)" in report
+    after = json.loads((run / "eval_after.json").read_text())
+    assert set(after["per_task"]) == {"social_iqa", "strategyqa", "math_qa", "winowhy"}
+    assert sum(r["total"] for r in after["per_task"].values()) == 12
 
 
 def test_changed_config_is_not_resumed(tmp_path):
@@ -194,7 +207,7 @@ def test_bfloat16_base_trains():
     step_fn, state, frozen, data, mesh, rules = _setup(cfg)
     assert all(v.dtype == jnp.bfloat16 for v in frozen.values())
     assert all(v.dtype == jnp.float32 for v in state.params.values())
-    batch = _batch(data, cfg, 0, mesh, rules)
+    batch = _batch(data, cfg, mesh, rules)
     first = None
     for _ in range(15):
         state, m = step_fn(state, frozen, batch)

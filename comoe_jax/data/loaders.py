@@ -1,0 +1,273 @@
+"""Loaders: the committed mix, JSONL, LLM-Adapters JSON, BIG-bench task.json, Hugging Face datasets on disk.
+
+Every loader returns a list of :class:`Example` and refuses bad data with a
+:class:`DataError` naming the file, the line or record, and the field.
+
+Source strings (``data.train`` / ``data.eval`` in the config):
+
+- ``mix``: ``data/comoe_mix/<split>.jsonl`` (built by ``scripts/build_mix.py``);
+- ``builtin``: the small procedural tasks of ``comoe_jax.data.builtin``;
+- ``jsonl:PATH``: one JSON object a line, fields ``instruction`` (or ``question``), ``answer``,
+  optional ``options``, ``task``, ``input``, ``output``, ``labels``;
+- ``llm_adapters:PATH``: a JSON list of ``{instruction, input, output, answer}`` (the LLM-Adapters
+  commonsense and math files; option labels come from the ``Answer format: a/b/c`` line);
+- ``bigbench:PATH``: a BIG-bench ``task.json`` (or its folder);
+- ``hf:PATH``: a ``datasets`` folder saved with ``save_to_disk`` (ARC, OBQA, CommonsenseQA, BoolQ,
+  PIQA, SIQA, HellaSwag, WinoGrande columns, or the JSONL field names).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from comoe_jax.config import SOURCE_FORMATS as FORMATS
+from comoe_jax.config import SPLITS
+from comoe_jax.data.records import DataError, Example, multiple_choice
+
+ROOT = Path(__file__).resolve().parents[2]
+MIX_DIR = ROOT / "data" / "comoe_mix"
+
+
+def load_source(spec: str, split: str, *, seed: int = 0) -> list[Example]:
+    """Examples of one source string (see the module docstring) for ``split``."""
+    if spec == "mix":
+        if split not in SPLITS:
+            raise DataError(f"mix: split {split!r} does not exist; splits are {', '.join(SPLITS)}")
+        return load_jsonl(MIX_DIR / f"{split}.jsonl")
+    if spec == "builtin" or spec.startswith("builtin:"):
+        from comoe_jax.data.builtin import BUILTIN_TASKS, load_builtin
+
+        tasks = tuple(t for t in spec.partition(":")[2].split(",") if t) or BUILTIN_TASKS
+        unknown = [t for t in tasks if t not in BUILTIN_TASKS]
+        if unknown:
+            raise DataError(f"data source {spec!r}: unknown built-in task(s) {', '.join(unknown)}; built-in tasks are "
+                            f"{', '.join(BUILTIN_TASKS)}")
+        return load_builtin(tasks, size=2048 if split == "train" else 200, seed=seed + SPLITS.index(split))
+    fmt, sep, path = spec.partition(":")
+    if not sep or fmt not in FORMATS:
+        raise DataError(f"data source {spec!r}: use 'mix', 'builtin' or '<format>:<path>' with format one of "
+                        f"{', '.join(FORMATS)}")
+    loader = {"jsonl": load_jsonl, "llm_adapters": load_llm_adapters, "bigbench": load_bigbench}.get(fmt)
+    if loader is None:
+        return load_hf_dataset(Path(path), split)
+    return loader(Path(path))
+
+
+def _exists(path: Path) -> Path:
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    return path
+
+
+def _text(record: dict, field: str, where: str, *, required: bool = True) -> str:
+    value = record.get(field)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing field {field!r}")
+        return ""
+    if not isinstance(value, (str, int, float, bool)):
+        raise DataError(f"{where}: field {field!r} should be text, got {type(value).__name__}")
+    return str(value)
+
+
+def _checked(examples: list[Example], path: Path) -> list[Example]:
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+# --------------------------------------------------------------------------- JSONL (the mix's own format)
+
+
+def _from_fields(record: dict, task: str, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    instruction = record.get("instruction", record.get("question"))
+    if instruction is None:
+        raise DataError(f"{where}: missing field 'instruction' (or 'question')")
+    task = _text(record, "task", where, required=False) or task
+    answer = _text(record, "answer", where)
+    context = _text(record, "input", where, required=False) or _text(record, "context", where, required=False)
+    options = record.get("options")
+    if options is not None:
+        if not isinstance(options, list):
+            raise DataError(f"{where}: field 'options' should be a list, got {type(options).__name__}")
+        return multiple_choice(task, str(instruction), options, answer, where, context)
+    labels = tuple(str(v) for v in record.get("labels") or ())
+    if labels and answer not in labels:
+        raise DataError(f"{where}: field 'answer' {answer!r} is not among the labels {list(labels)}")
+    return Example(task=task, instruction=str(instruction).strip(), answer=answer.strip(), labels=labels,
+                   output=_text(record, "output", where, required=False), context=context.strip(), source=where)
+
+
+def load_jsonl(path: Path) -> list[Example]:
+    """One JSON object a line (blank lines skipped); the task defaults to the file's stem."""
+    examples = []
+    with _exists(Path(path)).open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            examples.append(_from_fields(record, Path(path).stem, where))
+    return _checked(examples, Path(path))
+
+
+# --------------------------------------------------------------------------- LLM-Adapters
+
+
+_ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+?)\s*$", re.M)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(_exists(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def load_llm_adapters(path: Path) -> list[Example]:
+    """LLM-Adapters JSON: a list of {instruction, input, output, answer}; task = the folder or file name."""
+    data = _read_json(Path(path))
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    task = Path(path).parent.name if Path(path).stem in SPLITS else Path(path).stem
+    examples = []
+    for i, record in enumerate(data):
+        where = f"{path} record {i}"
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        instruction = _text(record, "instruction", where)
+        answer = _text(record, "answer", where).strip()
+        fmt = _ANSWER_FORMAT.search(instruction)
+        labels = tuple(v.strip() for v in fmt.group(1).split("/")) if fmt else ()
+        if labels and answer not in labels:
+            raise DataError(f"{where}: field 'answer' {answer!r} is not among the labels {'/'.join(labels)} given by "
+                            "the instruction's 'Answer format:' line")
+        examples.append(Example(task=task, instruction=instruction.strip(), answer=answer, labels=labels,
+                                output=_text(record, "output", where, required=False).strip(),
+                                context=_text(record, "input", where, required=False).strip(), source=where))
+    return _checked(examples, Path(path))
+
+
+# --------------------------------------------------------------------------- BIG-bench
+
+
+def load_bigbench(path: Path) -> list[Example]:
+    """A BIG-bench ``task.json`` (``examples: [{input, target_scores | target}]``)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "task.json").exists():
+            raise DataError(f"{path}: no task.json in this folder")
+        path = path / "task.json"
+    data = _read_json(path)
+    examples = data.get("examples") if isinstance(data, dict) else None
+    if not examples:
+        subtasks = sorted(p.parent.name for p in path.parent.glob("*/task.json"))
+        hint = f"; it has subtasks, load one of: {', '.join(subtasks)}" if subtasks else ""
+        raise DataError(f"{path}: field 'examples' is missing or empty{hint}")
+    task = str(data.get("name") or path.parent.name)
+    out = []
+    for i, example in enumerate(examples):
+        where = f"{path} example {i}"
+        question = _text(example, "input", where)
+        scores = example.get("target_scores")
+        if scores:
+            correct = [option for option, score in scores.items() if score == 1]
+            if len(correct) != 1:
+                raise DataError(f"{where}: field 'target_scores' marks {len(correct)} options correct; exactly one "
+                                "is needed")
+            out.append(multiple_choice(task, question, list(scores), correct[0], where))
+        elif example.get("target"):
+            target = example["target"]
+            out.append(Example(task=task, instruction=question.strip(), source=where,
+                               answer=str(target[0] if isinstance(target, list) else target).strip()))
+        else:
+            raise DataError(f"{where}: no options (field 'target_scores') and no field 'target'")
+    return out
+
+
+# --------------------------------------------------------------------------- Hugging Face datasets
+
+
+def _hf_record(row: dict, task: str, where: str) -> Example:
+    """One row of a known benchmark schema (by its columns), or of the JSONL field names."""
+    cols = set(row)
+    if "choices" in cols and "answerKey" in cols:  # ARC, OpenBookQA, CommonsenseQA
+        choices = row["choices"]
+        labels, texts = list(choices["label"]), list(choices["text"])
+        if row["answerKey"] not in labels:
+            raise DataError(f"{where}: field 'answerKey' {row['answerKey']!r} is not among {labels}")
+        question = row.get("question", row.get("question_stem"))
+        return multiple_choice(task, question, texts, texts[labels.index(row["answerKey"])], where)
+    if {"goal", "sol1", "sol2", "label"} <= cols:  # PIQA
+        return multiple_choice(task, row["goal"], [row["sol1"], row["sol2"]], [row["sol1"], row["sol2"]][
+            int(row["label"])], where)
+    if {"context", "question", "answerA", "answerB", "answerC", "label"} <= cols:  # SIQA
+        options = [row["answerA"], row["answerB"], row["answerC"]]
+        return multiple_choice(task, f"{row['context']} {row['question']}", options, options[int(row["label"]) - 1],
+                               where)
+    if {"ctx", "endings", "label"} <= cols:  # HellaSwag
+        prefix = f"{row['activity_label']}. " if row.get("activity_label") else ""
+        return multiple_choice(task, prefix + row["ctx"], row["endings"], row["endings"][int(row["label"])], where)
+    if {"sentence", "option1", "option2", "answer"} <= cols:  # WinoGrande
+        options = [row["option1"], row["option2"]]
+        return multiple_choice(task, row["sentence"], options, options[int(row["answer"]) - 1], where)
+    if {"question", "answer", "passage"} <= cols and isinstance(row["answer"], bool):  # BoolQ
+        return Example(task=task, instruction=row["question"].strip().rstrip("?") + "?", context=row["passage"],
+                       answer="true" if row["answer"] else "false", labels=("true", "false"), source=where)
+    return _from_fields(row, task, where)
+
+
+def load_hf_dataset(path: Path, split: str) -> list[Example]:
+    """A folder written by ``datasets`` ``save_to_disk`` (a Dataset, or a DatasetDict holding ``split``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading Hugging Face datasets needs the 'datasets' package (pip install "
+                        "datasets)") from None
+    try:
+        data = datasets.load_from_disk(str(_exists(Path(path))))
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{path}: split {split!r} not found; the dataset has {', '.join(data)}")
+        data = data[split]
+    task = Path(path).name
+    examples = []
+    for i, row in enumerate(data):
+        where = f"{path} row {i}"
+        try:
+            examples.append(_hf_record(row, task, where))
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{where}: unexpected value ({type(e).__name__}: {e})") from None
+    return _checked(examples, Path(path))
+
+
+def load_sources(specs, split: str, *, seed: int = 0, tasks=(), max_per_task: int = 0) -> list[Example]:
+    """Examples of several sources for ``split``, optionally only ``tasks`` and at most ``max_per_task`` each."""
+    examples = [ex for spec in specs for ex in load_source(spec, split, seed=seed)]
+    if tasks:
+        found = {ex.task for ex in examples}
+        missing = [t for t in tasks if t not in found]
+        if missing:
+            raise DataError(f"data.tasks names {', '.join(missing)}, not found in {', '.join(specs)} ({split}); "
+                            f"tasks there: {', '.join(sorted(found))}")
+        examples = [ex for ex in examples if ex.task in tasks]
+    if max_per_task:
+        seen: dict[str, int] = {}
+        kept = []
+        for ex in examples:
+            seen[ex.task] = seen.get(ex.task, 0) + 1
+            if seen[ex.task] <= max_per_task:
+                kept.append(ex)
+        examples = kept
+    return examples

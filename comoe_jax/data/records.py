@@ -1,0 +1,73 @@
+"""The one record every loader produces, and the error every loader raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class DataError(ValueError):
+    """Unusable data; the message names the file, the line or record, and the field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or test item, whatever file it came from.
+
+    instruction: what the model is asked (the template may list ``options`` under it).
+    options: option texts the template shows as (A) ..., (B) ...; empty when the
+      instruction already shows them or the task is free-form.
+    labels: what the model answers with, one per choice ("A", "B", ... or
+      "answer1", ... or "true", "false"); empty for free-form tasks.
+    answer: the correct label (multiple choice) or the reference answer (free-form).
+    output: the training response; empty means the answer itself.
+    context: an extra input paragraph (LLM-Adapters' ``input``).
+    source: "file:line" (or "file#index"), for messages.
+    """
+
+    task: str
+    instruction: str
+    answer: str
+    options: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    output: str = ""
+    context: str = ""
+    source: str = ""
+
+    @property
+    def is_choice(self) -> bool:
+        return bool(self.labels)
+
+    @property
+    def response(self) -> str:
+        return self.output or self.answer
+
+    @property
+    def answer_index(self) -> int:
+        return self.labels.index(self.answer)
+
+    @property
+    def response_prefix(self) -> str:
+        """Text of the response before the answer label ('the correct answer is ' in LLM-Adapters)."""
+        response = self.response
+        at = response.rfind(self.answer)
+        return response[:at] if self.answer and at >= 0 else ""
+
+
+def multiple_choice(task: str, instruction: str, options, correct: str, source: str, context: str = "") -> Example:
+    """An example whose options are lettered A, B, ...; ``correct`` is the correct option's text."""
+    options = tuple(str(o).strip() for o in options)
+    if len(options) < 2:
+        raise DataError(f"{source}: field 'options' has {len(options)} option(s); a multiple-choice item needs 2 "
+                        "or more")
+    if len(options) > len(OPTION_LETTERS):
+        raise DataError(f"{source}: field 'options' has {len(options)} options; at most {len(OPTION_LETTERS)}")
+    if len(set(options)) != len(options):
+        raise DataError(f"{source}: field 'options' repeats an option: {list(options)}")
+    correct = str(correct).strip()
+    if correct not in options:
+        raise DataError(f"{source}: field 'answer' {correct!r} is not among the options {list(options)}")
+    labels = tuple(OPTION_LETTERS[: len(options)])
+    return Example(task=task, instruction=instruction.strip(), answer=labels[options.index(correct)],
+                   options=options, labels=labels, context=context.strip(), source=source)

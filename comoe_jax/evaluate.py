@@ -1,0 +1,277 @@
+"""Evaluation: restricted-label scoring, option log-likelihood, generation; per-task accuracy as JSON / markdown.
+
+- ``label``: the log-probability of each option label right after the prompt (MoE-PEFT's
+  restricted-label scoring: with one-token labels this is the logits of the labels at the
+  answer position, so numbers compare with the paper's tables);
+- ``loglik``: the log-likelihood of each option's text after a prompt that does not list the
+  options, divided by its number of tokens (length-normalised);
+- ``generate``: greedy generation with a KV cache and LLM-Adapters-style answer extraction
+  (the first option label mentioned; the last number for numeric answers; else exact match).
+
+Batches are right-padded to lengths rounded up to ``bucket`` so few shapes are compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from comoe_jax.data import DataError, Example, render, render_cloze
+from comoe_jax.data.templates import separator
+from comoe_jax.generate import greedy_generate
+
+MAX_LEN = 1024  # prompts longer than this are cut from the left (the question's end is kept)
+
+
+@dataclass
+class EvalResult:
+    mode: str
+    per_task: dict  # task -> {"accuracy", "correct", "total"}
+    average: float  # mean of the per-task accuracies (the paper's "Avg")
+    predictions: list = field(default_factory=list)  # {source, task, prediction, answer, correct}
+    truncated: int = 0
+    seconds: float = 0.0
+
+    def to_markdown(self, title: str = "") -> str:
+        rows = [f"| {task} | {r['total']} | {100 * r['accuracy']:.1f} |" for task, r in self.per_task.items()]
+        head = f"### {title}\n\n" if title else ""
+        return (head + f"mode `{self.mode}`\n\n| task | items | accuracy % |\n| --- | --- | --- |\n" + "\n".join(rows)
+                + f"\n| **average** | {sum(r['total'] for r in self.per_task.values())} | "
+                  f"**{100 * self.average:.1f}** |\n")
+
+    def write(self, path_stem: Path) -> None:
+        """``<stem>.json`` (everything, predictions included) and ``<stem>.md``."""
+        Path(path_stem).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{path_stem}.json").write_text(json.dumps(asdict(self), indent=1))
+        Path(f"{path_stem}.md").write_text(self.to_markdown(Path(path_stem).name))
+
+
+# --------------------------------------------------------------------------- jitted forwards
+
+
+@partial(jax.jit, static_argnums=0)
+def _next_token_logprobs(graphdef, state, ids, mask):
+    """``[B, T-1]``: log p(ids[t+1] | ids[:t+1])."""
+    logits = nnx.merge(graphdef, state).forward(ids, mask).logits
+    logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    return jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
+
+
+@partial(jax.jit, static_argnums=0)
+def _candidate_logprobs(graphdef, state, ids, mask, last, candidates):
+    """``[B, C]``: log p(candidate | sequence up to ``last``) for candidate token ids ``[B, C]``."""
+    logits = nnx.merge(graphdef, state).forward(ids, mask).logits
+    at = jax.nn.log_softmax(logits[jnp.arange(ids.shape[0]), last], axis=-1)
+    return jnp.take_along_axis(at, candidates, axis=-1)
+
+
+def padded_batches(seqs: list[list[int]], batch_size: int, pad_id: int, bucket: int = 32):
+    """Yield (indices, ids [batch_size, L], mask, lengths) over ``seqs`` sorted by length; L is bucketed."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        length = -(-max(len(seqs[i]) for i in idx) // bucket) * bucket
+        ids = np.full((batch_size, length), pad_id, np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        for row, i in enumerate(idx):
+            ids[row, :len(seqs[i])], mask[row, :len(seqs[i])] = seqs[i], 1
+        mask[len(idx):, 0] = 1  # filler rows
+        yield idx, ids, mask, np.array([len(seqs[i]) for i in idx] + [1] * (batch_size - len(idx)))
+
+
+class Scorer:
+    """Log-probabilities of continuations after contexts, batched and jitted."""
+
+    def __init__(self, model, pad_id: int, batch_size: int = 16):
+        self.graphdef, self.state = nnx.split(model)
+        self.pad_id, self.batch_size = pad_id, batch_size
+
+    def continuation_logprobs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+        """(sum of log-probabilities of the continuation's tokens, their number) for each pair."""
+        seqs = [ctx + cont for ctx, cont in pairs]
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+        for idx, ids, mask, _ in padded_batches(seqs, self.batch_size, self.pad_id):
+            lp = np.asarray(_next_token_logprobs(self.graphdef, self.state, ids, mask))
+            for row, i in enumerate(idx):
+                ctx_len, cont_len = len(pairs[i][0]), len(pairs[i][1])
+                out[i] = (float(lp[row, ctx_len - 1: ctx_len - 1 + cont_len].sum()), cont_len)
+        return out
+
+    def next_token_logprobs(self, contexts: list[list[int]], candidates: list[list[int]]) -> list[np.ndarray]:
+        """log p(each candidate token | context), one forward per context."""
+        width = max(len(c) for c in candidates)
+        out: list[np.ndarray] = [np.zeros(0)] * len(contexts)
+        for idx, ids, mask, lengths in padded_batches(contexts, self.batch_size, self.pad_id):
+            cand = np.zeros((self.batch_size, width), np.int32)
+            for row, i in enumerate(idx):
+                cand[row, :len(candidates[i])] = candidates[i]
+            lp = np.asarray(_candidate_logprobs(self.graphdef, self.state, ids, mask, lengths - 1, cand))
+            for row, i in enumerate(idx):
+                out[i] = lp[row, :len(candidates[i])]
+        return out
+
+
+# --------------------------------------------------------------------------- the three modes
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _fit(context: list[int], room: int) -> tuple[list[int], bool]:
+    return (context[-room:], True) if len(context) > room else (context, False)
+
+
+def _require_choice(examples: list[Example], mode: str, need_options: bool = False) -> None:
+    for ex in examples:
+        if not ex.labels:
+            raise DataError(f"{ex.source}: eval.mode={mode} needs multiple-choice items, but task {ex.task!r} has "
+                            "free-form answers; use eval.mode=generate")
+        if need_options and not ex.options:
+            raise DataError(f"{ex.source}: eval.mode={mode} needs the option texts, but this item lists its options "
+                            "inside the instruction; use eval.mode=label or eval.mode=generate")
+
+
+def label_predictions(scorer: Scorer, tokenizer, examples: list[Example], template: str) -> tuple[list[str], int]:
+    """Predicted label per example (restricted-label scoring) and the number of cut prompts."""
+    _require_choice(examples, "label")
+    contexts, conts, cut = [], [], 0
+    for ex in examples:
+        prompt, _ = render(ex, template)
+        options = [_ids(tokenizer, separator(template) + ex.response_prefix + label, False) for label in ex.labels]
+        context, was_cut = _fit(_ids(tokenizer, prompt, True), MAX_LEN - max(map(len, options)))
+        contexts.append(context)
+        conts.append(options)
+        cut += was_cut
+    if all(len(c) == 1 for options in conts for c in options):  # one forward per item
+        scores = scorer.next_token_logprobs(contexts, [[c[0] for c in options] for options in conts])
+    else:
+        flat = scorer.continuation_logprobs([(ctx, c) for ctx, options in zip(contexts, conts) for c in options])
+        it = iter(flat)
+        scores = [np.array([next(it)[0] for _ in options]) for options in conts]
+    return [ex.labels[int(np.argmax(s))] for ex, s in zip(examples, scores)], cut
+
+
+def loglik_predictions(scorer: Scorer, tokenizer, examples: list[Example], template: str) -> tuple[list[str], int]:
+    """Predicted label per example by length-normalised option log-likelihood."""
+    _require_choice(examples, "loglik", need_options=True)
+    pairs, sizes, cut = [], [], 0
+    for ex in examples:
+        prompt, continuations = render_cloze(ex, template)
+        conts = [_ids(tokenizer, c, False) for c in continuations]
+        context, was_cut = _fit(_ids(tokenizer, prompt, True), MAX_LEN - max(map(len, conts)))
+        pairs.extend((context, c) for c in conts)
+        sizes.append(len(conts))
+        cut += was_cut
+    flat = iter(scorer.continuation_logprobs(pairs))
+    preds = []
+    for ex, n in zip(examples, sizes):
+        scores = [total / max(count, 1) for total, count in (next(flat) for _ in range(n))]
+        preds.append(ex.labels[int(np.argmax(scores))])
+    return preds, cut
+
+
+_NUMBER = re.compile(r"-?\d(?:[\d,]*\d)?(?:\.\d+)?")
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def extract_answer(text: str, example: Example) -> str:
+    """LLM-Adapters-style: the first option label mentioned; else the last number; else the text."""
+    if example.labels:
+        words = any(len(label) > 1 for label in example.labels)
+        pattern = "|".join(re.escape(label) for label in sorted(example.labels, key=len, reverse=True))
+        m = re.search(rf"(?<![A-Za-z0-9])({pattern})(?![A-Za-z0-9])", text, flags=re.I if words else 0)
+        if not m:
+            return ""
+        return next(label for label in example.labels if label.lower() == m.group(1).lower())
+    if _as_number(example.answer) is not None:
+        numbers = _NUMBER.findall(text)
+        return numbers[-1].replace(",", "") if numbers else ""
+    return text.strip()
+
+
+def is_correct(prediction: str, example: Example) -> bool:
+    if example.labels:
+        return prediction == example.answer
+    want, got = _as_number(example.answer), _as_number(prediction) if prediction else None
+    if want is not None:
+        return got is not None and math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-3)
+    norm = lambda s: s.strip().strip(".").lower()  # noqa: E731
+    return norm(prediction) == norm(example.answer)
+
+
+def generate_predictions(model, tokenizer, examples: list[Example], template: str, *, max_new_tokens: int,
+                         batch_size: int) -> tuple[list[str], int, list[str]]:
+    """Extracted answers, cut prompts, and the raw generations."""
+    prompts, cut = [], 0
+    for ex in examples:
+        prompt, _ = render(ex, template)
+        ids, was_cut = _fit(_ids(tokenizer, prompt + separator(template), True), MAX_LEN - max_new_tokens)
+        prompts.append(ids)
+        cut += was_cut
+    tokens = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+                             pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return [extract_answer(text, ex) for text, ex in zip(texts, examples)], cut, texts
+
+
+def evaluate(model, tokenizer, examples: list[Example], *, mode: str, template: str, batch_size: int = 16,
+             max_new_tokens: int = 16) -> EvalResult:
+    """Accuracy per task (and macro average) of ``model`` on ``examples``."""
+    start = time.perf_counter()
+    generations = None
+    if mode == "generate":
+        preds, cut, generations = generate_predictions(model, tokenizer, examples, template,
+                                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+    else:
+        scorer = Scorer(model, tokenizer.pad_token_id, batch_size)
+        scorer_fn = label_predictions if mode == "label" else loglik_predictions
+        preds, cut = scorer_fn(scorer, tokenizer, examples, template)
+    per_task: dict[str, dict] = {}
+    records = []
+    for i, (ex, pred) in enumerate(zip(examples, preds)):
+        ok = is_correct(pred, ex)
+        r = per_task.setdefault(ex.task, {"correct": 0, "total": 0})
+        r["correct"] += ok
+        r["total"] += 1
+        records.append({"source": ex.source, "task": ex.task, "prediction": pred, "answer": ex.answer, "correct": ok}
+                       | ({"generation": generations[i]} if generations else {}))
+    for r in per_task.values():
+        r["accuracy"] = r["correct"] / r["total"]
+    average = float(np.mean([r["accuracy"] for r in per_task.values()])) if per_task else 0.0
+    return EvalResult(mode, per_task, average, records, cut, time.perf_counter() - start)
+
+
+def load_eval(path: Path) -> EvalResult | None:
+    """An :class:`EvalResult` written by :meth:`EvalResult.write` (None if the file does not exist)."""
+    path = Path(path)
+    return EvalResult(**json.loads(path.read_text())) if path.exists() else None
+
+
+def comparison_markdown(before: EvalResult, after: EvalResult, title: str) -> str:
+    """Before / after accuracy per task, the paper's table layout."""
+    tasks = list(after.per_task)
+    head = "| | " + " | ".join(tasks) + " | Avg |\n|" + " --- |" * (len(tasks) + 2) + "\n"
+    row = lambda name, r: f"| {name} | " + " | ".join(  # noqa: E731
+        f"{100 * r.per_task[t]['accuracy']:.1f}" for t in tasks) + f" | {100 * r.average:.1f} |"
+    delta = "| change | " + " | ".join(f"{100 * (after.per_task[t]['accuracy'] - before.per_task[t]['accuracy']):+.1f}"
+                                       for t in tasks) + f" | {100 * (after.average - before.average):+.1f} |"
+    items = sum(r["total"] for r in after.per_task.values())
+    return (f"## {title}\n\naccuracy %, mode `{after.mode}`, {items} items\n\n" + head + row("before", before) + "\n"
+            + row("after", after) + "\n" + delta + "\n")

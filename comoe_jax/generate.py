@@ -1,0 +1,58 @@
+"""Greedy generation with a KV cache: one jitted prefill plus a ``lax.scan`` of single-token steps.
+
+Prompts are left-padded, so every row's last prompt token sits at the same slot and
+positions count real tokens only (as Hugging Face ``generate`` does).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from comoe_jax.model import CausalLM
+
+
+@partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _generate(graphdef, state, ids, mask, max_new_tokens: int, eos_id: int, pad_id: int):
+    model: CausalLM = nnx.merge(graphdef, state)
+    batch, prompt_len = ids.shape
+    cache = model.init_cache(batch, prompt_len + max_new_tokens)
+    valid = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), mask.dtype)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    out = model.forward(ids, valid, positions, cache=cache, cache_index=0)
+    first = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+
+    def step(carry, _):
+        token, cache, position, index, done = carry
+        out = model.forward(token[:, None], valid, position[:, None], cache=cache, cache_index=index)
+        nxt = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, pad_id, nxt)
+        return (nxt, out.cache, position + 1, index + 1, done | (nxt == eos_id)), token
+
+    carry = (first, out.cache, positions[:, -1] + 1, jnp.int32(prompt_len), first == eos_id)
+    _, tokens = jax.lax.scan(step, carry, None, length=max_new_tokens)
+    return tokens.T  # [B, max_new_tokens]; after EOS: pad
+
+
+def greedy_generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
+                    batch_size: int = 16, bucket: int = 32) -> list[list[int]]:
+    """Greedy continuations of token-id prompts (cut at EOS, which is not included)."""
+    graphdef, state = nnx.split(model)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        length = -(-max(len(p) for p in chunk) // bucket) * bucket  # fewer distinct shapes to compile
+        ids = np.full((batch_size, length), pad_id, np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        for row, p in enumerate(chunk):
+            ids[row, length - len(p):], mask[row, length - len(p):] = p, 1
+        mask[len(chunk):, -1] = 1  # filler rows: one real token so nothing is fully masked
+        tokens = np.asarray(_generate(graphdef, state, ids, mask, max_new_tokens, eos_id, pad_id))
+        for row in range(len(chunk)):
+            seq = tokens[row].tolist()
+            out.append(seq[: seq.index(eos_id)] if eos_id in seq else seq)
+    return out

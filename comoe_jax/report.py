@@ -1,0 +1,89 @@
+"""A run's evaluation and analysis artefacts: eval_before / eval_after, routing.json, plots, report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from comoe_jax.analysis import collect_routing, expert_outputs_2d, plot_mi_gap, plot_representations, plot_workload
+from comoe_jax.analysis import write_summary as write_routing_summary
+from comoe_jax.config import Config
+from comoe_jax.data import Example, load_sources
+from comoe_jax.evaluate import EvalResult, comparison_markdown, evaluate
+
+
+def evaluation_examples(cfg: Config) -> list[Example]:
+    """The evaluation items of ``cfg`` (``eval.*``; ``data.tasks`` filters them too when set)."""
+    return load_sources(cfg.eval.sources, cfg.eval.split, seed=cfg.train.seed, tasks=cfg.data.tasks,
+                        max_per_task=cfg.eval.max_per_task)
+
+
+def evaluate_and_save(cfg: Config, model, tokenizer, examples: list[Example], stem: Path) -> EvalResult:
+    """Evaluate with ``cfg.eval`` settings; write ``<stem>.json`` and ``<stem>.md``."""
+    result = evaluate(model, tokenizer, examples, mode=cfg.eval.mode, template=cfg.data.template,
+                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    result.write(stem)
+    return result
+
+
+def analyse_and_save(cfg: Config, model, tokenizer, examples: list[Example], out: Path) -> dict:
+    """Routing per task (workload.png, routing.json) and expert representations (representations.png)."""
+    if model.placement is None or model.placement.spec.num_experts < 2:
+        return {}
+    modules = model.adapter_modules()
+    probe = modules[len(modules) // 2]  # a middle-depth module for the 2-D projection
+    usage = collect_routing(model, tokenizer, examples, cfg.data.template, cfg.eval.batch_size, code_modules=(probe,))
+    summary = write_routing_summary(usage, out / "routing.json")
+    plot_workload(usage, out / "workload.png")
+    lam = cfg.loss.contrastive_weight
+    plot_representations({f"lambda = {lam}": expert_outputs_2d(model, usage, probe)}, out / "representations.png",
+                         f"expert outputs at the answer position\n{probe} (PCA)")
+    return summary
+
+
+def write_report(out: Path, cfg: Config, before: EvalResult | None, after: EvalResult | None, routing: dict,
+                 history: list[dict]) -> Path:
+    """report.md: before / after accuracy per task, MI(task; experts), and the plots."""
+    lines = [f"# Run report: {out.name}", "",
+             f"Model `{cfg.model.path}`, adapters n={cfg.adapter.num_experts} top-{cfg.adapter.top_k} "
+             f"r={cfg.adapter.rank} on {', '.join(cfg.adapter.target_modules)} (layers {cfg.adapter.layers}), "
+             f"lambda={cfg.loss.contrastive_weight}, tau={cfg.loss.temperature}, {cfg.train.steps} steps of "
+             f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens; data {', '.join(cfg.data.train)}; eval "
+             f"{', '.join(cfg.eval.sources)} ({cfg.eval.split}).", ""]
+    if before is not None and after is not None:
+        lines.append(comparison_markdown(before, after, "Accuracy before and after training"))
+    elif after is not None:
+        lines.append(after.to_markdown("Accuracy after training"))
+    if routing:
+        lines += ["## Routing", "",
+                  f"- MI(task; selected expert set): **{routing['mi_task_expert_set_bits']:.3f} bits** (mean over "
+                  f"modules; upper bound log2 {len(routing['tasks'])} = {routing['mi_upper_bound_bits']:.2f})",
+                  f"- router entropy: {routing['router_entropy_bits']:.3f} bits per token (mean over modules)", "",
+                  "![workload](workload.png)", "", "![representations](representations.png)", ""]
+    if history:
+        last = history[-1]
+        terms = ", ".join(f"{k} {last[k]:.4f}" for k in ("ce", "contrastive", "mi_gap") if k in last)
+        lines += ["## Training", "", f"Last step {last['step']}: {terms}.", "", "![losses](losses.png)", ""]
+        if any("mi_gap" in r for r in history):
+            lines += ["![MI gap](mi_gap.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def plot_training(out: Path, cfg: Config, history: list[dict]) -> None:
+    if any("mi_gap" in r for r in history):
+        import math
+
+        n = cfg.loss.num_negatives or cfg.adapter.num_experts - cfg.adapter.top_k
+        plot_mi_gap({f"lambda = {cfg.loss.contrastive_weight}": history}, out / "mi_gap.png", math.log(n))
+
+
+def load_history(run: Path) -> list[dict]:
+    """metrics.jsonl rows by step; a step logged twice (rerun after a crash) keeps its last row."""
+    path = Path(run) / "metrics.jsonl"
+    rows = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return [rows[s] for s in sorted(rows)]

@@ -1,0 +1,249 @@
+"""Loaders (every format, every bad-data message), templates, loss masks, packing, mixing, resumable stream."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from comoe_jax.data import DataError, TrainStream, encode, load_source, load_sources, render, render_cloze, tokenize
+from comoe_jax.data.loaders import MIX_DIR, load_bigbench, load_hf_dataset, load_jsonl, load_llm_adapters
+from comoe_jax.loading import byte_tokenizer
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def test_committed_mix_has_four_tasks_and_disjoint_splits():
+    splits = {s: load_source("mix", s) for s in ("train", "validation", "test")}
+    for split, size in (("train", 1000), ("validation", 100), ("test", 200)):
+        assert Counter(ex.task for ex in splits[split]) == {t: size for t in
+                                                           ("social_iqa", "strategyqa", "math_qa", "winowhy")}
+    questions = [{(ex.task, ex.instruction) for ex in exs} for exs in splits.values()]
+    assert not (questions[0] & questions[2]) and not (questions[1] & questions[2])
+    ex = splits["test"][0]
+    assert ex.is_choice and ex.answer in ex.labels and len(ex.options) == len(ex.labels)
+    assert (MIX_DIR / "README.md").exists()
+
+
+def test_jsonl_loader_and_its_errors(tmp_path):
+    good = _write(tmp_path / "qa.jsonl", '{"question": "2+2?", "options": ["3", "4"], "answer": "4"}\n\n'
+                                         '{"instruction": "Say hi", "answer": "hi", "task": "greet"}\n')
+    first, second = load_jsonl(good)
+    assert (first.task, first.labels, first.answer, first.options) == ("qa", ("A", "B"), "B", ("3", "4"))
+    assert (second.task, second.labels, second.response) == ("greet", (), "hi")
+    cases = {
+        '{"question": "x", "answer": "y"\n': r"bad\.jsonl:1: malformed JSON",
+        '{"question": "x"}\n': r"bad\.jsonl:1: missing field 'answer'",
+        '{"answer": "y"}\n': r"bad\.jsonl:1: missing field 'instruction' \(or 'question'\)",
+        '{"q": 1}\n{"question": "x", "options": ["a", "b"], "answer": "c"}\n': r"bad\.jsonl:1: missing field",
+        '{"question": "x", "options": ["a", "b"], "answer": "c"}\n': r"bad\.jsonl:1: field 'answer' 'c' is not among "
+                                                                     r"the options \['a', 'b'\]",
+        '{"question": "x", "options": [], "answer": "c"}\n': r"bad\.jsonl:1: field 'options' has 0 option\(s\)",
+        '{"question": "x", "options": ["a", "a"], "answer": "a"}\n': r"field 'options' repeats an option",
+        '{"question": "x", "options": "a,b", "answer": "a"}\n': r"field 'options' should be a list",
+        '[1, 2]\n': r"bad\.jsonl:1: expected a JSON object, got list",
+        "\n": r"bad\.jsonl: no examples",
+    }
+    for text, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            load_jsonl(_write(tmp_path / "bad.jsonl", text))
+    with pytest.raises(DataError, match="no such file"):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_llm_adapters_loader(tmp_path):
+    folder = tmp_path / "ARC-Easy"
+    folder.mkdir()
+    records = [
+        {"instruction": "Please choose the correct answer to the question: Which is a metal?\n\nAnswer1: iron "
+                        "Answer2: wood\n\nAnswer format: answer1/answer2", "input": "",
+         "output": "the correct answer is answer1", "answer": "answer1"},
+        {"instruction": "Please choose ...\n\nAnswer format: answer1/answer2", "input": "ctx",
+         "output": "the correct answer is answer2", "answer": "answer2"},
+    ]
+    path = _write(folder / "test.json", json.dumps(records))
+    a, b = load_llm_adapters(path)
+    assert a.task == "ARC-Easy" and a.labels == ("answer1", "answer2") and a.answer == "answer1"
+    assert a.response_prefix == "the correct answer is " and b.context == "ctx"
+    math = _write(tmp_path / "gsm8k.json", json.dumps([{"instruction": "1+1?", "input": "", "output": "2",
+                                                        "answer": 2}]))
+    (m,) = load_llm_adapters(math)
+    assert m.task == "gsm8k" and m.labels == () and m.answer == "2"
+    bad = dict(records[0], answer="answer3")
+    with pytest.raises(DataError, match=r"test\.json record 1: field 'answer' 'answer3' is not among the labels "
+                                        r"answer1/answer2"):
+        load_llm_adapters(_write(folder / "test.json", json.dumps([records[0], bad])))
+    with pytest.raises(DataError, match=r"record 0: missing field 'instruction'"):
+        load_llm_adapters(_write(folder / "test.json", json.dumps([{"answer": "x"}])))
+    with pytest.raises(DataError, match=r"test\.json:1: malformed JSON"):
+        load_llm_adapters(_write(folder / "test.json", "[{"))
+    with pytest.raises(DataError, match="expected a JSON list"):
+        load_llm_adapters(_write(folder / "test.json", "{}"))
+
+
+def test_bigbench_loader(tmp_path):
+    task = {"name": "toy", "examples": [
+        {"input": "Is fire hot?", "target_scores": {"Yes": 1, "No": 0}},
+        {"input": "Name a colour.", "target": ["red", "blue"]},
+    ]}
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    _write(folder / "task.json", json.dumps(task))
+    choice, free = load_bigbench(folder)
+    assert (choice.task, choice.options, choice.answer) == ("toy", ("Yes", "No"), "A")
+    assert free.answer == "red" and not free.is_choice
+    task["examples"][0]["target_scores"] = {"Yes": 1, "No": 1}
+    with pytest.raises(DataError, match=r"example 0: field 'target_scores' marks 2 options correct"):
+        load_bigbench(_write(folder / "task.json", json.dumps(task)))
+    task["examples"] = [{"input": "x"}]
+    with pytest.raises(DataError, match=r"example 0: no options \(field 'target_scores'\) and no field 'target'"):
+        load_bigbench(_write(folder / "task.json", json.dumps(task)))
+    (folder / "sub").mkdir()
+    _write(folder / "sub" / "task.json", "{}")
+    with pytest.raises(DataError, match="it has subtasks, load one of: sub"):
+        load_bigbench(_write(folder / "task.json", json.dumps({"name": "toy"})))
+
+
+def test_hf_dataset_loader(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    arc = datasets.Dataset.from_dict({"question": ["Which is a metal?"], "answerKey": ["2"],
+                                      "choices": [{"label": ["1", "2"], "text": ["wood", "iron"]}]})
+    piqa = datasets.Dataset.from_dict({"goal": ["Open a jar"], "sol1": ["twist"], "sol2": ["eat"], "label": [0]})
+    siqa = datasets.Dataset.from_dict({"context": ["Ann won."], "question": ["How does Ann feel?"],
+                                       "answerA": ["sad"], "answerB": ["happy"], "answerC": ["bored"], "label": ["2"]})
+    boolq = datasets.Dataset.from_dict({"question": ["is the sky blue"], "answer": [True], "passage": ["It is."]})
+    wino = datasets.Dataset.from_dict({"sentence": ["The cup fell off the table because _ was round."],
+                                       "option1": ["the cup"], "option2": ["the table"], "answer": ["1"]})
+    hella = datasets.Dataset.from_dict({"activity_label": ["Cooking"], "ctx": ["She cracks an egg"],
+                                        "endings": [["into a bowl.", "into the sky.", "at a cat.", "on a car."]],
+                                        "label": ["0"]})
+    datasets.DatasetDict({"test": arc}).save_to_disk(tmp_path / "arc")
+    for name, ds in (("piqa", piqa), ("siqa", siqa), ("boolq", boolq), ("wino", wino), ("hella", hella)):
+        ds.save_to_disk(tmp_path / name)
+    (a,) = load_hf_dataset(tmp_path / "arc", "test")
+    assert a.task == "arc" and a.options == ("wood", "iron") and a.answer == "B"
+    assert load_hf_dataset(tmp_path / "piqa", "test")[0].answer == "A"
+    assert load_hf_dataset(tmp_path / "siqa", "test")[0].answer == "B"
+    b = load_hf_dataset(tmp_path / "boolq", "test")[0]
+    assert (b.labels, b.answer, b.context) == (("true", "false"), "true", "It is.")
+    assert load_hf_dataset(tmp_path / "wino", "test")[0].answer == "A"
+    assert load_hf_dataset(tmp_path / "hella", "test")[0].instruction.startswith("Cooking. She cracks")
+    with pytest.raises(DataError, match=r"split 'train' not found; the dataset has test"):
+        load_hf_dataset(tmp_path / "arc", "train")
+    broken = datasets.Dataset.from_dict({"question": ["q"], "answerKey": ["9"],
+                                         "choices": [{"label": ["1", "2"], "text": ["a", "b"]}]})
+    broken.save_to_disk(tmp_path / "broken")
+    with pytest.raises(DataError, match=r"broken row 0: field 'answerKey' '9' is not among"):
+        load_hf_dataset(tmp_path / "broken", "test")
+    with pytest.raises(DataError, match="not a dataset saved with save_to_disk"):
+        load_hf_dataset(tmp_path, "test")
+
+
+def test_source_strings_and_task_filters(tmp_path):
+    with pytest.raises(DataError, match="unknown built-in task\\(s\\) poetry"):
+        load_source("builtin:add,poetry", "train")
+    with pytest.raises(DataError, match="use 'mix', 'builtin' or '<format>:<path>'"):
+        load_source("csv:x", "train")
+    got = load_sources(["mix"], "test", tasks=("winowhy", "math_qa"), max_per_task=3)
+    assert Counter(ex.task for ex in got) == {"winowhy": 3, "math_qa": 3}
+    with pytest.raises(DataError, match="data.tasks names chess, not found"):
+        load_sources(["mix"], "test", tasks=("chess",))
+
+
+# --------------------------------------------------------------------------- templates and masks
+
+
+def test_templates_render_options_and_answers():
+    ex = load_source("mix", "test")[0]
+    prompt, response = render(ex, "choice")
+    assert prompt.startswith("Please choose the correct answer to the question: ")
+    assert "\n(A) " in prompt and prompt.endswith("\nAnswer:") and response == " " + ex.answer
+    prompt, response = render(ex, "alpaca")
+    assert "### Instruction:" in prompt and prompt.endswith("### Response:\n") and response == ex.answer
+    cloze, continuations = render_cloze(ex, "choice")
+    assert "(A)" not in cloze and continuations == [" " + o for o in ex.options]
+    free = load_source("builtin:add", "test")[0]
+    assert render(free, "plain") == (f"Q: {free.instruction}\nA: ", free.answer)
+
+
+def test_encode_masks_only_the_response_and_eos():
+    tok = byte_tokenizer()
+    ids, is_response, cut = encode(tok, "Q: hi\nA: ", "yo", seq_len=16)
+    assert len(ids) == len("Q: hi\nA: ") + 3 and not cut
+    assert tok.decode(ids[is_response == 1]) == "yo</s>"
+    ids, _, cut = encode(tok, "Q: hi\nA: ", "a long answer", seq_len=10)
+    assert len(ids) == 11 and cut
+
+
+def test_tokenizer_without_pad_token_is_refused():
+    tok = byte_tokenizer()
+    tok.pad_token = None
+    with pytest.raises(DataError, match="no pad token"):
+        encode(tok, "a", "b", 8)
+
+
+def test_truncation_is_counted_and_empty_responses_left_out():
+    tok = byte_tokenizer()
+    examples = load_source("builtin:upper", "train")[:16]
+    _, counts = tokenize(tok, examples, "alpaca", 180, ("upper",))
+    assert counts.kept["upper"] + counts.dropped["upper"] == 16 and counts.dropped["upper"] > 0
+    assert counts.truncated["upper"] == counts.kept["upper"]
+    assert "left out" in counts.summary(180)
+    with pytest.raises(DataError, match="no usable training examples for task\\(s\\) upper"):
+        tokenize(tok, examples, "alpaca", 20, ("upper",))
+
+
+def _stream(packing, seed=0, weights=None, batch_size=4, seq_len=64):
+    tok = byte_tokenizer()
+    examples = load_source("builtin:add,antonym", "train")[:64]
+    records, counts = tokenize(tok, examples, "plain", seq_len, ("add", "antonym"))
+    assert not sum(counts.truncated.values())
+    return tok, TrainStream(records, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=packing,
+                            pad_id=tok.pad_token_id, weights=weights)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_keep_examples_apart(packing):
+    tok, stream = _stream(packing)
+    for _ in range(3):
+        b = stream.next_batch()
+        assert b["input_ids"].shape == (4, 64)
+        np.testing.assert_array_equal(b["input_ids"][:, 1:], b["targets"][:, :-1])
+        for row in range(4):
+            seg = b["segment_ids"][row]
+            for s in set(seg[seg > 0]):
+                where = np.flatnonzero(seg == s)
+                assert np.array_equal(b["positions"][row][where], np.arange(len(where)))  # restart per example
+                response = b["targets"][row][where][b["loss_mask"][row][where] == 1]
+                assert tok.decode(response).endswith("</s>")  # the answer and its EOS, nothing else
+                assert len(set(b["task_ids"][row][where])) == 1
+            assert (b["loss_mask"][row][seg == 0] == 0).all() and (b["task_ids"][row][seg == 0] == -1).all()
+        if packing:
+            assert b["segment_ids"].max() > 1  # several examples share a row
+
+
+def test_stream_resumes_exactly_and_mixes_by_weight():
+    _, stream = _stream(True, seed=3)
+    for _ in range(2):
+        stream.next_batch()
+    state = json.loads(json.dumps(stream.get_state()))  # what a checkpoint stores
+    expected = [stream.next_batch() for _ in range(3)]
+    _, again = _stream(True, seed=3)
+    again.set_state(state)
+    for want in expected:
+        got = again.next_batch()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    _, other = _stream(True, seed=4)
+    assert not np.array_equal(other.next_batch()["input_ids"], _stream(True, seed=3)[1].next_batch()["input_ids"])
+    _, skewed = _stream(False, weights={"add": 3.0, "antonym": 1.0}, batch_size=8)
+    tasks = np.concatenate([skewed.next_batch()["task_ids"][:, 0] for _ in range(25)])
+    assert 0.65 < np.mean(tasks == 0) < 0.85
+    with pytest.raises(DataError, match="data.mix_weights names task\\(s\\) chess"):
+        _stream(False, weights={"chess": 1.0})

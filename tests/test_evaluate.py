@@ -1,0 +1,177 @@
+"""Scoring modes against brute-force answers on a tiny model, generation with a KV cache, answer extraction,
+accuracy bookkeeping, and the routing analyses (MI against hand-computed values)."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from comoe_jax import AdapterConfig, from_pretrained
+from comoe_jax.adapters import ForwardContext
+from comoe_jax.analysis import collect_routing, expert_outputs_2d, mutual_information, task_expert_mi
+from comoe_jax.data import Example, multiple_choice, render, render_cloze
+from comoe_jax.data.templates import separator
+from comoe_jax.evaluate import Scorer, evaluate, extract_answer, is_correct, label_predictions, loglik_predictions
+from comoe_jax.generate import greedy_generate
+from comoe_jax.loading import byte_tokenizer
+
+ARCH = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = from_pretrained("random", adapter=AdapterConfig(num_experts=4, top_k=2, rank=4), random_arch=ARCH, seed=1)
+    rng = np.random.default_rng(0)  # non-zero B, so the adapters matter
+    for stack in m.layers:
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            layer = getattr(stack.layer.self_attn, proj)
+            layer.lora_b[...] = jnp.asarray(rng.normal(size=layer.lora_b.shape) * 0.3, jnp.float32)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def _items():
+    return [
+        multiple_choice("colours", "Which is a colour?", ["red", "run", "rain"], "red", "t#0"),
+        multiple_choice("colours", "Which is not a colour?", ["blue", "bread"], "bread", "t#1"),
+        multiple_choice("sums", "What is 2+2?", ["4", "5", "22", "3"], "4", "t#2"),
+        Example("yesno", "Is ice cold?", "true", labels=("true", "false"), source="t#3"),
+    ]
+
+
+def _logprobs(model, ids):
+    logits = np.asarray(model(jnp.asarray([ids], jnp.int32)))[0].astype(np.float64)
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+
+
+def _continuation(model, ctx, cont):
+    lp = _logprobs(model, ctx + cont)
+    return sum(lp[len(ctx) - 1 + j, tok_id] for j, tok_id in enumerate(cont)), len(cont)
+
+
+@pytest.mark.parametrize("template", ["choice", "alpaca"])
+def test_label_scoring_matches_brute_force(model, tok, template):
+    items = _items()
+    preds, cut = label_predictions(Scorer(model, tok.pad_token_id, batch_size=3), tok, items, template)
+    assert cut == 0
+    for ex, pred in zip(items, preds):
+        prompt, _ = render(ex, template)
+        ctx = tok(prompt)["input_ids"]
+        scores = [_continuation(model, ctx, tok(separator(template) + lab, add_special_tokens=False)["input_ids"])[0]
+                  for lab in ex.labels]
+        assert pred == ex.labels[int(np.argmax(scores))], (ex.source, scores)
+
+
+def test_label_scoring_with_one_token_labels_reads_the_answer_position(model, tok):
+    items = _items()[:3]  # one-token labels ("A" after alpaca's "### Response:\n"): one forward per item
+    preds, _ = label_predictions(Scorer(model, tok.pad_token_id, batch_size=2), tok, items, "alpaca")
+    for ex, pred in zip(items, preds):
+        ctx = tok(render(ex, "alpaca")[0])["input_ids"]
+        lp = _logprobs(model, ctx)[-1]
+        label_ids = [tok(lab, add_special_tokens=False)["input_ids"][0] for lab in ex.labels]
+        assert all(len(tok(lab, add_special_tokens=False)["input_ids"]) == 1 for lab in ex.labels)
+        assert pred == ex.labels[int(np.argmax(lp[label_ids]))]
+
+
+def test_loglik_scoring_matches_brute_force(model, tok):
+    items = _items()[:3]
+    preds, _ = loglik_predictions(Scorer(model, tok.pad_token_id, batch_size=4), tok, items, "choice")
+    for ex, pred in zip(items, preds):
+        prompt, continuations = render_cloze(ex, "choice")
+        ctx = tok(prompt)["input_ids"]
+        scores = [s / n for s, n in (_continuation(model, ctx, tok(c, add_special_tokens=False)["input_ids"])
+                                     for c in continuations)]
+        assert pred == ex.labels[int(np.argmax(scores))]
+
+
+def test_modes_refuse_items_they_cannot_score(model, tok):
+    free = Example("add", "1+1?", "2", source="f#0")
+    with pytest.raises(ValueError, match=r"f#0: eval.mode=label needs multiple-choice items.*use eval.mode=generate"):
+        evaluate(model, tok, [free], mode="label", template="plain")
+    embedded = Example("arc", "Pick one. Answer format: answer1/answer2", "answer1", labels=("answer1", "answer2"))
+    with pytest.raises(ValueError, match="needs the option texts"):
+        evaluate(model, tok, [embedded], mode="loglik", template="plain")
+
+
+def test_cached_generation_equals_full_recompute_and_ignores_left_padding(model):
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(3, 259, size=n)) for n in (7, 19, 2, 11)]
+    got = greedy_generate(model, prompts, max_new_tokens=5, eos_id=2, pad_id=0, batch_size=3)
+    for p, g in zip(prompts, got):
+        seq = list(p)
+        for _ in range(5):
+            nxt = int(np.argmax(_logprobs(model, seq)[-1]))
+            if nxt == 2:
+                break
+            seq.append(nxt)
+        assert g == seq[len(p):]
+        assert greedy_generate(model, [p], max_new_tokens=5, eos_id=2, pad_id=0, batch_size=1)[0] == g
+
+
+def test_answer_extraction_and_correctness():
+    choice = multiple_choice("t", "q", ["yes", "no"], "no", "s")
+    assert extract_answer("The answer is (B) No", choice) == "B"
+    assert extract_answer("a cat sat", choice) == ""  # a lowercase word is not the label A
+    words = Example("arc", "q", "answer3", labels=("answer1", "answer2", "answer3", "answer10"))
+    assert extract_answer("the correct answer is Answer3.", words) == "answer3"
+    assert extract_answer("answer10 it is", words) == "answer10"
+    number = Example("gsm8k", "q", "1234")
+    assert extract_answer("5 apples, so the total is 1,234.", number) == "1234"
+    assert is_correct("1234.0", number) and not is_correct("1235", number) and not is_correct("", number)
+    text = Example("reverse", "q", "tac")
+    assert is_correct(extract_answer(" Tac. ", text), text)
+
+
+def test_accuracy_is_counted_per_task_and_averaged_over_tasks(model, tok):
+    items = _items()
+    result = evaluate(model, tok, items, mode="label", template="choice", batch_size=2)
+    preds = {p["source"]: p for p in result.predictions}
+    for task, r in result.per_task.items():
+        mine = [preds[ex.source]["correct"] for ex in items if ex.task == task]
+        assert r["total"] == len(mine) and r["correct"] == sum(mine)
+    assert math.isclose(result.average, np.mean([r["correct"] / r["total"] for r in result.per_task.values()]))
+    md = result.to_markdown("x")
+    assert "| colours | 2 |" in md and "**average**" in md
+
+
+# --------------------------------------------------------------------------- analyses
+
+
+def test_mutual_information_against_hand_computed_values():
+    assert mutual_information(np.array([[10, 0], [0, 10]])) == pytest.approx(1.0)
+    assert mutual_information(np.array([[5, 5], [5, 5]])) == pytest.approx(0.0, abs=1e-12)
+    # p = [[.25, .25], [.5, 0]]: .25 log2(.25/.375) + .25 log2(.25/.125) + .5 log2(.5/.375)
+    want = 0.25 * math.log2(0.25 / 0.375) + 0.25 * 1.0 + 0.5 * math.log2(0.5 / 0.375)
+    assert mutual_information(np.array([[1, 1], [2, 0]])) == pytest.approx(want)
+    assert want == pytest.approx(0.3113, abs=1e-4)
+
+
+def test_collect_routing_counts_every_prompt_token(model, tok):
+    items = _items()
+    usage = collect_routing(model, tok, items, "choice", batch_size=3, code_modules=("layers.1.self_attn.v_proj",))
+    lengths = {}
+    for ex in items:
+        lengths[ex.task] = lengths.get(ex.task, 0) + len(tok(render(ex, "choice")[0])["input_ids"])
+    assert dict(zip(usage.tasks, usage.tokens)) == lengths
+    np.testing.assert_allclose(usage.expert_counts.sum(-1), np.repeat(2 * usage.tokens[:, None], 8, 1))  # k = 2
+    np.testing.assert_allclose(usage.set_counts.sum(-1), usage.tokens[:, None].repeat(len(usage.modules), 1))
+    np.testing.assert_allclose(usage.workload().sum(-1), 1.0)
+    mi = task_expert_mi(usage)
+    assert mi.shape == (8,) and (mi >= 0).all() and (mi <= math.log2(3) + 1e-9).all()
+    assert usage.codes["layers.1.self_attn.v_proj"].shape == (4, 4, 4)
+    points, experts = expert_outputs_2d(model, usage, "layers.1.self_attn.v_proj")
+    assert points.shape == (16, 2) and sorted(set(experts)) == [0, 1, 2, 3]
+    # the same counts straight from one probed forward of the first item
+    ids = jnp.asarray([tok(render(items[0], "choice")[0])["input_ids"]], jnp.int32)
+    n = ids.shape[1]
+    stats = model.forward(ids, ctx=ForwardContext(jnp.ones((1, n)), jnp.float32(n), probe=jnp.array([n - 1]))).stats
+    topk = np.asarray(stats["layers.0.self_attn.q_proj"]["topk"][0])
+    single = collect_routing(model, tok, items[:1], "choice", batch_size=1)
+    np.testing.assert_array_equal(single.expert_counts[0, 0], np.bincount(topk.ravel(), minlength=4))
