@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.help:
             print(__doc__ + "\nConfig keys (section.key=value):\n" + describe(cfg))
             return 0
-        from comoe_jax.loading import LoadError  # imports JAX: after the cheap checks
+        from comoe_jax.data import DataError  # imports JAX: after the cheap checks
+        from comoe_jax.loading import LoadError
         from comoe_jax.progress import TrainingDiverged
         from comoe_jax.trainer import train
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
         except LoadError as e:
             print(f"model error: {e}", file=sys.stderr)
+            return 2
+        except DataError as e:
+            print(f"data error: {e}", file=sys.stderr)
             return 2
         except TrainingDiverged as e:
             print(f"training diverged: {e}", file=sys.stderr)

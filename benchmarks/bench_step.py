@@ -61,7 +61,8 @@ def make_step(args, experts, weight, negatives, form):
     rng = np.random.default_rng(0)
     shape = (1, args.batch, args.seq_len)
     batch = {"input_ids": rng.integers(0, 1024, shape), "targets": rng.integers(0, 1024, shape),
-             "loss_mask": np.ones(shape), "attention_mask": np.ones(shape)}
+             "loss_mask": np.ones(shape), "attention_mask": np.ones(shape), "segment_ids": np.ones(shape),
+             "positions": np.broadcast_to(np.arange(args.seq_len), shape)}
     batch = shd.global_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh, rules, batch_axis=1)
     return step, state, flat_values(frozen), batch
 

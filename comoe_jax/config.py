@@ -96,7 +96,7 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     train: tuple = _f(("mix",), "Training sources, concatenated: mix (data/comoe_mix, the committed BIG-bench "
-                      "multi-task mix) | builtin[:task,task] | jsonl:PATH | llm_adapters:PATH | bigbench:PATH | "
+                      "multi-task mix) | builtin[:task+task] | jsonl:PATH | llm_adapters:PATH | bigbench:PATH | "
                       "hf:PATH (a datasets folder from save_to_disk). See comoe_jax/data/loaders.py.")
     tasks: tuple = _f((), "Only these tasks of the sources (empty = all).")
     max_examples_per_task: int = _f(0, "At most this many training examples per task (0 = all).")
@@ -307,7 +307,7 @@ def _check_source(key: str, spec: str) -> None:
         return
     fmt, sep, path = spec.partition(":")
     _require(bool(sep) and fmt in SOURCE_FORMATS, key, spec,
-             f"mix, builtin[:tasks] or <format>:<path> with format one of {', '.join(SOURCE_FORMATS)}")
+             f"mix, builtin[:task+task] or <format>:<path> with format one of {', '.join(SOURCE_FORMATS)}")
     _require(Path(path).exists(), key, spec, f"{path} does not exist")
 
 

@@ -62,9 +62,9 @@ class EvalResult:
 @partial(jax.jit, static_argnums=0)
 def _next_token_logprobs(graphdef, state, ids, mask):
     """``[B, T-1]``: log p(ids[t+1] | ids[:t+1])."""
-    logits = nnx.merge(graphdef, state).forward(ids, mask).logits
-    logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
+    logits = nnx.merge(graphdef, state).forward(ids, mask).logits[:, :-1]
+    target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    return target - jax.nn.logsumexp(logits, axis=-1)  # no [B, T, V] log-softmax copy
 
 
 @partial(jax.jit, static_argnums=0)

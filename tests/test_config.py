@@ -40,7 +40,7 @@ def _cfg(*overrides):
     (["model.path="], r"model\.path='' is not allowed"),
     (["model.dtype=float16"], r"model\.dtype='float16' is not allowed: one of float32, bfloat16"),
     (["data.train=builtin:add", "data.template=html"], r"data\.template='html' is not allowed: one of alpaca"),
-    (["data.train=csv:x.csv"], r"data\.train='csv:x.csv' is not allowed: mix, builtin\[:tasks\] or <format>:<path>"),
+    (["data.train=csv:x.csv"], r"data\.train='csv:x.csv' is not allowed: mix, builtin\[:task\+task\] or <format>"),
     (["eval.sources=jsonl:/no/file.jsonl"], r"eval\.sources='jsonl:/no/file.jsonl' is not allowed: /no/file\.jsonl"),
     (["eval.mode=vote"], r"eval\.mode='vote' is not allowed: one of label, loglik, generate"),
     (["eval.split=dev"], r"eval\.split='dev' is not allowed: one of train, validation, test"),

@@ -147,7 +147,7 @@ def test_hf_dataset_loader(tmp_path):
 
 def test_source_strings_and_task_filters(tmp_path):
     with pytest.raises(DataError, match="unknown built-in task\\(s\\) poetry"):
-        load_source("builtin:add,poetry", "train")
+        load_source("builtin:add+poetry", "train")
     with pytest.raises(DataError, match="use 'mix', 'builtin' or '<format>:<path>'"):
         load_source("csv:x", "train")
     got = load_sources(["mix"], "test", tasks=("winowhy", "math_qa"), max_per_task=3)
@@ -201,7 +201,7 @@ def test_truncation_is_counted_and_empty_responses_left_out():
 
 def _stream(packing, seed=0, weights=None, batch_size=4, seq_len=64):
     tok = byte_tokenizer()
-    examples = load_source("builtin:add,antonym", "train")[:64]
+    examples = load_source("builtin:add+antonym", "train")[:64]
     records, counts = tokenize(tok, examples, "plain", seq_len, ("add", "antonym"))
     assert not sum(counts.truncated.values())
     return tok, TrainStream(records, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=packing,

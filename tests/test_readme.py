@@ -25,4 +25,5 @@ def test_ci_runs_the_readme_test_command():
 def test_python_example_runs(capsys):
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})
-    assert capsys.readouterr().out.strip() == "Paris"
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].strip() == "Paris" and "| **average** | 20 |" in out

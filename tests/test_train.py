@@ -23,7 +23,7 @@ def tiny_config(tmp_path=None, **overrides) -> Config:
     cfg.model.random_arch = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)
     cfg.adapter.rank = 4
-    cfg.data.train = ("builtin:add,reverse,antonym",)
+    cfg.data.train = ("builtin:add+reverse+antonym",)
     cfg.data.template = "plain"
     cfg.data.seq_len = 56
     cfg.train.batch_size = 4

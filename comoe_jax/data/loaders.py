@@ -6,7 +6,7 @@ Every loader returns a list of :class:`Example` and refuses bad data with a
 Source strings (``data.train`` / ``data.eval`` in the config):
 
 - ``mix``: ``data/comoe_mix/<split>.jsonl`` (built by ``scripts/build_mix.py``);
-- ``builtin``: the small procedural tasks of ``comoe_jax.data.builtin``;
+- ``builtin`` or ``builtin:add+reverse``: the small procedural tasks of ``comoe_jax.data.builtin``;
 - ``jsonl:PATH``: one JSON object a line, fields ``instruction`` (or ``question``), ``answer``,
   optional ``options``, ``task``, ``input``, ``output``, ``labels``;
 - ``llm_adapters:PATH``: a JSON list of ``{instruction, input, output, answer}`` (the LLM-Adapters
@@ -39,7 +39,7 @@ def load_source(spec: str, split: str, *, seed: int = 0) -> list[Example]:
     if spec == "builtin" or spec.startswith("builtin:"):
         from comoe_jax.data.builtin import BUILTIN_TASKS, load_builtin
 
-        tasks = tuple(t for t in spec.partition(":")[2].split(",") if t) or BUILTIN_TASKS
+        tasks = tuple(t for t in spec.partition(":")[2].split("+") if t) or BUILTIN_TASKS
         unknown = [t for t in tasks if t not in BUILTIN_TASKS]
         if unknown:
             raise DataError(f"data source {spec!r}: unknown built-in task(s) {', '.join(unknown)}; built-in tasks are "

@@ -1,0 +1,50 @@
+"""The command-line entry points on tiny runs: sweep.py, evaluate.py, analyze.py, train.py."""
+
+import json
+from pathlib import Path
+
+import analyze
+import evaluate
+import sweep
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(ROOT / "configs" / "tiny.py")]
+FAST = ["train.steps=3", "train.save_every=3", "train.batch_size=4", "mesh.num_devices=1", "eval.max_per_task=2",
+        "eval.max_new_tokens=4", "data.train=builtin:add+antonym", "eval.sources=builtin:add+antonym",
+        "adapter.rank=4", "eval.before_training=false"]
+
+
+def test_sweep_evaluate_and_analyze_on_tiny_runs(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = TINY + ["--grid", "loss.contrastive_weight=0,0.01", "--grid", "train.seed=0,1", "--out", str(out)] + FAST
+    assert sweep.main(args) == 0
+    table = (out / "sweep.md").read_text()
+    assert "| loss.contrastive_weight | add | antonym | Avg | MI bits | seeds |" in table
+    assert "| 0 |" in table and "| 0.01 |" in table and "| 2 |" in table  # median over two seeds
+    cells = json.loads((out / "sweep.json").read_text())["cells"]
+    assert len(cells) == 4 and all((Path(c["run"]) / "report.md").exists() for c in cells)
+    assert sweep.main(args) == 0  # finished cells are reused, not retrained
+    assert "=== cell 4/4" in capsys.readouterr().out
+
+    run = Path(cells[1]["run"])
+    assert evaluate.main(["--run", str(run), "eval.mode=generate", "eval.max_per_task=3"]) == 0
+    result = json.loads((run / "eval_test_generate.json").read_text())
+    assert sum(r["total"] for r in result["per_task"].values()) == 6
+
+    compare = tmp_path / "compare"
+    assert analyze.main([cells[0]["run"], cells[2]["run"], "--out", str(compare)]) == 0
+    for name in ("compare.md", "compare.json", "representations.png", "mi_gap.png"):
+        assert (compare / name).exists(), name
+    rows = json.loads((compare / "compare.json").read_text())
+    assert [r["lambda"] for r in rows] == [0.0, 0.01]
+
+
+def test_entry_points_refuse_bad_input_with_a_message(tmp_path, capsys):
+    assert train.main(TINY + ["adapter.top_k=9"]) == 2
+    assert evaluate.main(["--run", str(tmp_path / "missing")]) == 2
+    assert sweep.main(TINY + ["--grid", "adapter.rank"]) == 2
+    assert sweep.main(TINY + ["--grid", "adapter.rank=4,0"]) == 2  # every cell is checked before any training
+    err = capsys.readouterr().err
+    assert "adapter.top_k=9 is not allowed" in err and "is not a comoe-jax run folder" in err
+    assert "expected section.key=v1,v2" in err and "adapter.rank=0 is not allowed" in err
