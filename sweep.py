@@ -17,11 +17,11 @@ import argparse
 import copy
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 from comoe_jax.config import ConfigError, apply_overrides, load_config_file, validate
+from comoe_jax.experiments import median, run_or_reuse
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -48,9 +48,9 @@ def table(rows: list[dict], keys: list[str]) -> tuple[str, list[dict]]:
     head += "|" + " --- |" * (len(keys) + len(tasks) + 3) + "\n"
     out, lines = [], []
     for setting, members in groups.items():
-        med = {t: statistics.median(m["accuracy"][t] for m in members) for t in tasks}
-        avg = statistics.median(m["average"] for m in members)
-        mi = statistics.median(m["mi_bits"] for m in members)
+        med = {t: median(m["accuracy"][t] for m in members) for t in tasks}
+        avg = median(m["average"] for m in members)
+        mi = median(m["mi_bits"] for m in members)
         out.append({"setting": dict(zip(keys, setting)), "median_accuracy": med, "median_average": avg,
                     "median_mi_bits": mi, "seeds": len(members)})
         lines.append("| " + " | ".join(setting) + " | " + " | ".join(f"{100 * med[t]:.1f}" for t in tasks)
@@ -78,21 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from comoe_jax.evaluate import load_eval
-    from comoe_jax.trainer import train
 
     rows = []
     for i, (values, cfg) in enumerate(zip(cells, configs), 1):
-        run = Path(cfg.train.output_dir)
-        print(f"=== cell {i}/{len(cells)}: {values} -> {run}", flush=True)
-        if not (run / "eval_after.json").exists():
-            cfg.eval.after_training = True
-            train(cfg)
-        result = load_eval(run / "eval_after.json")
-        routing = json.loads((run / "routing.json").read_text()) if (run / "routing.json").exists() else {}
-        rows.append({"values": values, "run": str(run), "average": result.average,
-                     "accuracy": {t: r["accuracy"] for t, r in result.per_task.items()},
-                     "mi_bits": routing.get("mi_task_expert_set_bits", float("nan"))})
+        print(f"=== cell {i}/{len(cells)}: {values} -> {cfg.train.output_dir}", flush=True)
+        rows.append({"values": values} | run_or_reuse(cfg))
     keys = [k for k in grid if k != "train.seed"]
     markdown, aggregated = table(rows, keys or ["train.seed"])
     out = Path(args.out)

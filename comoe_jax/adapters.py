@@ -2,7 +2,10 @@
 
 ``y = W0 x + (alpha / r) * sum_i g_i(x) E_i(dropout(x))`` with top-k router weights
 ``g``; B starts at zero so the adapted model equals the base model at step 0.
-Plain LoRA is the same layer with one expert and no router.
+Every method of ``adapter.method`` is this one layer: plain LoRA has one expert and no
+router; soft routing (moe-soft, omoe) weights every expert by the softmax; OMoE mixes
+Gram-Schmidt-orthogonalised expert outputs; DoRA experts (dora, comoe-dora) rescale
+each output unit by ``m_i / ||W0 + s B_i A_i||`` as peft's DoRA does.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from comoe_jax import ops
-from comoe_jax.config import Config
+from comoe_jax.config import DORA_METHODS, SOFT_ROUTED_METHODS, Config
 
 
 class Frozen(nnx.Variable):
@@ -40,6 +43,9 @@ class MoESpec:
     anchor: str = "random"
     num_negatives: int = 0
     form: str = "gram"
+    routing: str = "topk"  # "topk" | "soft" (every expert weighted; the top k count as activated)
+    dora: bool = False
+    orthogonal: bool = False  # OMoE: Gram-Schmidt-orthogonalised expert outputs
 
     @property
     def scaling(self) -> float:
@@ -59,6 +65,8 @@ class MoESpec:
             contrastive=routed and (lo.contrastive_weight > 0 or lo.monitor_contrastive),
             contrastive_grad=lo.contrastive_weight > 0, temperature=lo.temperature, eps=lo.eps,
             anchor=lo.anchor, num_negatives=lo.num_negatives, form=lo.form,
+            routing="soft" if a.method in SOFT_ROUTED_METHODS else "topk", dora=a.method in DORA_METHODS,
+            orthogonal=a.method == "omoe",
         )
 
 
@@ -91,8 +99,12 @@ class Linear(nnx.Module):
         self.bias = Frozen(jnp.zeros((d_out,), param_dtype), axes=axes[1:]) if use_bias else None
         self.dtype = dtype
 
+    def project(self, x: jax.Array) -> jax.Array:
+        """``x W0`` without the bias."""
+        return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+
     def base(self, x: jax.Array) -> jax.Array:
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        y = self.project(x)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
     def __call__(self, x: jax.Array, ctx: ForwardContext | None = None) -> tuple[jax.Array, dict]:
@@ -104,8 +116,9 @@ class MoLoRALinear(Linear):
     """A frozen linear layer with n LoRA experts and a float32 top-k router.
 
     Params: ``lora_a [n, d_in, r]`` (LoRA's Kaiming-uniform init), ``lora_b [n, r, d_out]``
-    (zeros), ``router [d_in, n]`` (float32, absent when n = 1). ``index`` makes each
-    module's random draws distinct.
+    (zeros), ``router [d_in, n]`` (float32, absent when n = 1), and for DoRA experts
+    ``magnitude [n, d_out]`` (the column norms of W0; set by the loader once W0 is known).
+    ``index`` makes each module's random draws distinct.
     """
 
     def __init__(self, d_in: int, d_out: int, *, axes: tuple, spec: MoESpec, index: int, use_bias: bool = False,
@@ -118,15 +131,33 @@ class MoLoRALinear(Linear):
         self.lora_b = nnx.Param(jnp.zeros((n, r, d_out), jnp.float32), axes=("expert", "rank", axes[1]))
         router = spec.router_init_std * jax.random.normal(rngs.params(), (d_in, n), jnp.float32)
         self.router = nnx.Param(router, axes=(axes[0], "expert")) if n > 1 else None
+        if spec.dora:
+            norm = jnp.linalg.norm(self.kernel[...].astype(jnp.float32), axis=0)
+            self.magnitude = nnx.Param(jnp.broadcast_to(norm, (n, d_out)), axes=("expert", axes[1]))
+        else:
+            self.magnitude = None
         self.spec = spec
         self.index = index
         self.dropout = nnx.Dropout(spec.dropout)
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Router probabilities ``[..., n]``, top-k weights ``[..., n]`` and indices ``[..., k]``."""
+        """Router probabilities ``[..., n]``, mixing weights ``[..., n]`` and activated experts ``[..., k]``."""
         logits = x.astype(jnp.float32) @ self.router[...]
-        weights, topk = ops.topk_route(logits, self.spec.top_k)
+        route = ops.soft_route if self.spec.routing == "soft" else ops.topk_route
+        weights, topk = route(logits, self.spec.top_k)
         return ops.router_probs(logits), weights, topk
+
+    def effective_b(self) -> tuple[jax.Array, jax.Array | None]:
+        """float32 ``B [n, r, d_out]`` with DoRA's per-unit scale folded in, and that scale ``[n, d_out]``.
+
+        A DoRA expert's update is ``c_i * (s B_i A_i x)`` with ``c_i = m_i / ||W0 + s B_i A_i||``,
+        i.e. a LoRA expert with ``B_i`` scaled column-wise; ``c`` is None for LoRA experts.
+        """
+        b = self.lora_b[...]
+        if not self.spec.dora:
+            return b, None
+        c = ops.dora_column_scale(self.kernel[...], self.lora_a[...], b, self.spec.scaling, self.magnitude[...])
+        return b * c[:, None, :], c
 
     def __call__(self, x: jax.Array, ctx: ForwardContext | None = None) -> tuple[jax.Array, dict]:
         """``x [..., d_in] -> (y [..., d_out], stats)``; stats only when ``ctx`` is given and n > 1."""
@@ -134,19 +165,27 @@ class MoLoRALinear(Linear):
         keys = [None] * 3
         if ctx is not None and ctx.key is not None:
             keys = list(jax.random.split(jax.random.fold_in(ctx.key, self.index), 3))
-        x_in = self.dropout(x, deterministic=keys[0] is None or spec.dropout == 0, rngs=keys[0])
-        a = self.lora_a[...].astype(self.dtype)
-        b = self.lora_b[...].astype(self.dtype)
-        h = ops.expert_hidden(x_in.astype(self.dtype), a)  # [..., n, r]
+        dropped = keys[0] is not None and spec.dropout > 0
+        x_in = self.dropout(x, deterministic=not dropped, rngs=keys[0])
+        b, c = self.effective_b()
+        h = ops.expert_hidden(x_in.astype(self.dtype), self.lora_a[...].astype(self.dtype))  # [..., n, r]
+        w0x = self.project(x)
+        y = w0x if self.bias is None else w0x + self.bias[...].astype(self.dtype)
         if self.router is None:
-            return self.base(x) + spec.scaling * h[..., 0, :] @ b[0], {}
-        probs, weights, topk = self.route(x)
-        y = self.base(x) + spec.scaling * ops.mix_experts(h, weights, b)
-        if ctx is None:
-            return y, {}
-        return y, self._stats(ctx, x_in, h, probs, topk, keys[1:])
+            weights, gram, stats = jnp.ones(h.shape[:-1], jnp.float32), None, None
+        else:
+            probs, weights, topk = self.route(x)
+            gram = ops.gram_matrix(b) if spec.orthogonal or spec.contrastive else None
+            if spec.orthogonal:
+                weights = ops.gram_schmidt_weights(h, gram, weights)
+            stats = None if ctx is None else self._stats(ctx, x_in, h, probs, topk, keys[1:], b, gram)
+        y = y + spec.scaling * ops.mix_experts(h, weights, b.astype(self.dtype))
+        if c is not None:  # DoRA rescales the (dropped-out) base output too: sum_i g_i (c_i - 1) * W0 x
+            base_in = self.project(x_in) if dropped else w0x
+            y = y + (weights @ (c - 1.0)).astype(self.dtype) * base_in
+        return y, stats or {}
 
-    def _stats(self, ctx, x_in, h, probs, topk, keys) -> dict:
+    def _stats(self, ctx, x_in, h, probs, topk, keys, b, gram) -> dict:
         """Per-module sums over real tokens, normalised by ``ctx.token_count``."""
         spec = self.spec
         w = ctx.token_mask / ctx.token_count
@@ -160,18 +199,22 @@ class MoLoRALinear(Linear):
             stats |= {"topk": topk, "codes": h[rows, ctx.probe].astype(jnp.float32),
                       "router_entropy": -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)}
         if spec.contrastive:
-            per_token = self._contrastive(x_in, h, topk, keys)
+            per_token = self._contrastive(x_in, h, topk, keys, b, gram)
             anchors = spec.top_k if spec.anchor == "all" else 1
             stats["contrastive"] = jnp.sum(w * per_token)
             stats["mi_gap"] = jnp.sum(w * ops.mi_gap_estimate(per_token / anchors, spec.negatives_per_anchor))
         return stats
 
-    def _contrastive(self, x_in, h, topk, keys) -> jax.Array:
-        """Per-token contrastive loss ``[B, T]`` in the configured form and anchor mode."""
+    def _contrastive(self, x_in, h, topk, keys, b, gram) -> jax.Array:
+        """Per-token contrastive loss ``[B, T]`` in the configured form and anchor mode.
+
+        The expert representations are the experts' updates ``B_i A_i x`` (DoRA: with the
+        magnitude scale folded into ``b``).
+        """
         spec = self.spec
-        a, b = self.lora_a[...], self.lora_b[...]
+        a = self.lora_a[...]
         if not spec.contrastive_grad:
-            x_in, h, a, b = (jax.lax.stop_gradient(v) for v in (x_in, h, a, b))
+            x_in, h, a, b, gram = (jax.lax.stop_gradient(v) for v in (x_in, h, a, b, gram))
         anchor_key, negative_key = keys
         if anchor_key is None:  # deterministic evaluation: the top-1 expert is the anchor
             slot = jnp.zeros(topk.shape[:-1], jnp.int32)
@@ -187,7 +230,6 @@ class MoLoRALinear(Linear):
             if spec.anchor == "all":
                 return ops.contrastive_loss_all_anchors(e, topk, **kw)
             return ops.contrastive_loss(e, topk, slot, **kw)
-        gram = ops.gram_matrix(b)
         if spec.anchor == "all":
             return ops.contrastive_loss_gram_all_anchors(h, gram, topk, **kw)
         return ops.contrastive_loss_gram(h, gram, topk, slot, **kw)

@@ -25,6 +25,21 @@ SPLITS = ("train", "validation", "test")
 EVAL_MODES = ("label", "loglik", "generate")
 SOURCE_FORMATS = ("jsonl", "llm_adapters", "bigbench", "hf")
 MODEL_ALIASES = ("smollm2-135m", "random")
+# adapter.method -> what it is. Single-expert methods have no router; soft-routed ones weight every expert.
+METHODS = {
+    "comoe-lora": "top-k LoRA experts + the contrastive term (the paper)",
+    "comoe-dora": "top-k DoRA experts + the contrastive term",
+    "lora": "one LoRA expert, no router",
+    "dora": "one DoRA expert (peft's numerics), no router",
+    "mixlora": "top-k LoRA experts + the Switch/Mixtral load-balance loss (MixLoRA)",
+    "moe-soft": "every LoRA expert weighted by the router softmax (soft-routed MoE-LoRA)",
+    "omoe": "soft routing + Gram-Schmidt-orthogonalised expert outputs (OMoE)",
+}
+SINGLE_EXPERT_METHODS = ("lora", "dora")
+SOFT_ROUTED_METHODS = ("moe-soft", "omoe")
+DORA_METHODS = ("dora", "comoe-dora")
+# What `adapter.method=<m>` sets (later overrides win): the auxiliary terms each method uses by default.
+_AUX = {"comoe-lora": (0.01, 0.0), "comoe-dora": (0.01, 0.0), "mixlora": (0.0, 0.01)}
 
 
 class ConfigError(ValueError):
@@ -53,7 +68,12 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    num_experts: int = _f(4, "n, LoRA experts per adapted layer. 1 = plain LoRA (no router).")
+    method: str = _f("comoe-lora", "Fine-tuning method: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items())
+                     + ". Setting it on the command line also sets the method's defaults (lora/dora: "
+                     "num_experts=1; comoe-*: contrastive_weight 0.01; mixlora: load_balance_weight 0.01; "
+                     "others 0), which later overrides may change: auxiliary terms compose with any routed "
+                     "method.")
+    num_experts: int = _f(4, "n, LoRA experts per adapted layer (1 for the single-expert methods lora and dora).")
     top_k: int = _f(2, "k, experts activated per token (renormalised weights).")
     rank: int = _f(16, "r, LoRA rank of every expert.")
     alpha: float = _f(32.0, "LoRA alpha; the adapter output is scaled by alpha / rank.")
@@ -114,6 +134,7 @@ class DataConfig:
 class EvalConfig:
     sources: tuple = _f(("mix",), "Evaluation sources (same forms as data.train), read at split eval.split.")
     split: str = _f("test", "Split of the evaluation sources: train | validation | test.")
+    tasks: tuple = _f((), "Only these tasks of the evaluation sources (empty = all); single-task runs use it.")
     mode: str = _f("label", "label: logits of the option labels at the answer position (MoE-PEFT's restricted-label "
                    "scoring) | loglik: length-normalised log-likelihood of each option | generate: greedy "
                    "generation with a KV cache and answer extraction (LLM-Adapters style).")
@@ -257,11 +278,41 @@ def _freeze(value):
     return value
 
 
+def set_method(cfg: Config, method: str) -> Config:
+    """Switch ``cfg`` to ``method`` (a key of ``METHODS``) with that method's defaults, in place.
+
+    Single-expert methods get ``num_experts = top_k = 1``; a routed method on a single-expert
+    config gets the paper's 4 experts, top-2; the contrastive and load-balance weights
+    become the method's defaults (``_AUX``).
+    """
+    _require(method in METHODS, "adapter.method", method, f"one of {', '.join(METHODS)}")
+    a = cfg.adapter
+    a.method = method
+    if method in SINGLE_EXPERT_METHODS:
+        a.num_experts, a.top_k = 1, 1
+    elif a.num_experts == 1:
+        a.num_experts, a.top_k = 4, 2
+    cfg.loss.contrastive_weight, cfg.loss.load_balance_weight = _AUX.get(method, (0.0, 0.0))
+    return cfg
+
+
+def _is_method(item: str) -> bool:
+    return item.removeprefix("--").startswith("adapter.method=")
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``section.key=value`` strings (``--`` prefix optional) to ``cfg`` in place."""
+    """Apply ``section.key=value`` strings (``--`` prefix optional) to ``cfg`` in place.
+
+    ``adapter.method=<m>`` is applied first (with :func:`set_method`), so the other
+    overrides refine the method's defaults whatever their order.
+    """
     keys = all_keys(cfg)
+    overrides = sorted(overrides, key=lambda item: not _is_method(item))
     for item in overrides:
         item = item[2:] if item.startswith("--") else item
+        if item.startswith("adapter.method="):
+            set_method(cfg, item.split("=", 1)[1])
+            continue
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, text = item.split("=", 1)
@@ -321,7 +372,15 @@ def validate(cfg: Config) -> Config:
                  f"{', '.join(MODEL_ALIASES)}")
     _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
     _require(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {', '.join(DTYPES)}")
-    _require(a.num_experts >= 1, "adapter.num_experts", a.num_experts, "at least 1 (1 = plain LoRA)")
+    _require(a.method in METHODS, "adapter.method", a.method, f"one of {', '.join(METHODS)}")
+    if a.method in SINGLE_EXPERT_METHODS:
+        _require(a.num_experts == 1, "adapter.num_experts", a.num_experts,
+                 f"1 for adapter.method={a.method} (one expert, no router); adapter.method={a.method} on the "
+                 "command line sets it")
+    else:
+        _require(a.num_experts >= 2, "adapter.num_experts", a.num_experts,
+                 f">= 2 for the routed method adapter.method={a.method}; use adapter.method=lora or dora "
+                 "for a single expert")
     _require(1 <= a.top_k <= a.num_experts, "adapter.top_k", a.top_k, f"1 <= top_k <= num_experts ({a.num_experts})")
     _require(a.rank > 0, "adapter.rank", a.rank, "a positive integer")
     _require(a.alpha > 0, "adapter.alpha", a.alpha, "a positive number")

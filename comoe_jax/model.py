@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from comoe_jax.adapters import ForwardContext, Frozen, Linear, MoESpec, MoLoRALinear
@@ -360,6 +361,18 @@ def stack(per_layer: dict, template_names, groups: tuple[range, ...], stack_fn=N
         sources = stacked_sources(name, groups)
         out[name] = per_layer[name] if sources is None else stack_fn([per_layer[s] for s in sources])
     return out
+
+
+def trainable_parameters(model: CausalLM) -> dict[str, int]:
+    """Exact trainable parameter counts by kind (lora_a, lora_b, router, magnitude) and ``total``.
+
+    Works on an abstract model (``nnx.eval_shape``) too: only shapes are read.
+    """
+    counts: dict[str, int] = {}
+    for name, value in flat_values(nnx.state(model, nnx.Param)).items():
+        kind = name.rsplit(".", 1)[-1]
+        counts[kind] = counts.get(kind, 0) + int(np.prod(value.shape))
+    return counts | {"total": sum(counts.values())}
 
 
 def split_model(model: CausalLM):

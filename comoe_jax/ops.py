@@ -97,6 +97,59 @@ def gram_matrix(b: jax.Array) -> jax.Array:
     return jnp.einsum("ipd,jqd->ijpq", b, b)
 
 
+def soft_route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Soft routing (the OMoE baseline): every expert weighted by its softmax probability.
+
+    ``[..., n] -> weights [..., n]`` float32 (sum 1, none zero) and the ``k`` most probable
+    experts ``[..., k]``, which count as "activated" for statistics and auxiliary terms.
+    """
+    probs = router_probs(router_logits)
+    return probs, jax.lax.top_k(probs, k)[1]
+
+
+def dora_column_scale(kernel: jax.Array, a: jax.Array, b: jax.Array, scaling: float,
+                      magnitude: jax.Array) -> jax.Array:
+    """DoRA's ``m / ||W0 + s B_i A_i||`` per expert and output unit, the norm detached (as peft does).
+
+    ``kernel [d_in, d_out], a [n, d_in, r], b [n, r, d_out], magnitude [n, d_out] -> [n, d_out]``
+    float32. The norm of each output unit runs over the input axis (peft's ``dim=1`` of
+    torch's ``[d_out, d_in]`` weight).
+    """
+    w = _at_least_f32(kernel)[None] + scaling * jnp.einsum("nir,nro->nio", _at_least_f32(a), _at_least_f32(b))
+    norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=-2)))
+    return magnitude / norm
+
+
+def expert_gram(h: jax.Array, gram: jax.Array) -> jax.Array:
+    """Per-token dot products of the expert outputs, ``M[i, j] = E_i . E_j = h_i^T G[i, j] h_j``.
+
+    ``h [..., n, r], gram [n, n, r, r] -> [..., n, n]``.
+    """
+    h = _at_least_f32(h)
+    return jnp.einsum("...ip,ijpq,...jq->...ij", h, gram, h)
+
+
+def gram_schmidt_weights(h: jax.Array, gram: jax.Array, weights: jax.Array, ridge: float = 1e-5) -> jax.Array:
+    """Router weights that mix Gram-Schmidt-orthogonalised expert outputs (OMoE's constraint).
+
+    Gram-Schmidt in expert order turns the outputs ``E_i`` into orthogonal ``O_i`` (the part
+    of ``E_i`` orthogonal to ``E_1..E_{i-1}``, not renormalised). With the Cholesky
+    factor ``L`` of the outputs' Gram matrix, ``O = E L^{-T} diag(L)``, so
+    ``sum_i g_i O_i = sum_j g'_j E_j`` with ``g' = L^{-T} (diag(L) g)``: the orthogonalised
+    mixture is the ordinary one with these weights, from rank-r codes only. A ridge
+    ``ridge * mean diag(M) + 1e-10`` keeps zero or dependent outputs (B = 0 at step 0) finite;
+    with all outputs zero, ``g' = g``.
+
+    ``h [..., n, r], gram [n, n, r, r], weights [..., n] -> [..., n]`` float32.
+    """
+    m = expert_gram(h, gram)
+    n = m.shape[-1]
+    floor = ridge * jnp.mean(jnp.diagonal(m, axis1=-2, axis2=-1), axis=-1)[..., None, None] + 1e-10
+    chol = jnp.linalg.cholesky(m + floor * jnp.eye(n, dtype=m.dtype))
+    v = jnp.diagonal(chol, axis1=-2, axis2=-1) * weights.astype(m.dtype)
+    return jax.scipy.linalg.solve_triangular(chol, v[..., None], lower=True, trans=1)[..., 0]
+
+
 # --------------------------------------------------------------------------- contrastive term
 
 

@@ -13,8 +13,9 @@ from comoe_jax.evaluate import EvalResult, comparison_markdown, evaluate
 
 
 def evaluation_examples(cfg: Config) -> list[Example]:
-    """The evaluation items of ``cfg``: every task of ``eval.sources`` at ``eval.split``."""
-    return load_sources(cfg.eval.sources, cfg.eval.split, seed=cfg.train.seed, max_per_task=cfg.eval.max_per_task)
+    """The evaluation items of ``cfg``: the tasks ``eval.tasks`` (default all) of ``eval.sources`` at ``eval.split``."""
+    return load_sources(cfg.eval.sources, cfg.eval.split, seed=cfg.train.seed, tasks=cfg.eval.tasks,
+                        max_per_task=cfg.eval.max_per_task, tasks_key="eval.tasks")
 
 
 def evaluate_and_save(cfg: Config, model, tokenizer, examples: list[Example], stem: Path) -> EvalResult:

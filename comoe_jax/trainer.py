@@ -23,7 +23,7 @@ from comoe_jax.config import Config, ConfigError, validate
 from comoe_jax.data import BATCH_ARRAYS, TrainStream, check_tokenizer, load_sources, tokenize
 from comoe_jax.evaluate import EvalResult, load_eval
 from comoe_jax.loading import build_model, load_tokenizer
-from comoe_jax.model import flat_values, split_model, state_from_flat
+from comoe_jax.model import flat_values, split_model, state_from_flat, trainable_parameters
 from comoe_jax.progress import Progress, plot_run
 from comoe_jax.report import (
     analyse_and_save,
@@ -134,9 +134,13 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     batches = training_stream(cfg, tokenizer, say)
     model = build_model(cfg, mesh, rules)
     graphdef, adapters, frozen_state = split_model(model)
-    trainable = sum(int(np.prod(v.shape)) for v in flat_values(adapters).values())
-    say(f"model {cfg.model.path}: {model.spec.num_layers} layers, {model.num_adapters} adapted modules, "
-        f"{trainable:,} trainable parameters; mesh {dict(mesh.shape)} over {mesh.devices.size} devices")
+    counts = trainable_parameters(model)
+    if jax.process_index() == 0:
+        (out / "parameters.json").write_text(json.dumps(counts, indent=1))
+    say(f"model {cfg.model.path}: {model.spec.num_layers} layers, {model.num_adapters} adapted modules "
+        f"({cfg.adapter.method}), {counts['total']:,} trainable parameters "
+        f"({', '.join(f'{k} {v:,}' for k, v in counts.items() if k != 'total')}); "
+        f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices")
     step_fn = TrainStep(cfg, graphdef, adapters, frozen_state, mesh, rules)
     if resume_from is None:
         state = step_fn.init_state(flat_values(adapters))

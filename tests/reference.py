@@ -94,3 +94,51 @@ def load_balance(probs, topk, mask):
             f[i] += (i in list(topk[t])) / len(real)
             p[i] += probs[t, i] / len(real)
     return n * float(np.sum(f * p))
+
+
+def gram_schmidt(vectors):
+    """Classical Gram-Schmidt in order, without renormalising: O_i = E_i - sum_{j<i} proj_{O_j} E_i."""
+    out = []
+    for v in vectors:
+        o = np.asarray(v, np.float64).copy()
+        for u in out:
+            o = o - (float(np.asarray(v, np.float64) @ u) / float(u @ u)) * u
+        out.append(o)
+    return out
+
+
+def dora_scale(w0, a_math, b_math, scale, magnitude):
+    """m / ||W0 + s B A|| per output row (peft's DoRA). w0 [d_out, d_in] -> [d_out]."""
+    w = np.asarray(w0, np.float64) + scale * np.asarray(b_math, np.float64) @ np.asarray(a_math, np.float64)
+    return np.array([magnitude[o] / np.linalg.norm(w[o]) for o in range(w.shape[0])])
+
+
+def adapter_layer(x, w0, a_math, b_math, router, k, scale, *, routing="topk", magnitude=None, orthogonal=False):
+    """Every method's layer for tokens x [T, d_in] (no dropout): W0 x + scale * sum_i g_i E'_i(x).
+
+    routing: topk | soft | none (one expert, weight 1). DoRA experts (magnitude [n, d_out]) give
+    E'_i = (c_i - 1) W0 x / scale + c_i B_i A_i x; OMoE orthogonalises the LoRA outputs first.
+    """
+    x = np.asarray(x, np.float64)
+    n = len(a_math)
+    out = []
+    for t in range(x.shape[0]):
+        base = np.asarray(w0, np.float64) @ x[t]
+        if routing == "none":
+            g = np.ones(1)
+        elif routing == "soft":
+            g = softmax(np.asarray(router, np.float64) @ x[t])
+        else:
+            g = topk_route((np.asarray(router, np.float64) @ x[t])[None], k)[0][0]
+        e = [expert_output(x[t], a_math[i], b_math[i]) for i in range(n)]
+        if orthogonal:
+            e = gram_schmidt(e)
+        y = base.copy()
+        for i in range(n):
+            if magnitude is None:
+                y = y + scale * g[i] * e[i]
+            else:
+                c = dora_scale(w0, a_math[i], b_math[i], scale, magnitude[i])
+                y = y + g[i] * ((c - 1) * base + c * scale * e[i])
+        out.append(y)
+    return np.stack(out)

@@ -122,7 +122,7 @@ class PlacementTest(parameterized.TestCase):
     def test_plain_lora_has_no_router(self):
         cfg = Config()
         cfg.model.path = "random"
-        cfg.adapter = AdapterConfig(num_experts=1, top_k=1, rank=4)
+        cfg.adapter = AdapterConfig(method="lora", num_experts=1, top_k=1, rank=4)
         cfg.loss.contrastive_weight = 0.0
         _, adapters, _ = split_model(build_model(cfg))
         assert not any(k.endswith("router") for k in flat_values(adapters))

@@ -1,9 +1,10 @@
-"""The command-line entry points on tiny runs: sweep.py, evaluate.py, analyze.py, train.py."""
+"""The command-line entry points on tiny runs: sweep.py, compare.py, evaluate.py, analyze.py, train.py."""
 
 import json
 from pathlib import Path
 
 import analyze
+import compare
 import evaluate
 import sweep
 import train
@@ -38,6 +39,23 @@ def test_sweep_evaluate_and_analyze_on_tiny_runs(tmp_path, capsys):
         assert (compare / name).exists(), name
     rows = json.loads((compare / "compare.json").read_text())
     assert [r["lambda"] for r in rows] == [0.0, 0.01]
+
+
+def test_compare_runs_every_method_in_st_and_mt_and_writes_table_1(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = TINY + ["--methods", "lora,mixlora", "--tasks", "add", "--out", str(out)] + FAST
+    assert compare.main(args) == 0
+    table = (out / "table.md").read_text()
+    assert "| Method | Params | add | Avg | ST Avg | MT - ST | MI bits |" in table
+    assert "| Method | add | Avg |" in table
+    rows = {r["method"]: r for r in json.loads((out / "table.json").read_text())["table"]}
+    assert rows["lora"]["params"] < rows["mixlora"]["params"]  # routers counted
+    lora = rows["lora"]
+    assert abs(lora["mt_minus_st"] - (lora["mt"]["add"] - lora["st"]["add"])) < 1e-9
+    st_eval = json.loads((out / "lora" / "st-add" / "seed0" / "eval_after.json").read_text())
+    assert list(st_eval["per_task"]) == ["add"]  # single-task runs are evaluated on their task only
+    assert compare.main(TINY + ["--methods", "lora,adalora"]) == 2
+    assert "'adalora' is not a method" in capsys.readouterr().err
 
 
 def test_entry_points_refuse_bad_input_with_a_message(tmp_path, capsys):

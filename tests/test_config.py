@@ -46,6 +46,11 @@ def _cfg(*overrides):
     (["eval.split=dev"], r"eval\.split='dev' is not allowed: one of train, validation, test"),
     (["mesh.tensor=0"], r"mesh\.tensor=0 is not allowed"),
     (["optim.grad_accum_steps=0"], r"optim\.grad_accum_steps=0 is not allowed: >= 1"),
+    (["adapter.method=adalora"], r"adapter\.method='adalora' is not allowed: one of comoe-lora, comoe-dora, lora"),
+    (["adapter.method=lora", "adapter.num_experts=4"], r"adapter\.num_experts=4 is not allowed: 1 for adapter"),
+    (["adapter.method=mixlora", "adapter.num_experts=1", "adapter.top_k=1"],
+     r"adapter\.num_experts=1 is not allowed: >= 2 for the routed method adapter\.method=mixlora"),
+    (["adapter.method=dora", "loss.contrastive_weight=0.01"], r"adapter\.num_experts=1 is not allowed: .*n >= 3"),
 ])
 def test_refusals_name_key_and_allowed_values(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -53,8 +58,19 @@ def test_refusals_name_key_and_allowed_values(overrides, message):
 
 
 def test_plain_lora_and_lambda_zero_are_valid():
-    validate(_cfg("adapter.num_experts=1", "adapter.top_k=1", "loss.contrastive_weight=0"))
+    validate(_cfg("adapter.method=lora"))
     validate(_cfg("adapter.top_k=4", "loss.contrastive_weight=0"))  # soft routing over all experts
+
+
+def test_method_switch_sets_the_methods_defaults_and_later_overrides_win():
+    cfg = _cfg("loss.load_balance_weight=0.05", "adapter.method=mixlora")  # method applied first
+    assert (cfg.adapter.num_experts, cfg.loss.contrastive_weight, cfg.loss.load_balance_weight) == (4, 0.0, 0.05)
+    cfg = _cfg("adapter.method=dora")
+    assert (cfg.adapter.num_experts, cfg.adapter.top_k, cfg.loss.contrastive_weight) == (1, 1, 0.0)
+    validate(cfg)
+    cfg = _cfg("adapter.method=lora", "adapter.method=comoe-dora")  # back to the paper's 4 experts, top-2
+    assert (cfg.adapter.num_experts, cfg.adapter.top_k, cfg.loss.contrastive_weight) == (4, 2, 0.01)
+    validate(_cfg("adapter.method=omoe", "loss.contrastive_weight=0.01"))  # auxiliary terms compose
 
 
 def test_layer_range_out_of_bounds_is_refused_with_the_model_depth():

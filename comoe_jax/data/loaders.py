@@ -252,14 +252,15 @@ def load_hf_dataset(path: Path, split: str) -> list[Example]:
     return _checked(examples, Path(path))
 
 
-def load_sources(specs, split: str, *, seed: int = 0, tasks=(), max_per_task: int = 0) -> list[Example]:
+def load_sources(specs, split: str, *, seed: int = 0, tasks=(), max_per_task: int = 0,
+                 tasks_key: str = "data.tasks") -> list[Example]:
     """Examples of several sources for ``split``, optionally only ``tasks`` and at most ``max_per_task`` each."""
     examples = [ex for spec in specs for ex in load_source(spec, split, seed=seed)]
     if tasks:
         found = {ex.task for ex in examples}
         missing = [t for t in tasks if t not in found]
         if missing:
-            raise DataError(f"data.tasks names {', '.join(missing)}, not found in {', '.join(specs)} ({split}); "
+            raise DataError(f"{tasks_key} names {', '.join(missing)}, not found in {', '.join(specs)} ({split}); "
                             f"tasks there: {', '.join(sorted(found))}")
         examples = [ex for ex in examples if ex.task in tasks]
     if max_per_task:

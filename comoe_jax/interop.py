@@ -1,0 +1,164 @@
+"""Adapters in and out: Hugging Face peft's LoRA / DoRA format, and inference from a saved adapter.
+
+peft layout (what ``PeftModel.from_pretrained`` reads), for layer i and projection p:
+``base_model.model.model.layers.<i>.<self_attn|mlp>.<p>.lora_A.weight [r, d_in]``,
+``...lora_B.weight [d_out, r]`` and, for DoRA, ``...lora_magnitude_vector [d_out]``;
+our arrays are their transposes (``y = x @ W``). Mixture adapters have no peft
+equivalent; they use comoe-jax's own safetensors layout (``checkpoint.save_adapters``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from comoe_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, load_adapters, set_adapters
+from comoe_jax.config import TARGET_MODULES, AdapterConfig, Config, LossConfig
+from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, unstack
+
+PEFT_PREFIX = "base_model.model."
+# Our per-layer leaf -> (peft suffix, transpose?)
+_PEFT_LEAVES = {"lora_a": ("lora_A.weight", True), "lora_b": ("lora_B.weight", True),
+                "magnitude": ("lora_magnitude_vector", False)}
+# peft adapter_config.json fields we cannot represent, with the value we need.
+_PEFT_REQUIRED = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                  "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "modules_to_save": None,
+                  "layer_replication": None}
+
+
+class AdapterFormatError(ValueError):
+    """An adapter folder that cannot be read; the message names the file and the field."""
+
+
+def _block(proj: str) -> str:
+    return "self_attn" if proj in ATTENTION_PROJECTIONS else "mlp"
+
+
+def export_peft(model, cfg: Config, directory: str | Path) -> Path:
+    """Write a single-expert (lora / dora) model's adapters in peft's format.
+
+    ``PeftModel.from_pretrained(LlamaForCausalLM(...), directory)`` then gives the same logits.
+    """
+    from safetensors.numpy import save_file
+
+    a = cfg.adapter
+    if a.num_experts != 1:
+        raise ValueError(f"adapter.method={a.method} has {a.num_experts} experts: peft's format holds one LoRA / "
+                         "DoRA per layer; mixtures export with comoe_jax.checkpoint.save_adapters")
+    per_layer = unstack({k: np.asarray(v) for k, v in flat_values(split_model(model)[1]).items()}, model.groups)
+    tensors = {}
+    for name, value in per_layer.items():
+        module, leaf = name.rsplit(".", 1)
+        suffix, transpose = _PEFT_LEAVES[leaf]
+        value = value[0]  # the single expert
+        tensors[f"{PEFT_PREFIX}model.{module}.{suffix}"] = np.ascontiguousarray(value.T if transpose else value)
+    layers = sorted(int(k.split(".")[1]) for k in per_layer if k.endswith(".lora_a"))
+    peft_config = _PEFT_REQUIRED | {
+        "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.model.path, "r": a.rank, "lora_alpha": a.alpha,
+        "lora_dropout": a.dropout, "target_modules": sorted(a.target_modules), "use_dora": a.method == "dora",
+        "layers_to_transform": sorted(set(layers)), "init_lora_weights": True, "inference_mode": True,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
+    return directory
+
+
+def _peft_fields(path: Path, meta: dict, num_layers: int) -> AdapterConfig:
+    for key, want in _PEFT_REQUIRED.items():
+        if key in meta and meta[key] not in (want, None) and not (want == {} and not meta[key]):
+            raise AdapterFormatError(f"{path}: field {key!r} is {meta[key]!r}; comoe-jax reads only {want!r}")
+    targets = meta.get("target_modules")
+    if isinstance(targets, str) or not targets or any(t not in TARGET_MODULES for t in targets):
+        raise AdapterFormatError(f"{path}: field 'target_modules' is {targets!r}; give a list of "
+                                 f"{' '.join(TARGET_MODULES)}")
+    layers = meta.get("layers_to_transform")
+    layers = list(range(num_layers)) if layers is None else ([layers] if isinstance(layers, int) else layers)
+    if layers != list(range(min(layers), max(layers) + 1)) or max(layers) >= num_layers:
+        raise AdapterFormatError(f"{path}: field 'layers_to_transform' is {layers!r}; comoe-jax needs a contiguous "
+                                 f"range of layers below {num_layers}")
+    method = "dora" if meta.get("use_dora") else "lora"
+    return AdapterConfig(method=method, num_experts=1, top_k=1, rank=int(meta["r"]), alpha=float(meta["lora_alpha"]),
+                         dropout=float(meta.get("lora_dropout", 0.0)), target_modules=tuple(targets),
+                         layers=f"{min(layers)}:{max(layers) + 1}")
+
+
+def read_peft(directory: str | Path, num_layers: int) -> tuple[AdapterConfig, dict[str, np.ndarray]]:
+    """(AdapterConfig, per-layer arrays in our layout) from a peft LoRA / DoRA folder."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    path = directory / ADAPTER_CONFIG
+    meta = json.loads(path.read_text())
+    adapter = _peft_fields(path, meta, num_layers)
+    ours = {suffix: (leaf, transpose) for leaf, (suffix, transpose) in _PEFT_LEAVES.items()}
+    per_layer = {}
+    for key, value in load_file(str(directory / ADAPTER_WEIGHTS)).items():
+        module, _, suffix = key.removeprefix(PEFT_PREFIX + "model.").partition(".lora_")
+        suffix = "lora_" + suffix
+        if not key.startswith(PEFT_PREFIX) or suffix not in ours:
+            raise AdapterFormatError(f"{directory / ADAPTER_WEIGHTS}: tensor {key!r} is not a LoRA / DoRA weight "
+                                     "of a Llama projection")
+        leaf, transpose = ours[suffix]
+        per_layer[f"{module}.{leaf}"] = (value.T if transpose else value)[None].astype(np.float32)
+    return adapter, per_layer
+
+
+def adapter_format(directory: str | Path) -> str:
+    """``'comoe'`` or ``'peft'``, from the folder's adapter_config.json."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.exists():
+        raise AdapterFormatError(f"{path} does not exist: not an adapter folder")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if meta.get("format") == FORMAT:
+        return "comoe"
+    if meta.get("peft_type") == "LORA":
+        return "peft"
+    raise AdapterFormatError(f"{path}: neither comoe-jax ('format': {FORMAT!r}) nor peft LoRA ('peft_type': 'LORA')")
+
+
+def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str = "float32", mesh=None, rules=None):
+    """Inference entry point: (model, tokenizer) with a saved adapter on its base model.
+
+    ``directory`` is a comoe-jax adapter folder (``<run>/adapter``, any method) or a peft
+    LoRA / DoRA folder; ``base`` overrides the base model path recorded there. The model
+    runs without any training code: ``model(ids)``, ``comoe_jax.evaluate``,
+    ``comoe_jax.generate.greedy_generate`` / :func:`generate_text`.
+    """
+    from comoe_jax.loading import from_pretrained, load_tokenizer, model_spec  # noqa: PLC0415
+
+    kind = adapter_format(directory)
+    meta = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
+    base = base or (meta.get("base_model") if kind == "comoe" else meta.get("base_model_name_or_path"))
+    if not base:
+        raise AdapterFormatError(f"{Path(directory) / ADAPTER_CONFIG}: no base model recorded; pass base=")
+    if kind == "comoe":
+        adapter, loss = AdapterConfig(**_tuples(meta["adapter"])), LossConfig(**meta["loss"])
+        tensors, _ = load_adapters(directory)
+    else:
+        adapter, tensors = read_peft(directory, model_spec(base).num_layers)
+        loss = LossConfig(contrastive_weight=0.0)
+    model = from_pretrained(base, adapter=adapter, loss=loss, dtype=dtype, mesh=mesh, rules=rules)
+    set_adapters(model, tensors)
+    return model, load_tokenizer(base)
+
+
+def _tuples(adapter: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in adapter.items()}
+
+
+def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
+    """Greedy completions of text prompts with the KV cache (the prompt is not repeated)."""
+    from comoe_jax.generate import greedy_generate  # noqa: PLC0415
+
+    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=pad,
+                          batch_size=batch_size)
+    return [tokenizer.decode(seq, skip_special_tokens=True) for seq in out]

@@ -1,0 +1,141 @@
+"""Comparison runner: every method in single-task (ST) and multi-task (MT) settings, the paper's Table 1.
+
+    python compare.py                                    # all methods, ST + MT, 1 seed, CPU-sized
+    python compare.py --methods lora,comoe-lora --seeds 0,1,2 train.steps=300 eval.max_per_task=0
+
+For each method (``adapter.method``) and seed: one MT run trained on every task of the
+training sources, and one ST run per task trained and evaluated on that task alone. Each
+run is a normal run folder under ``<out>/<method>/<setting>/seed<s>/``; finished runs are
+reused, so an interrupted comparison continues. Writes ``<out>/table.md`` (accuracy per task,
+average, ST average, MT - ST, trainable parameters, MI(task; expert set); medians over seeds)
+and ``<out>/table.json``.
+
+The defaults fit this repository's 2-core CPU (SmolLM2-135M, short runs, 20 test items per
+task). On a GPU or TPU, raise ``train.steps`` (the paper trains 2-3 epochs), ``train.batch_size``,
+``data.seq_len`` (512), set ``eval.max_per_task=0`` (every test item), ``--seeds 0,1,2,3,4``
+(the paper's median of five), ``model.dtype=bfloat16``, and point ``model.path`` at a larger
+Llama (e.g. a LLaMA-2 7B folder) with ``mesh.fsdp`` / ``mesh.data`` for the slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+from comoe_jax.config import METHODS, ConfigError, apply_overrides, load_config_file, validate
+from comoe_jax.experiments import median, run_or_reuse
+
+# What this CPU can do in about an hour for all methods (overridable on the command line).
+CPU_DEFAULTS = ["train.steps=20", "train.save_every=20", "train.log_every=5", "eval.max_per_task=20",
+                "eval.before_training=false"]
+LABELS = {"comoe-lora": "CoMoE-LoRA", "comoe-dora": "CoMoE-DoRA", "lora": "LoRA", "dora": "DoRA",
+          "mixlora": "MixLoRA", "moe-soft": "MoE-LoRA (soft)", "omoe": "OMoE-LoRA"}
+
+
+def plan(base, methods: list[str], seeds: list[int], tasks: list[str], out: Path) -> list[tuple[dict, object]]:
+    """Every (cell, validated config) of the comparison; a bad method or override fails before any training."""
+    cells = []
+    for method in methods:
+        for seed in seeds:
+            for setting in ["mt"] + [f"st-{t}" for t in tasks]:
+                cfg = apply_overrides(copy.deepcopy(base), [f"adapter.method={method}", f"train.seed={seed}"])
+                if setting != "mt":
+                    cfg.data.tasks = cfg.eval.tasks = (setting[3:],)
+                cfg.train.output_dir = str(out / method / setting / f"seed{seed}")
+                cells.append(({"method": method, "setting": setting, "seed": seed}, validate(cfg)))
+    return cells
+
+
+def table(rows: list[dict], methods: list[str], tasks: list[str], base_params: int) -> tuple[str, list[dict]]:
+    """Markdown shaped like the paper's Table 1, and its rows (medians over seeds)."""
+    out, mt_lines, st_lines = [], [], []
+    for method in methods:
+        mine = [r for r in rows if r["cell"]["method"] == method]
+        mt = [r for r in mine if r["cell"]["setting"] == "mt"]
+        mt_acc = {t: median(r["accuracy"].get(t, float("nan")) for r in mt) for t in tasks}
+        st_acc = {t: median(r["accuracy"].get(t, float("nan")) for r in mine if r["cell"]["setting"] == f"st-{t}")
+                  for t in tasks}
+        mt_avg, st_avg = sum(mt_acc.values()) / len(tasks), sum(st_acc.values()) / len(tasks)
+        params = mt[0]["params"] if mt else 0
+        row = {"method": method, "params": params, "mt": mt_acc, "mt_average": mt_avg, "st": st_acc,
+               "st_average": st_avg, "mt_minus_st": mt_avg - st_avg, "mi_bits": median(r["mi_bits"] for r in mt),
+               "seeds": len(mt)}
+        out.append(row)
+        pct = f" ({100 * params / base_params:.2f}%)" if base_params else ""
+        cells = " | ".join(f"{100 * mt_acc[t]:.1f}" for t in tasks)
+        mi = "-" if row["mi_bits"] != row["mi_bits"] else f"{row['mi_bits']:.3f}"
+        mt_lines.append(f"| {LABELS[method]} | {params / 1e6:.2f}M{pct} | {cells} | **{100 * mt_avg:.1f}** | "
+                        f"{100 * st_avg:.1f} | {100 * row['mt_minus_st']:+.1f} | {mi} |")
+        st_lines.append(f"| {LABELS[method]} | " + " | ".join(f"{100 * st_acc[t]:.1f}" for t in tasks)
+                        + f" | **{100 * st_avg:.1f}** |")
+    head = " | ".join(tasks)
+    markdown = (
+        "### Multi-task (MT): one adapter trained on all tasks\n\n"
+        f"| Method | Params | {head} | Avg | ST Avg | MT - ST | MI bits |\n|" + " --- |" * (len(tasks) + 6) + "\n"
+        + "\n".join(mt_lines)
+        + "\n\n### Single-task (ST): one adapter per task\n\n"
+        f"| Method | {head} | Avg |\n|" + " --- |" * (len(tasks) + 2) + "\n" + "\n".join(st_lines) + "\n"
+    )
+    return markdown, out
+
+
+def base_parameters(cfg) -> int:
+    from flax import nnx
+
+    from comoe_jax.adapters import Frozen
+    from comoe_jax.loading import model_factory
+    from comoe_jax.model import flat_values
+
+    abstract = nnx.eval_shape(model_factory(cfg.model, None, None, 0))
+    return sum(int(v.size) for v in flat_values(nnx.state(abstract, Frozen)).values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.py")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives medians")
+    parser.add_argument("--tasks", default="", help="ST tasks (default: every task of the training sources)")
+    parser.add_argument("--out", default="runs/compare")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        methods = [m for m in args.methods.split(",") if m]
+        for m in methods:
+            if m not in METHODS:
+                raise ConfigError(f"--methods: {m!r} is not a method; choose from {', '.join(METHODS)}")
+        seeds = [int(s) for s in args.seeds.split(",")]
+        base = apply_overrides(load_config_file(args.config), CPU_DEFAULTS + overrides)
+        from comoe_jax.data import load_sources
+
+        tasks = [t for t in args.tasks.split(",") if t] or list(dict.fromkeys(
+            ex.task for ex in load_sources(base.data.train, "train", tasks=base.data.tasks)))
+        cells = plan(base, methods, seeds, tasks, Path(args.out))
+    except (ConfigError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    start, rows = time.perf_counter(), []
+    for i, (cell, cfg) in enumerate(cells, 1):
+        elapsed = time.perf_counter() - start
+        eta = "" if i == 1 else f", ETA {elapsed / (i - 1) * (len(cells) - i + 1) / 60:.0f} min"
+        print(f"=== run {i}/{len(cells)}: {cell} -> {cfg.train.output_dir} ({elapsed / 60:.0f} min elapsed{eta})",
+              flush=True)
+        rows.append({"cell": cell} | run_or_reuse(cfg))
+    minutes = (time.perf_counter() - start) / 60
+    markdown, aggregated = table(rows, methods, tasks, base_parameters(base))
+    out = Path(args.out)
+    title = (f"# Method comparison ({args.config}, {base.model.path}; seeds {args.seeds}, median; "
+             f"{base.train.steps} steps, batch {base.train.batch_size}, {base.eval.max_per_task or 'all'} test "
+             f"items per task, {base.eval.mode} scoring; {len(cells)} runs in {minutes:.0f} min)\n\n")
+    (out / "table.md").write_text(title + markdown)
+    (out / "table.json").write_text(json.dumps({"runs": rows, "table": aggregated, "minutes": minutes}, indent=1))
+    print(title + markdown + f"written to {out}/table.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
