@@ -30,7 +30,7 @@ from comoe_jax.config import METHODS, ConfigError, apply_overrides, load_config_
 from comoe_jax.experiments import median, run_or_reuse
 
 # What this CPU can do in about an hour for all methods (overridable on the command line).
-CPU_DEFAULTS = ["train.steps=20", "train.save_every=20", "train.log_every=5", "eval.max_per_task=20",
+CPU_DEFAULTS = ["train.steps=16", "train.save_every=16", "train.log_every=4", "eval.max_per_task=20",
                 "eval.before_training=false"]
 LABELS = {"comoe-lora": "CoMoE-LoRA", "comoe-dora": "CoMoE-DoRA", "lora": "LoRA", "dora": "DoRA",
           "mixlora": "MixLoRA", "moe-soft": "MoE-LoRA (soft)", "omoe": "OMoE-LoRA"}
@@ -50,9 +50,14 @@ def plan(base, methods: list[str], seeds: list[int], tasks: list[str], out: Path
     return cells
 
 
-def table(rows: list[dict], methods: list[str], tasks: list[str], base_params: int) -> tuple[str, list[dict]]:
+def table(rows: list[dict], methods: list[str], tasks: list[str], base_params: int,
+          base_accuracy: dict[str, float] | None = None) -> tuple[str, list[dict]]:
     """Markdown shaped like the paper's Table 1, and its rows (medians over seeds)."""
     out, mt_lines, st_lines = [], [], []
+    if base_accuracy:
+        cells = " | ".join(f"{100 * base_accuracy[t]:.1f}" for t in tasks)
+        avg = 100 * sum(base_accuracy[t] for t in tasks) / len(tasks)
+        mt_lines.append(f"| Base model (no fine-tuning) | 0 | {cells} | {avg:.1f} | - | - | - |")
     for method in methods:
         mine = [r for r in rows if r["cell"]["method"] == method]
         mt = [r for r in mine if r["cell"]["setting"] == "mt"]
@@ -83,6 +88,21 @@ def table(rows: list[dict], methods: list[str], tasks: list[str], base_params: i
     return markdown, out
 
 
+def base_model_accuracy(base, tasks: list[str], out: Path) -> dict[str, float]:
+    """Accuracy per task of the untrained base model (adapters at init equal it), evaluated once."""
+    from comoe_jax.evaluate import load_eval
+    from comoe_jax.loading import build_model, load_tokenizer
+    from comoe_jax.report import evaluate_and_save, evaluation_examples
+
+    stem = out / "base_model" / "eval"
+    if not stem.with_suffix(".json").exists():
+        cfg = apply_overrides(copy.deepcopy(base), ["adapter.method=lora"])
+        cfg.eval.tasks = tuple(tasks)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        evaluate_and_save(cfg, build_model(cfg), load_tokenizer(cfg.model.path), evaluation_examples(cfg), stem)
+    return {t: r["accuracy"] for t, r in load_eval(stem.with_suffix(".json")).per_task.items()}
+
+
 def base_parameters(cfg) -> int:
     from flax import nnx
 
@@ -101,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives medians")
     parser.add_argument("--tasks", default="", help="ST tasks (default: every task of the training sources)")
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--base-model", action=argparse.BooleanOptionalAction, default=True,
+                        help="also evaluate the untrained base model (a row of the table)")
     args, overrides = parser.parse_known_args(argv)
     try:
         methods = [m for m in args.methods.split(",") if m]
@@ -125,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== run {i}/{len(cells)}: {cell} -> {cfg.train.output_dir} ({elapsed / 60:.0f} min elapsed{eta})",
               flush=True)
         rows.append({"cell": cell} | run_or_reuse(cfg))
+    accuracy = base_model_accuracy(base, tasks, Path(args.out)) if args.base_model else None
     minutes = (time.perf_counter() - start) / 60
-    markdown, aggregated = table(rows, methods, tasks, base_parameters(base))
+    markdown, aggregated = table(rows, methods, tasks, base_parameters(base), accuracy)
     out = Path(args.out)
     title = (f"# Method comparison ({args.config}, {base.model.path}; seeds {args.seeds}, median; "
              f"{base.train.steps} steps, batch {base.train.batch_size}, {base.eval.max_per_task or 'all'} test "

@@ -113,10 +113,16 @@ def dora_column_scale(kernel: jax.Array, a: jax.Array, b: jax.Array, scaling: fl
 
     ``kernel [d_in, d_out], a [n, d_in, r], b [n, r, d_out], magnitude [n, d_out] -> [n, d_out]``
     float32. The norm of each output unit runs over the input axis (peft's ``dim=1`` of
-    torch's ``[d_out, d_in]`` weight).
+    torch's ``[d_out, d_in]`` weight). It is expanded as
+    ``||w0||^2 + 2 s (A^T w0) . b + s^2 b^T (A^T A) b`` per column, so the ``[n, d_in, d_out]``
+    adapted weights are never formed (the cost is one ``r x d_in x d_out`` product per expert).
     """
-    w = _at_least_f32(kernel)[None] + scaling * jnp.einsum("nir,nro->nio", _at_least_f32(a), _at_least_f32(b))
-    norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=-2)))
+    w0, a, b = _at_least_f32(kernel), _at_least_f32(a), _at_least_f32(b)
+    cross = jnp.einsum("nir,io->nro", a, w0)  # A_i^T W0
+    gram_a = jnp.einsum("nir,nis->nrs", a, a)
+    squared = (jnp.sum(w0 * w0, axis=0) + 2 * scaling * jnp.sum(cross * b, axis=1)
+               + scaling**2 * jnp.einsum("nro,nrs,nso->no", b, gram_a, b))
+    norm = jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(squared, 0.0)))
     return magnitude / norm
 
 

@@ -48,6 +48,7 @@ def test_compare_runs_every_method_in_st_and_mt_and_writes_table_1(tmp_path, cap
     table = (out / "table.md").read_text()
     assert "| Method | Params | add | Avg | ST Avg | MT - ST | MI bits |" in table
     assert "| Method | add | Avg |" in table
+    assert "| Base model (no fine-tuning) | 0 |" in table
     rows = {r["method"]: r for r in json.loads((out / "table.json").read_text())["table"]}
     assert rows["lora"]["params"] < rows["mixlora"]["params"]  # routers counted
     lora = rows["lora"]

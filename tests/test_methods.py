@@ -12,7 +12,7 @@ from comoe_jax import ops
 from comoe_jax.adapters import MoESpec, MoLoRALinear
 from comoe_jax.checkpoint import save_adapters
 from comoe_jax.config import METHODS, AdapterConfig, Config, LossConfig, apply_overrides, validate
-from comoe_jax.interop import AdapterFormatError, export_peft, load_adapted, read_peft
+from comoe_jax.interop import AdapterFormatError, export_peft, generate_text, load_adapted, read_peft
 from comoe_jax.loading import build_model, byte_tokenizer, from_pretrained, trainable_parameter_counts
 from comoe_jax.model import flat_values, split_model, state_from_flat
 from tests import reference as ref
@@ -111,7 +111,7 @@ def hf_folder(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+    config = LlamaConfig(vocab_size=272, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     folder = tmp_path_factory.mktemp("hf_llama")
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -207,6 +207,9 @@ def test_mixture_export_import_round_trip_and_inference_api(hf_folder, tmp_path)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, size=(3, 8)), jnp.int32)
     np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
     assert loaded.placement.spec.dora and loaded.placement.spec.num_experts == 4
+    prompts = ["abc", "the model"]
+    texts = generate_text(loaded, tokenizer, prompts, max_new_tokens=4)
+    assert len(texts) == 2 and texts == generate_text(model, tokenizer, prompts, max_new_tokens=4)
 
 
 # --------------------------------------------------------------------------- parameter counts and training
