@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from comoe_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, load_adapters, set_adapters
-from comoe_jax.config import TARGET_MODULES, AdapterConfig, Config, LossConfig
+from comoe_jax.config import TARGET_MODULES, AdapterConfig, Config, LossConfig, config_from_dict
 from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, unstack
 
 PEFT_PREFIX = "base_model.model."
@@ -139,7 +139,9 @@ def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str =
     if not base:
         raise AdapterFormatError(f"{Path(directory) / ADAPTER_CONFIG}: no base model recorded; pass base=")
     if kind == "comoe":
-        adapter, loss = AdapterConfig(**_tuples(meta["adapter"])), LossConfig(**meta["loss"])
+        sections = {"adapter": meta["adapter"], "loss": meta["loss"]}
+        saved = config_from_dict(sections, str(Path(directory) / ADAPTER_CONFIG))
+        adapter, loss = saved.adapter, saved.loss
         tensors, _ = load_adapters(directory)
     else:
         adapter, tensors = read_peft(directory, model_spec(base).num_layers)
@@ -147,10 +149,6 @@ def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str =
     model = from_pretrained(base, adapter=adapter, loss=loss, dtype=dtype, mesh=mesh, rules=rules)
     set_adapters(model, tensors)
     return model, load_tokenizer(base)
-
-
-def _tuples(adapter: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in adapter.items()}
 
 
 def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
