@@ -2,13 +2,14 @@
 
     python compare.py                                    # all methods, ST + MT, 1 seed, CPU-sized
     python compare.py --methods lora,comoe-lora --seeds 0,1,2 train.steps=300 eval.max_per_task=0
+    python compare.py --seeds 0,1,2 --settings mt        # the multi-task column only, median of 3 seeds
 
 For each method (``adapter.method``) and seed: one MT run trained on every task of the
 training sources, and one ST run per task trained and evaluated on that task alone. Each
 run is a normal run folder under ``<out>/<method>/<setting>/seed<s>/``; finished runs are
 reused, so an interrupted comparison continues. Writes ``<out>/table.md`` (accuracy per task,
 average, ST average, MT - ST, trainable parameters, MI(task; expert set); medians over seeds)
-and ``<out>/table.json``.
+and ``<out>/table.json``; a setting left out by ``--settings`` shows as ``-``.
 
 The defaults fit this repository's 2-core CPU (SmolLM2-135M, short runs, 20 test items per
 task). On a GPU or TPU, raise ``train.steps`` (the paper trains 2-3 epochs), ``train.batch_size``,
@@ -36,12 +37,13 @@ LABELS = {"comoe-lora": "CoMoE-LoRA", "comoe-dora": "CoMoE-DoRA", "lora": "LoRA"
           "mixlora": "MixLoRA", "moe-soft": "MoE-LoRA (soft)", "omoe": "OMoE-LoRA"}
 
 
-def plan(base, methods: list[str], seeds: list[int], tasks: list[str], out: Path) -> list[tuple[dict, object]]:
+def plan(base, methods: list[str], seeds: list[int], tasks: list[str], out: Path,
+         settings: tuple[str, ...] = ("mt", "st")) -> list[tuple[dict, object]]:
     """Every (cell, validated config) of the comparison; a bad method or override fails before any training."""
     cells = []
     for method in methods:
         for seed in seeds:
-            for setting in ["mt"] + [f"st-{t}" for t in tasks]:
+            for setting in ["mt"] * ("mt" in settings) + [f"st-{t}" for t in tasks] * ("st" in settings):
                 cfg = apply_overrides(copy.deepcopy(base), [f"adapter.method={method}", f"train.seed={seed}"])
                 if setting != "mt":
                     cfg.data.tasks = cfg.eval.tasks = (setting[3:],)
@@ -50,14 +52,18 @@ def plan(base, methods: list[str], seeds: list[int], tasks: list[str], out: Path
     return cells
 
 
+def percent(value: float) -> str:
+    return "-" if value != value else f"{100 * value:.1f}"  # NaN: a setting that was not run
+
+
 def table(rows: list[dict], methods: list[str], tasks: list[str], base_params: int,
           base_accuracy: dict[str, float] | None = None) -> tuple[str, list[dict]]:
-    """Markdown shaped like the paper's Table 1, and its rows (medians over seeds)."""
+    """Markdown shaped like the paper's Table 1, and its rows (medians over seeds, per cell)."""
     out, mt_lines, st_lines = [], [], []
     if base_accuracy:
         cells = " | ".join(f"{100 * base_accuracy[t]:.1f}" for t in tasks)
         avg = 100 * sum(base_accuracy[t] for t in tasks) / len(tasks)
-        mt_lines.append(f"| Base model (no fine-tuning) | 0 | {cells} | {avg:.1f} | - | - | - |")
+        mt_lines.append(f"| Base model (no fine-tuning) | 0 | {cells} | {avg:.1f} | - | - | - | - |")
     for method in methods:
         mine = [r for r in rows if r["cell"]["method"] == method]
         mt = [r for r in mine if r["cell"]["setting"] == "mt"]
@@ -68,22 +74,24 @@ def table(rows: list[dict], methods: list[str], tasks: list[str], base_params: i
         params = mt[0]["params"] if mt else 0
         row = {"method": method, "params": params, "mt": mt_acc, "mt_average": mt_avg, "st": st_acc,
                "st_average": st_avg, "mt_minus_st": mt_avg - st_avg, "mi_bits": median(r["mi_bits"] for r in mt),
-               "seeds": len(mt)}
+               "seeds": len(mt), "st_seeds": len({r["cell"]["seed"] for r in mine if r["cell"]["setting"] != "mt"})}
         out.append(row)
         pct = f" ({100 * params / base_params:.2f}%)" if base_params else ""
-        cells = " | ".join(f"{100 * mt_acc[t]:.1f}" for t in tasks)
+        cells = " | ".join(percent(mt_acc[t]) for t in tasks)
         mi = "-" if row["mi_bits"] != row["mi_bits"] else f"{row['mi_bits']:.3f}"
-        mt_lines.append(f"| {LABELS[method]} | {params / 1e6:.2f}M{pct} | {cells} | **{100 * mt_avg:.1f}** | "
-                        f"{100 * st_avg:.1f} | {100 * row['mt_minus_st']:+.1f} | {mi} |")
-        st_lines.append(f"| {LABELS[method]} | " + " | ".join(f"{100 * st_acc[t]:.1f}" for t in tasks)
-                        + f" | **{100 * st_avg:.1f}** |")
+        gap = "-" if row["mt_minus_st"] != row["mt_minus_st"] else f"{100 * row['mt_minus_st']:+.1f}"
+        mt_lines.append(f"| {LABELS[method]} | {params / 1e6:.2f}M{pct} | {cells} | **{percent(mt_avg)}** | "
+                        f"{percent(st_avg)} | {gap} | {mi} | {row['seeds']} |")
+        st_lines.append(f"| {LABELS[method]} | " + " | ".join(percent(st_acc[t]) for t in tasks)
+                        + f" | **{percent(st_avg)}** | {row['st_seeds']} |")
     head = " | ".join(tasks)
     markdown = (
         "### Multi-task (MT): one adapter trained on all tasks\n\n"
-        f"| Method | Params | {head} | Avg | ST Avg | MT - ST | MI bits |\n|" + " --- |" * (len(tasks) + 6) + "\n"
+        f"| Method | Params | {head} | Avg | ST Avg | MT - ST | MI bits | seeds |\n|"
+        + " --- |" * (len(tasks) + 7) + "\n"
         + "\n".join(mt_lines)
         + "\n\n### Single-task (ST): one adapter per task\n\n"
-        f"| Method | {head} | Avg |\n|" + " --- |" * (len(tasks) + 2) + "\n" + "\n".join(st_lines) + "\n"
+        f"| Method | {head} | Avg | seeds |\n|" + " --- |" * (len(tasks) + 3) + "\n" + "\n".join(st_lines) + "\n"
     )
     return markdown, out
 
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives medians")
     parser.add_argument("--tasks", default="", help="ST tasks (default: every task of the training sources)")
+    parser.add_argument("--settings", default="mt,st", help="comma-separated, of mt (one adapter for all tasks) "
+                        "and st (one adapter per task)")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--base-model", action=argparse.BooleanOptionalAction, default=True,
                         help="also evaluate the untrained base model (a row of the table)")
@@ -129,13 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:
             if m not in METHODS:
                 raise ConfigError(f"--methods: {m!r} is not a method; choose from {', '.join(METHODS)}")
+        if not all(s.strip().isdigit() for s in args.seeds.split(",")):
+            raise ConfigError(f"--seeds={args.seeds!r}: expected comma-separated non-negative integers, e.g. 0,1,2")
         seeds = [int(s) for s in args.seeds.split(",")]
+        settings = tuple(s for s in args.settings.split(",") if s)
+        if not settings or set(settings) - {"mt", "st"}:
+            raise ConfigError(f"--settings={args.settings!r}: choose one or both of mt, st (comma-separated)")
         base = apply_overrides(load_config_file(args.config), CPU_DEFAULTS + overrides)
         from comoe_jax.data import load_sources
 
         tasks = [t for t in args.tasks.split(",") if t] or list(dict.fromkeys(
             ex.task for ex in load_sources(base.data.train, "train", tasks=base.data.tasks)))
-        cells = plan(base, methods, seeds, tasks, Path(args.out))
+        cells = plan(base, methods, seeds, tasks, Path(args.out), settings)
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

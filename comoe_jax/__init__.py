@@ -6,10 +6,10 @@ from comoe_jax.config import AdapterConfig, Config, ConfigError, LossConfig, val
 from comoe_jax.data import DataError, Example, load_sources
 from comoe_jax.evaluate import evaluate
 from comoe_jax.loading import LoadError, from_pretrained, load_tokenizer
-from comoe_jax.model import CausalLM, LlamaSpec
+from comoe_jax.model import CausalLM, DecoderSpec
 
 __all__ = [
-    "AdapterConfig", "CausalLM", "Config", "ConfigError", "DataError", "Example", "ForwardContext", "LlamaSpec",
+    "AdapterConfig", "CausalLM", "Config", "ConfigError", "DataError", "Example", "ForwardContext", "DecoderSpec",
     "LoadError", "LossConfig", "MoESpec", "MoLoRALinear", "evaluate", "from_pretrained", "load_sources",
     "load_tokenizer", "ops", "validate",
 ]

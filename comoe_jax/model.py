@@ -1,7 +1,10 @@
-"""Flax NNX decoder for the Llama family, with mixture-of-LoRA adapters on chosen projections.
+"""Flax NNX decoder for the Llama and Gemma 3 families, with mixture-of-LoRA adapters on chosen projections.
 
-RMSNorm, RoPE (every transformers rope_type), grouped-query attention, SwiGLU,
-tied or untied embeddings, causal + padding mask. Frozen weights are ``Frozen``
+Llama: RMSNorm, RoPE (every transformers rope_type), grouped-query attention, SwiGLU,
+tied or untied embeddings, causal + padding mask. Gemma 3 adds (``spec.family``):
+norms scaled by ``1 + w``, RMSNorm on queries and keys, norms after attention and MLP
+as well as before, embeddings scaled by ``sqrt(hidden)``, GeGLU, and local attention
+over a sliding window (with its own RoPE) on most layers. Frozen weights are ``Frozen``
 variables, adapters and routers ``nnx.Param``.
 
 Decoder layers live in stacks (``layers.<g>.layer.*``, leading axis = layer) that
@@ -13,8 +16,10 @@ and adapter exports use per-layer names.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -28,11 +33,14 @@ from comoe_jax.sharding import constrain
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+               "gelu": partial(jax.nn.gelu, approximate=False)}
+FAMILIES = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}  # transformers model_type -> ours
 
 
 @dataclass(frozen=True)
-class LlamaSpec:
-    """Architecture hyper-parameters (read from a transformers ``LlamaConfig``)."""
+class DecoderSpec:
+    """Architecture hyper-parameters, read from a transformers ``LlamaConfig`` or ``Gemma3TextConfig``."""
 
     vocab_size: int
     hidden_size: int
@@ -46,26 +54,64 @@ class LlamaSpec:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    family: str = "llama"  # "llama" | "gemma3"
+    hidden_act: str = "silu"
+    query_scale: float | None = None  # attention logit scale; None: head_dim ** -0.5
+    sliding_window: int | None = None  # local layers see keys at distance < sliding_window
+    sliding_layers: tuple[bool, ...] = ()  # per layer: local (sliding-window) attention
+    local_rope: RopeSpec | None = None  # RoPE of the local layers
+    final_logit_softcap: float | None = None
+
+    @property
+    def gemma(self) -> bool:
+        return self.family == "gemma3"
 
     @classmethod
-    def from_hf(cls, hf, source: str = "config.json") -> LlamaSpec:
-        if getattr(hf, "model_type", "llama") not in ("llama",):
-            raise ValueError(f"{source}: model_type {hf.model_type!r} is not supported; comoe-jax implements 'llama'")
-        act = getattr(hf, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported; Llama uses 'silu'")
+    def from_hf(cls, hf, source: str = "config.json") -> DecoderSpec:
+        model_type = getattr(hf, "model_type", "llama")
+        if model_type not in FAMILIES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; comoe-jax implements "
+                             f"{', '.join(FAMILIES)}")
+        if model_type == "gemma3":  # the multimodal checkpoint: its language model
+            hf = hf.text_config
+        act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{source}: hidden activation {act!r} is not supported; supported: "
+                             f"{', '.join(ACTIVATIONS)}")
         kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         if hf.num_attention_heads % kv:
             raise ValueError(f"{source}: num_attention_heads ({hf.num_attention_heads}) is not a multiple of "
                              f"num_key_value_heads ({kv})")
-        rope = RopeSpec.from_hf(hf)
-        return cls(
+        family = FAMILIES[model_type]
+        common = dict(
             vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
             num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads, num_kv_heads=kv,
-            head_dim=rope.head_dim, rms_norm_eps=float(hf.rms_norm_eps),
-            rope=rope, tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            rms_norm_eps=float(hf.rms_norm_eps), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            family=family, hidden_act=act,
         )
+        if family == "llama":
+            rope = RopeSpec.from_hf(hf)
+            return cls(head_dim=rope.head_dim, rope=rope, **common)
+        return cls(**common, **_gemma3_fields(hf, source))
+
+
+def _gemma3_fields(hf, source: str) -> dict:
+    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if getattr(hf, key, None):
+            raise ValueError(f"{source}: {key}={getattr(hf, key)!r} is not supported (Gemma 3 decoders use "
+                             "none / false)")
+    types = tuple(hf.layer_types)
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != hf.num_hidden_layers:
+        extra = f", unknown {unknown}" if unknown else ""
+        raise ValueError(f"{source}: layer_types must list 'sliding_attention' / 'full_attention' for each of the "
+                         f"{hf.num_hidden_layers} layers (got {len(types)} entries{extra})")
+    rope = RopeSpec.from_hf(hf, "full_attention")
+    return dict(head_dim=rope.head_dim, rope=rope, local_rope=RopeSpec.from_hf(hf, "sliding_attention"),
+                query_scale=float(hf.query_pre_attn_scalar) ** -0.5, sliding_window=int(hf.sliding_window),
+                sliding_layers=tuple(t == "sliding_attention" for t in types),
+                final_logit_softcap=getattr(hf, "final_logit_softcapping", None))
 
 
 @dataclass(frozen=True)
@@ -100,59 +146,80 @@ class _Builder:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
-        self.scale = Frozen(jnp.ones((dim,), param_dtype), axes=("norm",))
-        self.eps, self.dtype = eps, dtype
+    """Llama's ``w * norm(x)``; with ``gemma`` Gemma's ``(1 + w) * norm(x)`` in float32 (weights stored as w)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, gemma: bool = False):
+        self.scale = Frozen((jnp.zeros if gemma else jnp.ones)((dim,), param_dtype), axes=("norm",))
+        self.eps, self.dtype, self.gemma = eps, dtype, gemma
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.gemma:
+            return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
+class AttentionInputs(NamedTuple):
+    """What one kind of attention layer (global or local) needs: RoPE tables and the mask."""
+
+    cos: jax.Array  # [B, T, hd]
+    sin: jax.Array
+    mask: jax.Array | None  # [B|1, 1, T, S] bool, or None: causal only
+
+
 class Attention(nnx.Module):
-    def __init__(self, spec: LlamaSpec, build: _Builder):
+    def __init__(self, spec: DecoderSpec, build: _Builder):
         d, hd = spec.hidden_size, spec.head_dim
         bias = spec.attention_bias
         self.q_proj = build.linear("q_proj", d, spec.num_heads * hd, ("embed", "heads"), bias)
         self.k_proj = build.linear("k_proj", d, spec.num_kv_heads * hd, ("embed", "kv_heads"), bias)
         self.v_proj = build.linear("v_proj", d, spec.num_kv_heads * hd, ("embed", "kv_heads"), bias)
         self.o_proj = build.linear("o_proj", spec.num_heads * hd, d, ("heads", "embed"), bias)
+        if spec.gemma:
+            norm = dict(dtype=build.dtype, param_dtype=build.param_dtype, gemma=True)
+            self.q_norm = RMSNorm(hd, spec.rms_norm_eps, **norm)
+            self.k_norm = RMSNorm(hd, spec.rms_norm_eps, **norm)
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
+        self.qk_norm, self.scale = spec.gemma, spec.query_scale
 
-    def __call__(self, x, cos, sin, mask, ctx, kv=None):
+    def __call__(self, x, inputs: AttentionInputs, ctx, kv=None):
         """``kv = (k_cache, v_cache, index)`` (``[B, S, K, hd]`` each): write this call's keys and
         values at ``index`` and attend over the whole cache (``mask`` is then ``[B, 1, T, S]``)."""
         b, t, _ = x.shape
         q, sq = self.q_proj(x, ctx)
         k, sk = self.k_proj(x, ctx)
         v, sv = self.v_proj(x, ctx)
-        q = apply_rope(q.reshape(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if kv is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+            out = jax.nn.dot_product_attention(q, k, v, mask=inputs.mask, scale=self.scale, is_causal=True)
         else:
             k_cache, v_cache, index = kv
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            out = jax.nn.dot_product_attention(q, k, v, mask=inputs.mask, scale=self.scale)
             kv = (k, v)
         y, so = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), ctx)
         return y, _named(zip(ATTENTION_PROJECTIONS, (sq, sk, sv, so))), kv
 
 
 class MLP(nnx.Module):
-    def __init__(self, spec: LlamaSpec, build: _Builder):
+    def __init__(self, spec: DecoderSpec, build: _Builder):
         d, f, bias = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
         self.gate_proj = build.linear("gate_proj", d, f, ("embed", "mlp"), bias)
         self.up_proj = build.linear("up_proj", d, f, ("embed", "mlp"), bias)
         self.down_proj = build.linear("down_proj", f, d, ("mlp", "embed"), bias)
+        self.act = spec.hidden_act
 
     def __call__(self, x, ctx):
         gate, sg = self.gate_proj(x, ctx)
         up, su = self.up_proj(x, ctx)
-        y, sd = self.down_proj(jax.nn.silu(gate) * up, ctx)
+        y, sd = self.down_proj(ACTIVATIONS[self.act](gate) * up, ctx)
         return y, _named(zip(MLP_PROJECTIONS, (sg, su, sd)))
 
 
@@ -161,19 +228,31 @@ def _named(pairs) -> dict:
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, spec: LlamaSpec, build: _Builder):
-        norm = dict(dtype=build.dtype, param_dtype=build.param_dtype)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **norm)
+    """Llama: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; Gemma 3 also norms each block's output."""
+
+    def __init__(self, spec: DecoderSpec, build: _Builder):
+        norm = partial(RMSNorm, spec.hidden_size, spec.rms_norm_eps, dtype=build.dtype,
+                       param_dtype=build.param_dtype, gemma=spec.gemma)
+        self.input_layernorm = norm()
         self.self_attn = Attention(spec, build)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **norm)
+        self.post_attention_layernorm = norm()  # Llama: the norm before the MLP
+        if spec.gemma:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
         self.mlp = MLP(spec, build)
+        self.sandwich = spec.gemma
         self.num_adapters = build.count
 
-    def __call__(self, x, cos, sin, mask, ctx, kv=None):
-        attn, s_attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, ctx, kv)
-        x = x + attn
-        mlp, s_mlp = self.mlp(self.post_attention_layernorm(x), ctx)
-        x = constrain(x + mlp, ("batch", "length", "act_embed"))
+    def __call__(self, x, inputs: AttentionInputs, ctx, kv=None):
+        attn, s_attn, kv = self.self_attn(self.input_layernorm(x), inputs, ctx, kv)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            mlp, s_mlp = self.mlp(self.pre_feedforward_layernorm(x), ctx)
+            x = x + self.post_feedforward_layernorm(mlp)
+        else:
+            x = x + attn
+            mlp, s_mlp = self.mlp(self.post_attention_layernorm(x), ctx)
+            x = x + mlp
+        x = constrain(x, ("batch", "length", "act_embed"))
         stats = {f"self_attn.{k}": v for k, v in s_attn.items()} | {f"mlp.{k}": v for k, v in s_mlp.items()}
         return x, (stats, kv)
 
@@ -185,7 +264,7 @@ class LayerStack(nnx.Module):
     with depth. A model has one stack, or three when adapters sit on a layer range.
     """
 
-    def __init__(self, spec: LlamaSpec, layers: range, placement, *, dtype, param_dtype, rngs: nnx.Rngs, remat: bool):
+    def __init__(self, spec: DecoderSpec, layers: range, placement, *, dtype, param_dtype, rngs: nnx.Rngs, remat: bool):
         adapted = placement is not None and layers.start in placement.layers
 
         def make(key):
@@ -199,21 +278,27 @@ class LayerStack(nnx.Module):
                 node.set_metadata(axes=("layers",) + tuple(node.get_metadata()["axes"]))
         self.first, self.size, self.remat = layers.start, len(layers), remat
         self.num_adapters = self.layer.num_adapters * len(layers)
+        self.sliding = tuple(bool(spec.sliding_layers[i]) for i in layers) if spec.sliding_layers else ()
 
-    def __call__(self, x, cos, sin, mask, ctx, cache=None, cache_index=None):
-        """Scan the stack. ``cache = (k, v)`` stacked ``[layers, B, S, K, hd]``; returns it updated."""
+    def __call__(self, x, attention: tuple[AttentionInputs, AttentionInputs | None], ctx, cache=None,
+                 cache_index=None):
+        """Scan the stack. ``attention = (global, local)`` inputs (local: sliding-window layers, or None);
+        ``cache = (k, v)`` stacked ``[layers, B, S, K, hd]``; returns it updated."""
         graphdef, state = nnx.split(self.layer)
+        full, local = attention
 
         def body(x, scanned):
-            index, layer_state, layer_cache = scanned
+            index, sliding, layer_state, layer_cache = scanned
             layer_ctx = ctx if ctx is None or ctx.key is None else ctx.replace(key=jax.random.fold_in(ctx.key, index))
             kv = None if layer_cache is None else (*layer_cache, cache_index)
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask, layer_ctx, kv)
+            inputs = full if local is None else jax.tree.map(lambda g, w: jnp.where(sliding, w, g), full, local)
+            return nnx.merge(graphdef, layer_state)(x, inputs, layer_ctx, kv)
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         indices = jnp.arange(self.first, self.first + self.size, dtype=jnp.int32)
-        x, (stats, cache) = jax.lax.scan(body, x, (indices, state, cache))
+        sliding = jnp.asarray(self.sliding or (False,) * self.size)
+        x, (stats, cache) = jax.lax.scan(body, x, (indices, sliding, state, cache))
         per_layer = {f"layers.{self.first + j}.{name}": jax.tree.map(lambda v, j=j: v[j], s)
                      for j in range(self.size) for name, s in stats.items()}
         return x, per_layer, cache
@@ -228,16 +313,17 @@ def layer_groups(num_layers: int, placement: AdapterPlacement | None) -> list[ra
 
 
 class CausalLM(nnx.Module):
-    """Llama decoder + LM head. ``model(input_ids)`` gives logits ``[B, T, V]`` (float32)."""
+    """Decoder + LM head. ``model(input_ids)`` gives logits ``[B, T, V]`` (float32)."""
 
-    def __init__(self, spec: LlamaSpec, placement: AdapterPlacement | None = None, *, dtype=jnp.float32,
+    def __init__(self, spec: DecoderSpec, placement: AdapterPlacement | None = None, *, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
         embed = jax.nn.initializers.normal(1.0)(rngs.params(), (spec.vocab_size, spec.hidden_size), param_dtype)
         self.embed_tokens = Frozen(embed, axes=("vocab", "embed"))
         self.groups = tuple(layer_groups(spec.num_layers, placement))
         stack = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
         self.layers = nnx.List([LayerStack(spec, group, placement, **stack) for group in self.groups])
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                            gemma=spec.gemma)
         head = Linear(spec.hidden_size, spec.vocab_size, axes=("embed", "vocab"), dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs)
         self.lm_head = None if spec.tie_word_embeddings else head
@@ -258,15 +344,35 @@ class CausalLM(nnx.Module):
         return tuple((jnp.zeros((s.size, *shape), self.dtype), jnp.zeros((s.size, *shape), self.dtype))
                      for s in self.layers)
 
-    def _mask(self, t, attention_mask, segment_ids, cache, cache_index):
+    def _mask(self, t, attention_mask, segment_ids, cache, cache_index, window: int | None = None):
+        """``[B|1, 1, T, S]`` bool, or None (causal only). ``window``: keys at distance < window only,
+        and the causal part made explicit (local layers' mask is selected against the global one)."""
         if cache is not None:  # keys: every valid cache slot up to each query's absolute position
             s = cache[0][0].shape[2]
-            causal = jnp.arange(s)[None, :] <= (cache_index + jnp.arange(t))[:, None]
+            query, key = (cache_index + jnp.arange(t))[:, None], jnp.arange(s)[None, :]
+            allowed = (key <= query) & (True if window is None else key > query - window)
             valid = jnp.ones((1, s), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
-            return valid[:, None, None, :] & causal[None, None]
+            return valid[:, None, None, :] & allowed[None, None]
         if segment_ids is not None:
-            return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0))[:, None]
-        return None if attention_mask is None else attention_mask.astype(jnp.bool_)[:, None, None, :]
+            mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0))[:, None]
+        else:
+            mask = None if attention_mask is None else attention_mask.astype(jnp.bool_)[:, None, None, :]
+        if window is None:
+            return mask
+        i = jnp.arange(t)
+        local = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
+        return local if mask is None else mask & local
+
+    def _attention_inputs(self, positions, rope_len, *mask_args) -> tuple[AttentionInputs, AttentionInputs | None]:
+        """(global, local) attention inputs; local is None for models without sliding-window layers."""
+        spec, t = self.spec, positions.shape[-1]
+        full = AttentionInputs(*rope_cos_sin(spec.rope, positions, rope_len), self._mask(t, *mask_args))
+        if not any(spec.sliding_layers):
+            return full, None
+        if full.mask is None:  # both masks explicit: a layer selects one with jnp.where
+            full = full._replace(mask=self._mask(t, *mask_args, window=t))
+        return full, AttentionInputs(*rope_cos_sin(spec.local_rope, positions, rope_len),
+                                     self._mask(t, *mask_args, window=spec.sliding_window))
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                 positions: jax.Array | None = None, ctx: ForwardContext | None = None,
@@ -284,14 +390,14 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         rope_len = t if cache is None else cache[0][0].shape[2]
-        cos, sin = rope_cos_sin(self.spec.rope, positions, rope_len)
-        mask = self._mask(t, attention_mask, segment_ids, cache, cache_index)
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        attention = self._attention_inputs(positions, rope_len, attention_mask, segment_ids, cache, cache_index)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
+        if self.spec.gemma:  # in the weights' dtype, as transformers' Gemma3TextScaledWordEmbedding
+            x = x * jnp.asarray(math.sqrt(self.spec.hidden_size), x.dtype)
+        x = constrain(x.astype(self.dtype), ("batch", "length", "act_embed"))
         stats, new_cache = {}, []
         for i, stack in enumerate(self.layers):
-            x, stack_stats, stack_cache = stack(x, cos, sin, mask, ctx, None if cache is None else cache[i],
-                                                cache_index)
+            x, stack_stats, stack_cache = stack(x, attention, ctx, None if cache is None else cache[i], cache_index)
             stats |= stack_stats
             new_cache.append(stack_cache)
         if stats:  # scan outputs come back with sorted keys; restore (layer, module) order
@@ -302,6 +408,8 @@ class CausalLM(nnx.Module):
         else:
             head = self.lm_head.kernel[...].astype(self.dtype)
         logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+        if self.spec.final_logit_softcap:
+            logits = jnp.tanh(logits / self.spec.final_logit_softcap) * self.spec.final_logit_softcap
         return ModelOutput(logits, stats, None if cache is None else tuple(new_cache))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

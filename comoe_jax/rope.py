@@ -1,4 +1,4 @@
-"""Rotary position embeddings with every ``rope_type`` of transformers' Llama config.
+"""Rotary position embeddings with every ``rope_type`` of transformers' Llama (and Gemma 3) configs.
 
 ``rope_frequencies`` returns the inverse frequencies and the attention scaling that
 transformers' ``ROPE_INIT_FUNCTIONS`` compute (default, linear, dynamic, yarn,
@@ -32,8 +32,11 @@ class RopeSpec:
         return dict(self.params).get(key, default)
 
     @classmethod
-    def from_hf(cls, hf_config) -> RopeSpec:
+    def from_hf(cls, hf_config, layer_type: str | None = None) -> RopeSpec:
+        """``layer_type`` picks one entry of per-layer-type ``rope_parameters`` (Gemma 3: full / sliding)."""
         params = dict(getattr(hf_config, "rope_parameters", None) or {})
+        if layer_type is not None:
+            params = dict(params.get(layer_type) or {})
         legacy = getattr(hf_config, "rope_scaling", None)
         if legacy and not params.get("rope_type"):
             params.update(legacy)

@@ -46,8 +46,8 @@ def test_compare_runs_every_method_in_st_and_mt_and_writes_table_1(tmp_path, cap
     args = TINY + ["--methods", "lora,mixlora", "--tasks", "add", "--out", str(out)] + FAST
     assert compare.main(args) == 0
     table = (out / "table.md").read_text()
-    assert "| Method | Params | add | Avg | ST Avg | MT - ST | MI bits |" in table
-    assert "| Method | add | Avg |" in table
+    assert "| Method | Params | add | Avg | ST Avg | MT - ST | MI bits | seeds |" in table
+    assert "| Method | add | Avg | seeds |" in table
     assert "| Base model (no fine-tuning) | 0 |" in table
     rows = {r["method"]: r for r in json.loads((out / "table.json").read_text())["table"]}
     assert rows["lora"]["params"] < rows["mixlora"]["params"]  # routers counted
@@ -67,3 +67,30 @@ def test_entry_points_refuse_bad_input_with_a_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "adapter.top_k=9 is not allowed" in err and "is not a comoe-jax run folder" in err
     assert "expected section.key=v1,v2" in err and "adapter.rank=0 is not allowed" in err
+
+
+def test_compare_table_takes_the_median_over_seeds_per_cell_and_marks_settings_not_run():
+    def row(method, setting, seed, acc):
+        return {"cell": {"method": method, "setting": setting, "seed": seed}, "accuracy": {"a": acc, "b": 1 - acc},
+                "mi_bits": 0.1 * seed, "params": 1000}
+
+    rows = [row("lora", "mt", s, acc) for s, acc in [(0, 0.2), (1, 0.9), (2, 0.4)]]
+    rows += [row("lora", "st-a", 0, 0.6), row("lora", "st-b", 0, 0.3)]
+    rows += [row("mixlora", "mt", s, acc) for s, acc in [(0, 0.5), (1, 0.7)]]
+    markdown, out = compare.table(rows, ["lora", "mixlora"], ["a", "b"], base_params=10_000)
+    lora, mixlora = out
+    assert lora["mt"] == {"a": 0.4, "b": 0.6} and lora["seeds"] == 3 and abs(lora["mi_bits"] - 0.1) < 1e-12
+    assert lora["st"] == {"a": 0.6, "b": 0.7} and lora["st_seeds"] == 1
+    assert abs(lora["mt_minus_st"] - (0.5 - 0.65)) < 1e-12
+    assert abs(mixlora["mt"]["a"] - 0.6) < 1e-12 and mixlora["st_average"] != mixlora["st_average"]  # NaN: not run
+    assert "| LoRA | 0.00M (10.00%) | 40.0 | 60.0 | **50.0** | 65.0 | -15.0 | 0.100 | 3 |" in markdown
+    assert "| MixLoRA | 0.00M (10.00%) | 60.0 | 40.0 | **50.0** | - | - | 0.050 | 2 |" in markdown
+    assert "| MixLoRA | - | - | **-** | 0 |" in markdown
+
+
+def test_compare_refuses_bad_seeds_and_settings(capsys):
+    assert compare.main(TINY + ["--seeds", "0,x"]) == 2
+    assert compare.main(TINY + ["--settings", "mt,both"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds='0,x': expected comma-separated non-negative integers" in err
+    assert "--settings='mt,both': choose one or both of mt, st" in err
