@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConf
 from comoe_jax import AdapterConfig, from_pretrained  # noqa: E402
 from comoe_jax.generate import greedy_generate  # noqa: E402
 from comoe_jax.loading import GEMMA3_PACKAGE, model_spec  # noqa: E402
+from tests.test_model_parity import _inputs, randomised  # noqa: E402
 
 BASE = dict(vocab_size=101, hidden_size=40, intermediate_size=56, num_hidden_layers=5, num_attention_heads=4,
             num_key_value_heads=2, head_dim=12, max_position_embeddings=64, sliding_window=4,
@@ -29,21 +30,7 @@ CONFIGS = {
 
 
 def _hf_model(kwargs, seed=0):
-    torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(**(BASE | kwargs))).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
-
-
-def _inputs(vocab, seed=0, batch=3, length=13):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(batch, length))
-    mask = np.ones((batch, length), np.int64)
-    mask[1, length - 4:] = 0  # right padding
-    mask[2, 6:] = 0
-    return ids, mask
+    return randomised(Gemma3ForCausalLM, Gemma3TextConfig(**(BASE | kwargs)), seed)
 
 
 def _logits(hf_model, ids, mask):
@@ -108,12 +95,8 @@ def test_the_language_model_of_a_multimodal_gemma3_checkpoint_is_loaded(tmp_path
     text = BASE | {"vocab_size": 300}
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                   patch_size=14)
-    torch.manual_seed(5)
-    hf_model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision,
-                                                           mm_tokens_per_image=4)).eval()
-    with torch.no_grad():
-        for p in hf_model.parameters():
-            p.normal_(0, 0.2)
+    hf_model = randomised(Gemma3ForConditionalGeneration,
+                          Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4), seed=5)
     hf_model.save_pretrained(tmp_path)
     ids, mask = _inputs(300, seed=5)
     want = _logits(hf_model, ids, mask)

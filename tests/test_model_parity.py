@@ -34,14 +34,18 @@ CONFIGS = {
 }
 
 
-def _hf_model(kwargs, seed=0):
+def randomised(model_class, config, seed=0):
+    """A transformers model with every weight drawn from N(0, 0.2) (its init leaves norms at 1 / 0)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**(BASE | kwargs))
-    model = LlamaForCausalLM(cfg).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
     return model
+
+
+def _hf_model(kwargs, seed=0):
+    return randomised(LlamaForCausalLM, LlamaConfig(**(BASE | kwargs)), seed)
 
 
 def _inputs(vocab, seed=0, batch=3, length=13):
