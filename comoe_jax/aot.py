@@ -31,6 +31,8 @@ def tpu_devices(topology: str = "v5e:4x4", num_slices: int = 1) -> list:
     from jax.experimental import topologies
 
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # do not ask a GCE metadata server
+    # Only the compiler is used, no chip: let several processes (e.g. two test runs) load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     generation = topology.split(":")[0]
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
                                         chips_per_host_bounds=CHIPS_PER_HOST.get(generation, (2, 2, 1)),
