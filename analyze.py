@@ -17,33 +17,26 @@ import math
 import sys
 from pathlib import Path
 
-from comoe_jax.config import ConfigError, apply_overrides, load_run_config, validate
+from comoe_jax.cli import command
+from comoe_jax.config import apply_overrides, load_run_config, negatives_per_anchor, validate
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (config.json + adapter/)")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--module", help="adapted module for the 2-D projection (default: a middle one)")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        configs = [load_run_config(run) for run in args.runs]
-        probe_cfg = validate(apply_overrides(load_run_config(args.runs[0]), overrides))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from comoe_jax.analysis import (
-        collect_routing,
-        expert_outputs_2d,
-        plot_mi_gap,
-        plot_representations,
-        plot_workload,
-        summary,
-    )
+    configs = [load_run_config(run) for run in args.runs]
+    probe_cfg = validate(apply_overrides(load_run_config(args.runs[0]), overrides))
+    from comoe_jax.analysis import collect_routing, expert_outputs_2d, summary
     from comoe_jax.checkpoint import load_adapters, set_adapters
     from comoe_jax.evaluate import load_eval
     from comoe_jax.loading import build_model, load_tokenizer
+    from comoe_jax.plots import plot_mi_gap, plot_representations, plot_workload
     from comoe_jax.report import evaluation_examples, load_history
+    from comoe_jax.tables import markdown_table, number, percent
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,20 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: MI(task; expert set) {rows[-1]['mi_task_expert_set_bits']:.3f} bits", flush=True)
     plot_representations(panels, out / "representations.png", f"expert outputs at the answer position, {module} (PCA)")
     first = configs[0]
-    plot_mi_gap(histories, out / "mi_gap.png", math.log(first.adapter.num_experts - first.adapter.top_k))
-    table = ["| run | lambda | experts | accuracy % (eval_after) | MI(task; expert set) bits | router entropy bits |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}"
-        table.append(f"| {r['run']} | {r['lambda']} | {r['experts']} | {acc} | {r['mi_task_expert_set_bits']:.3f} | "
-                     f"{r['router_entropy_bits']:.3f} |")
+    plot_mi_gap(histories, out / "mi_gap.png", math.log(negatives_per_anchor(first)))
+    table = markdown_table(
+        ["run", "lambda", "experts", "accuracy % (eval_after)", "MI(task; expert set) bits", "router entropy bits"],
+        [[r["run"], r["lambda"], r["experts"], percent(r["accuracy"]), number(r["mi_task_expert_set_bits"]),
+          number(r["router_entropy_bits"])] for r in rows])
     text = (f"# Runs compared on {len(examples)} items ({', '.join(probe_cfg.eval.sources)}, {probe_cfg.eval.split})"
-            "\n\n" + "\n".join(table) + "\n\n![representations](representations.png)\n\n![MI gap](mi_gap.png)\n\n"
+            "\n\n" + table + "\n![representations](representations.png)\n\n![MI gap](mi_gap.png)\n\n"
             + "\n\n".join(f"![{r['run']}](workload_{r['run']}.png)" for r in rows) + "\n")
     (out / "compare.md").write_text(text)
     (out / "compare.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "per_module"} for r in rows],
                                                  indent=1))
-    print("\n".join(table))
+    print(table, end="")
     print(f"written to {out}/compare.md")
     return 0
 

@@ -27,8 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-from comoe_jax.config import METHODS, ConfigError, apply_overrides, load_config_file, validate
-from comoe_jax.experiments import median, run_or_reuse
+from comoe_jax.cli import command
+from comoe_jax.config import ConfigError, apply_overrides, load_config_file, validate
+from comoe_jax.constants import METHODS
+from comoe_jax.experiments import median, run_grid
+from comoe_jax.tables import markdown_table, number, percent
 
 # What this CPU can do in about an hour for all methods (overridable on the command line).
 CPU_DEFAULTS = ["train.steps=16", "train.save_every=16", "train.log_every=4", "eval.max_per_task=20",
@@ -52,18 +55,14 @@ def plan(base, methods: list[str], seeds: list[int], tasks: list[str], out: Path
     return cells
 
 
-def percent(value: float) -> str:
-    return "-" if value != value else f"{100 * value:.1f}"  # NaN: a setting that was not run
-
-
 def table(rows: list[dict], methods: list[str], tasks: list[str], base_params: int,
           base_accuracy: dict[str, float] | None = None) -> tuple[str, list[dict]]:
     """Markdown shaped like the paper's Table 1, and its rows (medians over seeds, per cell)."""
     out, mt_lines, st_lines = [], [], []
     if base_accuracy:
-        cells = " | ".join(f"{100 * base_accuracy[t]:.1f}" for t in tasks)
-        avg = 100 * sum(base_accuracy[t] for t in tasks) / len(tasks)
-        mt_lines.append(f"| Base model (no fine-tuning) | 0 | {cells} | {avg:.1f} | - | - | - | - |")
+        avg = sum(base_accuracy[t] for t in tasks) / len(tasks)
+        mt_lines.append(["Base model (no fine-tuning)", 0, *(percent(base_accuracy[t]) for t in tasks), percent(avg),
+                         "-", "-", "-", "-"])
     for method in methods:
         mine = [r for r in rows if r["cell"]["method"] == method]
         mt = [r for r in mine if r["cell"]["setting"] == "mt"]
@@ -77,21 +76,16 @@ def table(rows: list[dict], methods: list[str], tasks: list[str], base_params: i
                "seeds": len(mt), "st_seeds": len({r["cell"]["seed"] for r in mine if r["cell"]["setting"] != "mt"})}
         out.append(row)
         pct = f" ({100 * params / base_params:.2f}%)" if base_params else ""
-        cells = " | ".join(percent(mt_acc[t]) for t in tasks)
-        mi = "-" if row["mi_bits"] != row["mi_bits"] else f"{row['mi_bits']:.3f}"
-        gap = "-" if row["mt_minus_st"] != row["mt_minus_st"] else f"{100 * row['mt_minus_st']:+.1f}"
-        mt_lines.append(f"| {LABELS[method]} | {params / 1e6:.2f}M{pct} | {cells} | **{percent(mt_avg)}** | "
-                        f"{percent(st_avg)} | {gap} | {mi} | {row['seeds']} |")
-        st_lines.append(f"| {LABELS[method]} | " + " | ".join(percent(st_acc[t]) for t in tasks)
-                        + f" | **{percent(st_avg)}** | {row['st_seeds']} |")
-    head = " | ".join(tasks)
+        mt_lines.append([LABELS[method], f"{params / 1e6:.2f}M{pct}", *(percent(mt_acc[t]) for t in tasks),
+                         f"**{percent(mt_avg)}**", percent(st_avg), percent(row["mt_minus_st"], signed=True),
+                         number(row["mi_bits"]), row["seeds"]])
+        st_lines.append([LABELS[method], *(percent(st_acc[t]) for t in tasks), f"**{percent(st_avg)}**",
+                         row["st_seeds"]])
     markdown = (
         "### Multi-task (MT): one adapter trained on all tasks\n\n"
-        f"| Method | Params | {head} | Avg | ST Avg | MT - ST | MI bits | seeds |\n|"
-        + " --- |" * (len(tasks) + 7) + "\n"
-        + "\n".join(mt_lines)
-        + "\n\n### Single-task (ST): one adapter per task\n\n"
-        f"| Method | {head} | Avg | seeds |\n|" + " --- |" * (len(tasks) + 3) + "\n" + "\n".join(st_lines) + "\n"
+        + markdown_table(["Method", "Params", *tasks, "Avg", "ST Avg", "MT - ST", "MI bits", "seeds"], mt_lines)
+        + "\n### Single-task (ST): one adapter per task\n\n"
+        + markdown_table(["Method", *tasks, "Avg", "seeds"], st_lines)
     )
     return markdown, out
 
@@ -122,6 +116,7 @@ def base_parameters(cfg) -> int:
     return sum(int(v.size) for v in flat_values(nnx.state(abstract, Frozen)).values())
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.py")
@@ -134,34 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", action=argparse.BooleanOptionalAction, default=True,
                         help="also evaluate the untrained base model (a row of the table)")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        methods = [m for m in args.methods.split(",") if m]
-        for m in methods:
-            if m not in METHODS:
-                raise ConfigError(f"--methods: {m!r} is not a method; choose from {', '.join(METHODS)}")
-        if not all(s.strip().isdigit() for s in args.seeds.split(",")):
-            raise ConfigError(f"--seeds={args.seeds!r}: expected comma-separated non-negative integers, e.g. 0,1,2")
-        seeds = [int(s) for s in args.seeds.split(",")]
-        settings = tuple(s for s in args.settings.split(",") if s)
-        if not settings or set(settings) - {"mt", "st"}:
-            raise ConfigError(f"--settings={args.settings!r}: choose one or both of mt, st (comma-separated)")
-        base = apply_overrides(load_config_file(args.config), CPU_DEFAULTS + overrides)
-        from comoe_jax.data import load_sources
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"--methods: {m!r} is not a method; choose from {', '.join(METHODS)}")
+    if not all(s.strip().isdigit() for s in args.seeds.split(",")):
+        raise ConfigError(f"--seeds={args.seeds!r}: expected comma-separated non-negative integers, e.g. 0,1,2")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    settings = tuple(s for s in args.settings.split(",") if s)
+    if not settings or set(settings) - {"mt", "st"}:
+        raise ConfigError(f"--settings={args.settings!r}: choose one or both of mt, st (comma-separated)")
+    base = apply_overrides(load_config_file(args.config), CPU_DEFAULTS + overrides)
+    from comoe_jax.data import load_sources
 
-        tasks = [t for t in args.tasks.split(",") if t] or list(dict.fromkeys(
-            ex.task for ex in load_sources(base.data.train, "train", tasks=base.data.tasks)))
-        cells = plan(base, methods, seeds, tasks, Path(args.out), settings)
-    except (ConfigError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-
-    start, rows = time.perf_counter(), []
-    for i, (cell, cfg) in enumerate(cells, 1):
-        elapsed = time.perf_counter() - start
-        eta = "" if i == 1 else f", ETA {elapsed / (i - 1) * (len(cells) - i + 1) / 60:.0f} min"
-        print(f"=== run {i}/{len(cells)}: {cell} -> {cfg.train.output_dir} ({elapsed / 60:.0f} min elapsed{eta})",
-              flush=True)
-        rows.append({"cell": cell} | run_or_reuse(cfg))
+    tasks = [t for t in args.tasks.split(",") if t] or list(dict.fromkeys(
+        ex.task for ex in load_sources(base.data.train, "train", tasks=base.data.tasks)))
+    cells = plan(base, methods, seeds, tasks, Path(args.out), settings)
+    start = time.perf_counter()
+    rows = run_grid(cells)
     accuracy = base_model_accuracy(base, tasks, Path(args.out)) if args.base_model else None
     minutes = (time.perf_counter() - start) / 60
     markdown, aggregated = table(rows, methods, tasks, base_parameters(base), accuracy)

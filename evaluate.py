@@ -14,9 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from comoe_jax.config import ConfigError, apply_overrides, load_config_file, load_run_config, validate
+from comoe_jax.cli import command
+from comoe_jax.config import apply_overrides, load_config_file, load_run_config, validate
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
@@ -24,28 +26,19 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--config", default="configs/default.py", help="a configs/*.py file (base model)")
     parser.add_argument("--out", help="output path stem (default: <run>/eval_<split>_<mode>)")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        cfg = load_run_config(args.run) if args.run else load_config_file(args.config)
-        validate(apply_overrides(cfg, overrides))
-        from comoe_jax.checkpoint import load_adapters, set_adapters
-        from comoe_jax.data import DataError
-        from comoe_jax.loading import LoadError, build_model, load_tokenizer
-        from comoe_jax.report import evaluate_and_save, evaluation_examples
+    cfg = load_run_config(args.run) if args.run else load_config_file(args.config)
+    validate(apply_overrides(cfg, overrides))
+    from comoe_jax.checkpoint import load_adapters, set_adapters
+    from comoe_jax.loading import build_model, load_tokenizer
+    from comoe_jax.report import evaluate_and_save, evaluation_examples
 
-        try:
-            tokenizer = load_tokenizer(cfg.model.path)
-            model = build_model(cfg)
-            if args.run:
-                set_adapters(model, load_adapters(Path(args.run) / "adapter")[0])
-            stem = f"eval_{cfg.eval.split}_{cfg.eval.mode}"
-            out = Path(args.out) if args.out else Path(args.run or "runs/base") / stem
-            result = evaluate_and_save(cfg, model, tokenizer, evaluation_examples(cfg), out)
-        except (DataError, LoadError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    tokenizer = load_tokenizer(cfg.model.path)
+    model = build_model(cfg)
+    if args.run:
+        set_adapters(model, load_adapters(Path(args.run) / "adapter")[0])
+    stem = f"eval_{cfg.eval.split}_{cfg.eval.mode}"
+    out = Path(args.out) if args.out else Path(args.run or "runs/base") / stem
+    result = evaluate_and_save(cfg, model, tokenizer, evaluation_examples(cfg), out)
     print(result.to_markdown(f"{args.run or 'base model'}: {cfg.eval.split} split"))
     print(f"written to {out}.json and {out}.md ({result.seconds:.0f}s)")
     return 0

@@ -20,8 +20,10 @@ import json
 import sys
 from pathlib import Path
 
+from comoe_jax.cli import command
 from comoe_jax.config import ConfigError, apply_overrides, load_config_file, validate
-from comoe_jax.experiments import median, run_or_reuse
+from comoe_jax.experiments import median, run_grid
+from comoe_jax.tables import markdown_table, number, percent
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -42,10 +44,8 @@ def table(rows: list[dict], keys: list[str]) -> tuple[str, list[dict]]:
     """Median over seeds per setting of ``keys``; markdown and the aggregated rows."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(tuple(r["values"][k] for k in keys), []).append(r)
+        groups.setdefault(tuple(r["cell"][k] for k in keys), []).append(r)
     tasks = list(dict.fromkeys(t for r in rows for t in r["accuracy"]))
-    head = "| " + " | ".join(keys) + " | " + " | ".join(tasks) + " | Avg | MI bits | seeds |\n"
-    head += "|" + " --- |" * (len(keys) + len(tasks) + 3) + "\n"
     out, lines = [], []
     for setting, members in groups.items():
         med = {t: median(m["accuracy"][t] for m in members) for t in tasks}
@@ -53,36 +53,28 @@ def table(rows: list[dict], keys: list[str]) -> tuple[str, list[dict]]:
         mi = median(m["mi_bits"] for m in members)
         out.append({"setting": dict(zip(keys, setting)), "median_accuracy": med, "median_average": avg,
                     "median_mi_bits": mi, "seeds": len(members)})
-        lines.append("| " + " | ".join(setting) + " | " + " | ".join(f"{100 * med[t]:.1f}" for t in tasks)
-                     + f" | {100 * avg:.1f} | {mi:.3f} | {len(members)} |")
-    return head + "\n".join(lines) + "\n", out
+        lines.append([*setting, *(percent(med[t]) for t in tasks), percent(avg), number(mi), len(members)])
+    return markdown_table([*keys, *tasks, "Avg", "MI bits", "seeds"], lines), out
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.py")
     parser.add_argument("--grid", action="append", default=[], help="section.key=v1,v2,... (repeatable)")
     parser.add_argument("--out", default="runs/sweep")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        grid = parse_grid(args.grid)
-        if not grid:
-            raise ConfigError("give at least one --grid section.key=v1,v2,...")
-        base = apply_overrides(load_config_file(args.config), overrides)
-        cells = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-        configs = []
-        for values in cells:  # check every cell before training any
-            cfg = apply_overrides(copy.deepcopy(base), [f"{k}={v}" for k, v in values.items()])
-            cfg.train.output_dir = str(Path(args.out) / cell_name(values))
-            configs.append(validate(cfg))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-
-    rows = []
-    for i, (values, cfg) in enumerate(zip(cells, configs), 1):
-        print(f"=== cell {i}/{len(cells)}: {values} -> {cfg.train.output_dir}", flush=True)
-        rows.append({"values": values} | run_or_reuse(cfg))
+    grid = parse_grid(args.grid)
+    if not grid:
+        raise ConfigError("give at least one --grid section.key=v1,v2,...")
+    base = apply_overrides(load_config_file(args.config), overrides)
+    cells = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    configs = []
+    for values in cells:  # check every cell before training any
+        cfg = apply_overrides(copy.deepcopy(base), [f"{k}={v}" for k, v in values.items()])
+        cfg.train.output_dir = str(Path(args.out) / cell_name(values))
+        configs.append(validate(cfg))
+    rows = run_grid(list(zip(cells, configs)), label="cell")
     keys = [k for k in grid if k != "train.seed"]
     markdown, aggregated = table(rows, keys or ["train.seed"])
     out = Path(args.out)

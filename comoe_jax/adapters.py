@@ -6,6 +6,12 @@ Every method of ``adapter.method`` is this one layer: plain LoRA has one expert 
 router; soft routing (moe-soft, omoe) weights every expert by the softmax; OMoE mixes
 Gram-Schmidt-orthogonalised expert outputs; DoRA experts (dora, comoe-dora) rescale
 each output unit by ``m_i / ||W0 + s B_i A_i||`` as peft's DoRA does.
+
+Layers return plain arrays. Given a :class:`ForwardContext`, an adapter also sows its
+statistics: :class:`AdapterStat` (the loss terms and the expert load, read by the train step)
+and :class:`RoutingTrace` (per-token routing, read by the analyses). Run the model under
+``nnx.capture(model.forward, AdapterStat)`` to collect them (``CausalLM.stat`` reads them per
+module); outside a capture nothing is stored.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from comoe_jax import ops
-from comoe_jax.config import DORA_METHODS, SOFT_ROUTED_METHODS, Config
+from comoe_jax.constants import DORA_METHODS, SOFT_ROUTED_METHODS
 
 
 class Frozen(nnx.Variable):
@@ -56,8 +62,8 @@ class MoESpec:
         return self.num_negatives or self.num_experts - self.top_k
 
     @classmethod
-    def from_config(cls, cfg: Config) -> MoESpec:
-        a, lo = cfg.adapter, cfg.loss
+    def from_sections(cls, a, lo) -> MoESpec:
+        """From the ``adapter`` (``AdapterConfig``) and ``loss`` (``LossConfig``) config sections."""
         routed = a.num_experts > 1
         return cls(
             num_experts=a.num_experts, top_k=a.top_k if routed else 1, rank=a.rank, alpha=a.alpha,
@@ -72,21 +78,42 @@ class MoESpec:
 
 @flax.struct.dataclass
 class ForwardContext:
-    """What a training forward pass tells the adapters.
+    """What a training (or analysis) forward pass tells the adapters.
 
     token_mask: ``[B, T]`` float32, 1 for real tokens, 0 for padding.
     token_count: scalar, real tokens in the whole optimizer batch (all micro-batches),
       so per-module sums of ``token_mask * value / token_count`` add up to batch means.
     key: PRNG key for dropout and anchor / negative sampling; None = deterministic.
-    probe: ``[B]`` token positions; when given (analysis), every adapter also returns its
-      routing (``topk [B, T, k]``, ``router_entropy [B, T]``) and its experts' rank-r codes
-      at the probed positions (``codes [B, n, r]``).
     """
 
     token_mask: jax.Array
     token_count: jax.Array
     key: jax.Array | None = None
-    probe: jax.Array | None = None
+
+
+class AdapterStat(nnx.Intermediate):
+    """Training statistics an adapter sows, per module (sums over real tokens / ``token_count``):
+    ``contrastive`` and ``mi_gap`` (scalars, when the term is on), ``load`` ``[n]`` (share of
+    routing slots per expert) and ``load_balance`` (scalar)."""
+
+
+class RoutingTrace(nnx.Intermediate):
+    """Per-token routing an adapter sows for the analyses: ``topk [..., k]``, ``router_entropy [...]``
+    (nats) and the experts' rank-r codes ``codes [..., n, r]``."""
+
+
+def _replace(previous, value):
+    """``sow`` reduction: one value per module and forward pass (not a tuple of calls)."""
+    return value
+
+
+def captured_types(module: nnx.Module) -> tuple[type, ...]:
+    """Variable types an enclosing ``nnx.capture`` records for ``module`` (empty outside one).
+
+    Flax keeps them in ``module.__captures__`` while a capture runs; the scanned layer stacks
+    use this to capture the same types inside their ``lax.scan`` body.
+    """
+    return tuple(type(v) for v in getattr(module, "__captures__", ()))
 
 
 class Linear(nnx.Module):
@@ -107,9 +134,9 @@ class Linear(nnx.Module):
         y = self.project(x)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
-    def __call__(self, x: jax.Array, ctx: ForwardContext | None = None) -> tuple[jax.Array, dict]:
-        """``x [..., d_in] -> ([..., d_out], {})``: no adapter, no statistics."""
-        return self.base(x), {}
+    def __call__(self, x: jax.Array, ctx: ForwardContext | None = None) -> jax.Array:
+        """``x [..., d_in] -> [..., d_out]``."""
+        return self.base(x)
 
 
 class MoLoRALinear(Linear):
@@ -159,8 +186,8 @@ class MoLoRALinear(Linear):
         c = ops.dora_column_scale(self.kernel[...], self.lora_a[...], b, self.spec.scaling, self.magnitude[...])
         return b * c[:, None, :], c
 
-    def __call__(self, x: jax.Array, ctx: ForwardContext | None = None) -> tuple[jax.Array, dict]:
-        """``x [..., d_in] -> (y [..., d_out], stats)``; stats only when ``ctx`` is given and n > 1."""
+    def __call__(self, x: jax.Array, ctx: ForwardContext | None = None) -> jax.Array:
+        """``x [..., d_in] -> y [..., d_out]``; with ``ctx`` and n > 1 the statistics are sown too."""
         spec = self.spec
         keys = [None] * 3
         if ctx is not None and ctx.key is not None:
@@ -172,38 +199,42 @@ class MoLoRALinear(Linear):
         w0x = self.project(x)
         y = w0x if self.bias is None else w0x + self.bias[...].astype(self.dtype)
         if self.router is None:
-            weights, gram, stats = jnp.ones(h.shape[:-1], jnp.float32), None, None
+            weights, gram = jnp.ones(h.shape[:-1], jnp.float32), None
         else:
             probs, weights, topk = self.route(x)
             gram = ops.gram_matrix(b) if spec.orthogonal or spec.contrastive else None
             if spec.orthogonal:
                 weights = ops.gram_schmidt_weights(h, gram, weights)
-            stats = None if ctx is None else self._stats(ctx, x_in, h, probs, topk, keys[1:], b, gram)
+            if ctx is not None:
+                self._sow_statistics(ctx, x_in, h, probs, topk, keys[1:], b, gram)
         y = y + spec.scaling * ops.mix_experts(h, weights, b.astype(self.dtype))
         if c is not None:  # DoRA rescales the (dropped-out) base output too: sum_i g_i (c_i - 1) * W0 x
             base_in = self.project(x_in) if dropped else w0x
             y = y + (weights @ (c - 1.0)).astype(self.dtype) * base_in
-        return y, stats or {}
+        return y
 
-    def _stats(self, ctx, x_in, h, probs, topk, keys, b, gram) -> dict:
-        """Per-module sums over real tokens, normalised by ``ctx.token_count``."""
-        spec = self.spec
-        w = ctx.token_mask / ctx.token_count
-        active = ops.active_mask(topk, spec.num_experts).astype(jnp.float32)
-        stats = {
-            "load": jnp.einsum("bt,btn->n", w, active) / spec.top_k,
-            "load_balance": ops.load_balance_loss(probs, topk, ctx.token_mask),
-        }
-        if ctx.probe is not None:
-            rows = jnp.arange(h.shape[0])
-            stats |= {"topk": topk, "codes": h[rows, ctx.probe].astype(jnp.float32),
-                      "router_entropy": -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)}
-        if spec.contrastive:
-            per_token = self._contrastive(x_in, h, topk, keys, b, gram)
-            anchors = spec.top_k if spec.anchor == "all" else 1
-            stats["contrastive"] = jnp.sum(w * per_token)
-            stats["mi_gap"] = jnp.sum(w * ops.mi_gap_estimate(per_token / anchors, spec.negatives_per_anchor))
-        return stats
+    def _sow_statistics(self, ctx, x_in, h, probs, topk, keys, b, gram) -> None:
+        """Sow :class:`AdapterStat` (sums over real tokens / ``ctx.token_count``) and :class:`RoutingTrace`,
+        each only when an enclosing ``nnx.capture`` collects it (otherwise nothing is computed)."""
+        spec, kinds = self.spec, captured_types(self)
+        values = {}
+        if AdapterStat in kinds:
+            w = ctx.token_mask / ctx.token_count
+            active = ops.active_mask(topk, spec.num_experts).astype(jnp.float32)
+            stats = {"load": jnp.einsum("bt,btn->n", w, active) / spec.top_k,
+                     "load_balance": ops.load_balance_loss(probs, topk, ctx.token_mask)}
+            if spec.contrastive:
+                per_token = self._contrastive(x_in, h, topk, keys, b, gram)
+                anchors = spec.top_k if spec.anchor == "all" else 1
+                stats["contrastive"] = jnp.sum(w * per_token)
+                stats["mi_gap"] = jnp.sum(w * ops.mi_gap_estimate(per_token / anchors, spec.negatives_per_anchor))
+            values[AdapterStat] = stats
+        if RoutingTrace in kinds:
+            values[RoutingTrace] = {"topk": topk, "codes": h.astype(jnp.float32),
+                                    "router_entropy": -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)}
+        for kind, named in values.items():
+            for name, value in named.items():
+                self.sow(kind, name, value, reduce_fn=_replace, init_fn=lambda: None)
 
     def _contrastive(self, x_in, h, topk, keys, b, gram) -> jax.Array:
         """Per-token contrastive loss ``[B, T]`` in the configured form and anchor mode.

@@ -1,10 +1,11 @@
 """The paper's analyses as tools: per-task expert workload (Fig. 4), routing entropy, MI(task; expert set),
 expert representations in 2-D (Fig. 5), and the MI-gap estimate over training.
 
-``collect_routing`` runs the model over evaluation prompts with the adapters' probe switched on
-and counts, per task and adapted module, which experts (and which k-subsets of experts) the
-router selects on real prompt tokens; it also keeps every expert's rank-r code at the answer
-position, from which the experts' outputs ``E_i = B_i h_i`` are rebuilt for the 2-D projection.
+``collect_routing`` runs the model over evaluation prompts, capturing the :class:`RoutingTrace`
+the adapters sow, and counts, per task and adapted module, which experts (and which k-subsets
+of experts) the router selects on real prompt tokens; it also keeps every expert's rank-r code
+at the answer position, from which the experts' outputs ``E_i = B_i h_i`` are rebuilt for the
+2-D projection.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from comoe_jax.adapters import ForwardContext
+from comoe_jax.adapters import ForwardContext, RoutingTrace
 from comoe_jax.data import Example, render
 from comoe_jax.evaluate import padded_batches
 from comoe_jax.model import flat_values, split_model, unstack
@@ -68,12 +69,17 @@ def task_expert_mi(usage: RoutingUsage) -> np.ndarray:
     return np.array([mutual_information(usage.set_counts[:, m]) for m in range(len(usage.modules))])
 
 
-@partial(jax.jit, static_argnums=0)
-def _probe(graphdef, state, ids, mask, last):
+@partial(jax.jit, static_argnums=(0, 5))
+def _trace(graphdef, state, ids, mask, last, code_rows: tuple[int, ...]):
+    """Routing of every adapted module: ``topk [M, B, T, k]``, ``router_entropy [M, B, T]``, and the codes
+    ``[len(code_rows), B, n, r]`` of the modules ``code_rows`` (rows of ``adapter_modules()``) at ``last``."""
     model = nnx.merge(graphdef, state)
-    ctx = ForwardContext(mask.astype(jnp.float32), jnp.maximum(mask.sum(), 1).astype(jnp.float32), probe=last)
-    stats = model.forward(ids, mask, ctx=ctx).stats
-    return {name: {k: s[k] for k in ("topk", "codes", "router_entropy")} for name, s in stats.items()}
+    ctx = ForwardContext(mask.astype(jnp.float32), jnp.maximum(mask.sum(), 1).astype(jnp.float32))
+    _, trace = nnx.capture(model.forward, RoutingTrace)(ids, mask, ctx=ctx)
+    codes = model.stat(trace, "codes")  # [M, B, T, n, r]; static slices: XLA keeps only the rows used
+    rows = jnp.arange(ids.shape[0])
+    return {"topk": model.stat(trace, "topk"), "router_entropy": model.stat(trace, "router_entropy"),
+            "codes": [codes[m][rows, last] for m in code_rows]}
 
 
 def collect_routing(model, tokenizer, examples: list[Example], template: str, batch_size: int = 16,
@@ -88,21 +94,22 @@ def collect_routing(model, tokenizer, examples: list[Example], template: str, ba
                          np.zeros((*shape, len(sets))), np.zeros(shape), np.zeros(len(tasks)))
     prompts = [tokenizer(render(ex, template)[0])["input_ids"] for ex in examples]
     graphdef, state = nnx.split(model)
+    code_rows = tuple(modules.index(m) for m in code_modules)
     codes = {m: [] for m in code_modules}
     code_tasks = []
     for idx, ids, mask, lengths in padded_batches(prompts, batch_size, tokenizer.pad_token_id):
-        out = jax.device_get(_probe(graphdef, state, ids, mask, lengths - 1))
+        out = jax.device_get(_trace(graphdef, state, ids, mask, lengths - 1, code_rows))
         for row, i in enumerate(idx):
             t, n_tok = tasks.index(examples[i].task), lengths[row]
             usage.tokens[t] += n_tok
             code_tasks.append(t)
-            for m, name in enumerate(modules):
-                topk = np.sort(out[name]["topk"][row, :n_tok], axis=-1)
+            for m in range(len(modules)):
+                topk = np.sort(out["topk"][m, row, :n_tok], axis=-1)
                 np.add.at(usage.expert_counts[t, m], topk.ravel(), 1)
                 np.add.at(usage.set_counts[t, m], [sets[tuple(s)] for s in topk.tolist()], 1)
-                usage.entropy_sum[t, m] += out[name]["router_entropy"][row, :n_tok].sum()
-                if name in codes:
-                    codes[name].append(out[name]["codes"][row])
+                usage.entropy_sum[t, m] += out["router_entropy"][m, row, :n_tok].sum()
+            for c, name in enumerate(code_modules):
+                codes[name].append(out["codes"][c][row])
     usage.codes = {m: np.stack(v) for m, v in codes.items()}
     usage.code_tasks = np.array(code_tasks, np.int32)
     return usage
@@ -138,79 +145,3 @@ def write_summary(usage: RoutingUsage, path: Path) -> dict:
     data = summary(usage) | {"workload": usage.workload().round(4).tolist(), "modules": usage.modules}
     Path(path).write_text(json.dumps(data, indent=1))
     return data
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_workload(usage: RoutingUsage, path: Path, layers: tuple[int, ...] | None = None) -> Path:
-    """The paper's Fig. 4: per-task expert workload, one heatmap (tasks x experts) per (layer, projection)."""
-    plt = _plt()
-    all_layers = sorted({int(m.split(".")[1]) for m in usage.modules})
-    if layers is None:
-        layers = tuple(dict.fromkeys([all_layers[0], all_layers[len(all_layers) // 2], all_layers[-1]]))
-    projections = list(dict.fromkeys(m.split(".", 2)[2] for m in usage.modules))
-    work = usage.workload()
-    fig, axes = plt.subplots(len(layers), len(projections), squeeze=False, layout="constrained",
-                             figsize=(1.2 + 0.5 * usage.num_experts * len(projections), 0.9 + 0.35 * len(usage.tasks)
-                                      * len(layers)))
-    for r, layer in enumerate(layers):
-        for c, proj in enumerate(projections):
-            ax = axes[r][c]
-            m = usage.modules.index(f"layers.{layer}.{proj}")
-            top = 1.0 / usage.top_k  # an expert takes at most one of a token's k slots
-            ax.imshow(work[:, m], vmin=0, vmax=top, cmap="viridis", aspect="auto")
-            for (t, e), value in np.ndenumerate(work[:, m]):
-                ax.text(e, t, f"{value:.2f}".lstrip("0"), ha="center", va="center", fontsize=6,
-                        color="white" if value < 0.6 * top else "black")
-            ax.set_title(f"layer {layer} {proj.split('.')[-1]}", fontsize=8)
-            ax.set_xticks(range(usage.num_experts))
-            ax.set_yticks(range(len(usage.tasks)), usage.tasks if c == 0 else [""] * len(usage.tasks), fontsize=7)
-    fig.suptitle("share of each task's routing slots per expert")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_representations(panels: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
-    """The paper's Fig. 5: expert outputs in 2-D coloured by expert, one panel per run."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False, layout="constrained")
-    for ax, (name, (points, experts)) in zip(axes[0], panels.items()):
-        for e in np.unique(experts):
-            sel = experts == e
-            ax.scatter(points[sel, 0], points[sel, 1], s=6, alpha=0.6, label=f"expert {e}")
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0][0].legend(fontsize=7, markerscale=2)
-    fig.suptitle(title, fontsize=9, wrap=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_mi_gap(runs: dict[str, list[dict]], path: Path, log_n: float | None = None) -> Path:
-    """MI-gap estimate log(N) - L_con over training steps, one line per run (from metrics.jsonl rows)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
-    for name, rows in runs.items():
-        rows = [r for r in rows if "mi_gap" in r]
-        ax.plot([r["step"] for r in rows], [r["mi_gap"] for r in rows], label=name)
-    if log_n is not None:
-        ax.axhline(log_n, color="grey", linestyle=":", label="log N (bound)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("log N - L_con (nats)")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)

@@ -19,15 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from comoe_jax.config import Config
+from comoe_jax.config import Config, resumable_keys
 from comoe_jax.model import flat_values, split_model, stack, state_from_flat, unstack
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 FORMAT = "comoe-jax-moe-lora/1"
-# Keys that may change when a run is resumed (they do not change what is trained).
-RESUMABLE_CHANGES = {"train.steps", "train.save_every", "train.keep_checkpoints", "train.log_every",
-                     "train.output_dir", "train.resume", "train.compilation_cache", "mesh.num_devices", "mesh.data",
-                     "mesh.fsdp", "mesh.tensor", "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id"}
 
 
 class Checkpointer:
@@ -74,13 +70,15 @@ class Checkpointer:
 
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
-    """``section.key`` entries that differ between a checkpoint's config and ``cfg`` (and matter)."""
+    """``section.key`` entries that differ between a checkpoint's config and ``cfg`` (and matter: keys
+    whose field is ``resumable`` may change)."""
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
+    resumable = resumable_keys()
     changed = []
     for section, values in now.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            if name not in RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value:
+            if name not in resumable and saved.get(section, {}).get(key) != value:
                 changed.append(f"{name}: checkpoint {saved.get(section, {}).get(key)!r}, now {value!r}")
     return changed
 

@@ -16,40 +16,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LAYER_PLACEMENTS = ("all", "low", "middle", "high")
-ANCHOR_MODES = ("random", "all")
-CONTRASTIVE_FORMS = ("gram", "reference")
-DTYPES = ("float32", "bfloat16")
-SPLITS = ("train", "validation", "test")
-EVAL_MODES = ("label", "loglik", "generate")
-SOURCE_FORMATS = ("jsonl", "llm_adapters", "bigbench", "hf")
-MODEL_ALIASES = ("smollm2-135m", "gemma3-270m", "random")
-# adapter.method -> what it is. Single-expert methods have no router; soft-routed ones weight every expert.
-METHODS = {
-    "comoe-lora": "top-k LoRA experts + the contrastive term (the paper)",
-    "comoe-dora": "top-k DoRA experts + the contrastive term",
-    "lora": "one LoRA expert, no router",
-    "dora": "one DoRA expert (peft's numerics), no router",
-    "mixlora": "top-k LoRA experts + the Switch/Mixtral load-balance loss (MixLoRA)",
-    "moe-soft": "every LoRA expert weighted by the router softmax (soft-routed MoE-LoRA)",
-    "omoe": "soft routing + Gram-Schmidt-orthogonalised expert outputs (OMoE)",
-}
-SINGLE_EXPERT_METHODS = ("lora", "dora")
-SOFT_ROUTED_METHODS = ("moe-soft", "omoe")
-DORA_METHODS = ("dora", "comoe-dora")
+from comoe_jax.constants import (
+    ANCHOR_MODES,
+    CONTRASTIVE_FORMS,
+    DTYPES,
+    EVAL_MODES,
+    LAYER_PLACEMENTS,
+    METHODS,
+    MODEL_ALIASES,
+    SINGLE_EXPERT_METHODS,
+    SOURCE_FORMATS,
+    SPLITS,
+    TARGET_MODULES,
+    TEMPLATES,
+)
+from comoe_jax.errors import ConfigError
+
 # What `adapter.method=<m>` sets (later overrides win): the auxiliary terms each method uses by default.
 _AUX = {"comoe-lora": (0.01, 0.0), "comoe-dora": (0.01, 0.0), "mixlora": (0.0, 0.01)}
 
 
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key and what is allowed."""
-
-
-def _f(default, help, **kw):
+def _f(default, help, *, resumable: bool = False):
+    """A documented config field. ``resumable``: the key may change when a run is resumed (it does not
+    change what is trained: lengths, logging, evaluation, device layout)."""
+    metadata = {"help": help, "resumable": resumable}
     if isinstance(default, (list, dict, tuple)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -134,48 +127,53 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    sources: tuple = _f(("mix",), "Evaluation sources (same forms as data.train), read at split eval.split.")
-    split: str = _f("test", "Split of the evaluation sources: train | validation | test.")
-    tasks: tuple = _f((), "Only these tasks of the evaluation sources (empty = all); single-task runs use it.")
+    sources: tuple = _f(("mix",), "Evaluation sources (same forms as data.train), read at split eval.split.",
+                        resumable=True)
+    split: str = _f("test", "Split of the evaluation sources: train | validation | test.", resumable=True)
+    tasks: tuple = _f((), "Only these tasks of the evaluation sources (empty = all); single-task runs use it.",
+                      resumable=True)
     mode: str = _f("label", "label: logits of the option labels at the answer position (MoE-PEFT's restricted-label "
                    "scoring) | loglik: length-normalised log-likelihood of each option | generate: greedy "
-                   "generation with a KV cache and answer extraction (LLM-Adapters style).")
-    max_per_task: int = _f(50, "At most this many items per task (0 = all).")
-    batch_size: int = _f(16, "Sequences per evaluation batch.")
-    max_new_tokens: int = _f(16, "Generation length (mode generate).")
-    before_training: bool = _f(True, "Evaluate the base model (adapters at initialisation) before training.")
-    after_training: bool = _f(True, "Evaluate the trained adapters at the end and write report.md.")
+                   "generation with a KV cache and answer extraction (LLM-Adapters style).", resumable=True)
+    max_per_task: int = _f(50, "At most this many items per task (0 = all).", resumable=True)
+    batch_size: int = _f(16, "Sequences per evaluation batch.", resumable=True)
+    max_new_tokens: int = _f(16, "Generation length (mode generate).", resumable=True)
+    before_training: bool = _f(True, "Evaluate the base model (adapters at initialisation) before training.",
+                               resumable=True)
+    after_training: bool = _f(True, "Evaluate the trained adapters at the end and write report.md.", resumable=True)
 
 
 @dataclass
 class MeshConfig:
-    num_devices: int = _f(-1, "Devices the mesh spans (the first N of jax.devices()); -1 = all.")
-    data: int = _f(-1, "Data-parallel mesh axis size; -1 takes every device left after fsdp and tensor.")
-    fsdp: int = _f(1, "Fully-sharded data-parallel axis size (parameters sharded, batch split).")
-    tensor: int = _f(1, "Tensor-parallel axis size (heads / MLP / vocab split).")
+    num_devices: int = _f(-1, "Devices the mesh spans (the first N of jax.devices()); -1 = all.", resumable=True)
+    data: int = _f(-1, "Data-parallel mesh axis size; -1 takes every device left after fsdp and tensor.",
+                   resumable=True)
+    fsdp: int = _f(1, "Fully-sharded data-parallel axis size (parameters sharded, batch split).", resumable=True)
+    tensor: int = _f(1, "Tensor-parallel axis size (heads / MLP / vocab split).", resumable=True)
     rules: tuple = _f((("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"),
                        ("mlp", "tensor"), ("vocab", "tensor"), ("expert", None), ("rank", None),
                        ("norm", None), ("length", None), ("act_embed", None)),
                       "Logical axis -> mesh axis (or tuple of axes, or None) rules for parameters "
-                      "and activations. A dimension that a mesh axis does not divide stays replicated.")
+                      "and activations. A dimension that a mesh axis does not divide stays replicated.", resumable=True)
     coordinator_address: str = _f("", "host:port of process 0 for multi-host jax.distributed; '' = single "
-                                  "process (on TPU pods, 'auto' lets JAX detect everything).")
-    num_processes: int = _f(1, "Processes in a multi-host run (with mesh.coordinator_address).")
-    process_id: int = _f(0, "This process's index in a multi-host run.")
+                                  "process (on TPU pods, 'auto' lets JAX detect everything).", resumable=True)
+    num_processes: int = _f(1, "Processes in a multi-host run (with mesh.coordinator_address).", resumable=True)
+    process_id: int = _f(0, "This process's index in a multi-host run.", resumable=True)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(60, "Optimizer steps.")
+    steps: int = _f(60, "Optimizer steps.", resumable=True)
     batch_size: int = _f(8, "Global examples per micro-batch (split over the data and fsdp mesh axes).")
     seed: int = _f(0, "Seed of adapter init, data order, dropout and anchor / negative sampling.")
-    output_dir: str = _f("runs/default", "Run folder: checkpoints, adapter export, metrics.jsonl.")
-    resume: bool = _f(True, "Continue from the latest checkpoint in output_dir if there is one.")
-    save_every: int = _f(20, "Steps between checkpoints (the last step is always saved).")
-    keep_checkpoints: int = _f(3, "Checkpoints kept (the oldest are deleted).")
-    log_every: int = _f(5, "Steps between progress lines.")
+    output_dir: str = _f("runs/default", "Run folder: checkpoints, adapter export, metrics.jsonl.", resumable=True)
+    resume: bool = _f(True, "Continue from the latest checkpoint in output_dir if there is one.", resumable=True)
+    save_every: int = _f(20, "Steps between checkpoints (the last step is always saved).", resumable=True)
+    keep_checkpoints: int = _f(3, "Checkpoints kept (the oldest are deleted).", resumable=True)
+    log_every: int = _f(5, "Steps between progress lines.", resumable=True)
     compilation_cache: str = _f("~/.cache/comoe-jax/xla", "Persistent XLA compilation cache folder (a rerun skips "
-                                "most compilation); '' disables. Ignored if JAX already has a cache folder.")
+                                "most compilation); '' disables. Ignored if JAX already has a cache folder.",
+                                resumable=True)
 
 
 @dataclass
@@ -191,6 +189,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def negatives_per_anchor(cfg: Config) -> int:
+    """N of the contrastive term: sampled negatives (``loss.num_negatives``) or every inactive expert."""
+    return cfg.loss.num_negatives or cfg.adapter.num_experts - cfg.adapter.top_k
 
 
 # --------------------------------------------------------------------------- loading and overrides
@@ -232,6 +235,11 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not path.exists():
         raise ConfigError(f"{path} does not exist: {run_dir} is not a comoe-jax run folder")
     return config_from_dict(json.loads(path.read_text()), str(path))
+
+
+def resumable_keys() -> set[str]:
+    """Keys that may change when a run is resumed (their fields carry ``resumable=True``)."""
+    return {key for key, f in all_keys().items() if f.metadata["resumable"]}
 
 
 def all_keys(cfg: Config | None = None) -> dict[str, dataclasses.Field]:
@@ -422,8 +430,6 @@ def validate(cfg: Config) -> Config:
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     _require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, ">= 0 (0 disables clipping)")
     _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, ">= 1")
-    from comoe_jax.data import TEMPLATES  # noqa: PLC0415  (data imports config)
-
     _require(d.template in TEMPLATES, "data.template", d.template, f"one of {', '.join(TEMPLATES)}")
     _require(d.seq_len >= 8, "data.seq_len", d.seq_len, ">= 8 tokens")
     _require(d.max_examples_per_task >= 0, "data.max_examples_per_task", d.max_examples_per_task, ">= 0 (0 = all)")

@@ -29,6 +29,7 @@ from flax import nnx
 from comoe_jax.data import DataError, Example, render, render_cloze
 from comoe_jax.data.templates import separator
 from comoe_jax.generate import greedy_generate
+from comoe_jax.tables import markdown_table, percent
 
 MAX_LEN = 1024  # prompts longer than this are cut from the left (the question's end is kept)
 
@@ -43,11 +44,10 @@ class EvalResult:
     seconds: float = 0.0
 
     def to_markdown(self, title: str = "") -> str:
-        rows = [f"| {task} | {r['total']} | {100 * r['accuracy']:.1f} |" for task, r in self.per_task.items()]
+        rows = [[task, r["total"], percent(r["accuracy"])] for task, r in self.per_task.items()]
+        rows.append(["**average**", sum(r["total"] for r in self.per_task.values()), f"**{percent(self.average)}**"])
         head = f"### {title}\n\n" if title else ""
-        return (head + f"mode `{self.mode}`\n\n| task | items | accuracy % |\n| --- | --- | --- |\n" + "\n".join(rows)
-                + f"\n| **average** | {sum(r['total'] for r in self.per_task.values())} | "
-                  f"**{100 * self.average:.1f}** |\n")
+        return head + f"mode `{self.mode}`\n\n" + markdown_table(["task", "items", "accuracy %"], rows)
 
     def write(self, path_stem: Path) -> None:
         """``<stem>.json`` (everything, predictions included) and ``<stem>.md``."""
@@ -267,11 +267,11 @@ def load_eval(path: Path) -> EvalResult | None:
 def comparison_markdown(before: EvalResult, after: EvalResult, title: str) -> str:
     """Before / after accuracy per task, the paper's table layout."""
     tasks = list(after.per_task)
-    head = "| | " + " | ".join(tasks) + " | Avg |\n|" + " --- |" * (len(tasks) + 2) + "\n"
-    row = lambda name, r: f"| {name} | " + " | ".join(  # noqa: E731
-        f"{100 * r.per_task[t]['accuracy']:.1f}" for t in tasks) + f" | {100 * r.average:.1f} |"
-    delta = "| change | " + " | ".join(f"{100 * (after.per_task[t]['accuracy'] - before.per_task[t]['accuracy']):+.1f}"
-                                       for t in tasks) + f" | {100 * (after.average - before.average):+.1f} |"
+    accuracy = lambda r, t: r.per_task[t]["accuracy"]  # noqa: E731
+    rows = [[name] + [percent(accuracy(r, t)) for t in tasks] + [percent(r.average)]
+            for name, r in (("before", before), ("after", after))]
+    rows.append(["change"] + [percent(accuracy(after, t) - accuracy(before, t), signed=True) for t in tasks]
+                + [percent(after.average - before.average, signed=True)])
     items = sum(r["total"] for r in after.per_task.values())
-    return (f"## {title}\n\naccuracy %, mode `{after.mode}`, {items} items\n\n" + head + row("before", before) + "\n"
-            + row("after", after) + "\n" + delta + "\n")
+    return (f"## {title}\n\naccuracy %, mode `{after.mode}`, {items} items\n\n"
+            + markdown_table(["", *tasks, "Avg"], rows))

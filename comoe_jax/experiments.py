@@ -17,8 +17,8 @@ def run_or_reuse(cfg: Config) -> dict:
     """
     import time
 
-    from comoe_jax.evaluate import load_eval  # noqa: PLC0415
-    from comoe_jax.trainer import train  # noqa: PLC0415
+    from comoe_jax.evaluate import load_eval  # JAX-heavy: imported once a run is due
+    from comoe_jax.trainer import train
 
     run = Path(cfg.train.output_dir)
     start = time.perf_counter()
@@ -32,6 +32,23 @@ def run_or_reuse(cfg: Config) -> dict:
     return {"run": str(run), "average": result.average, "accuracy": accuracy,
             "mi_bits": routing.get("mi_task_expert_set_bits", float("nan")), "params": params.get("total", 0),
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_grid(cells: list[tuple[dict, Config]], label: str = "run") -> list[dict]:
+    """Train (or reuse) each ``(cell, config)`` in order with a progress line (elapsed, ETA).
+
+    Returns one row per cell: ``{"cell": cell} | run_or_reuse(config)``.
+    """
+    import time
+
+    start, rows = time.perf_counter(), []
+    for i, (cell, cfg) in enumerate(cells, 1):
+        elapsed = time.perf_counter() - start
+        eta = "" if i == 1 else f", ETA {elapsed / (i - 1) * (len(cells) - i + 1) / 60:.0f} min"
+        print(f"=== {label} {i}/{len(cells)}: {cell} -> {cfg.train.output_dir} ({elapsed / 60:.0f} min elapsed{eta})",
+              flush=True)
+        rows.append({"cell": cell} | run_or_reuse(cfg))
+    return rows
 
 
 def median(values) -> float:

@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from comoe_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, load_adapters, set_adapters
-from comoe_jax.config import TARGET_MODULES, AdapterConfig, Config, LossConfig, config_from_dict
+from comoe_jax.config import AdapterConfig, Config, LossConfig, config_from_dict
+from comoe_jax.constants import TARGET_MODULES
+from comoe_jax.errors import AdapterFormatError
+from comoe_jax.generate import greedy_generate
+from comoe_jax.loading import from_pretrained, load_tokenizer, model_spec
 from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, unstack
 
 PEFT_PREFIX = "base_model.model."
@@ -26,10 +30,6 @@ _PEFT_LEAVES = {"lora_a": ("lora_A.weight", True), "lora_b": ("lora_B.weight", T
 _PEFT_REQUIRED = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
                   "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "modules_to_save": None,
                   "layer_replication": None}
-
-
-class AdapterFormatError(ValueError):
-    """An adapter folder that cannot be read; the message names the file and the field."""
 
 
 def _block(proj: str) -> str:
@@ -131,8 +131,6 @@ def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str =
     runs without any training code: ``model(ids)``, ``comoe_jax.evaluate``,
     ``comoe_jax.generate.greedy_generate`` / :func:`generate_text`.
     """
-    from comoe_jax.loading import from_pretrained, load_tokenizer, model_spec  # noqa: PLC0415
-
     kind = adapter_format(directory)
     meta = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
     base = base or (meta.get("base_model") if kind == "comoe" else meta.get("base_model_name_or_path"))
@@ -153,8 +151,6 @@ def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str =
 
 def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
     """Greedy completions of text prompts with the KV cache (the prompt is not repeated)."""
-    from comoe_jax.generate import greedy_generate  # noqa: PLC0415
-
     ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=pad,

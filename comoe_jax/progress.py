@@ -10,10 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-
-class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; the run stops without checkpointing the bad state."""
-
+from comoe_jax.errors import TrainingDiverged
 
 SHOWN = (("loss", "loss", ".4f"), ("ce", "ce", ".4f"), ("contrastive", "con", ".4f"), ("mi_gap", "mi_gap", ".3f"),
          ("load_balance", "lb", ".3f"), ("grad_norm", "gnorm", ".3f"), ("learning_rate", "lr", ".2e"))
@@ -112,54 +109,3 @@ class Progress:
     def _say(self, text: str) -> None:
         if self.is_main:
             print(text, file=self.stream, flush=True)
-
-
-def plot_run(history: list[dict], out_dir: Path, modules: list[str] | None = None) -> list[Path]:
-    """Loss curves, and the last expert load (one panel per adapted projection, layers x experts), as PNGs.
-
-    ``modules`` names the rows of ``expert_load`` (``CausalLM.adapter_modules()``).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not history:
-        return []
-    steps = [r["step"] for r in history]
-    keys = [k for k in ("loss", "ce", "contrastive", "mi_gap") if k in history[-1]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        ax.plot(steps, [r.get(key, np.nan) for r in history])
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_dir / "losses.png", dpi=100)
-    plt.close(fig)
-    written = [out_dir / "losses.png"]
-    loads = [r for r in history if "expert_load" in r]
-    if loads and modules:
-        written.append(_plot_load(np.asarray(loads[-1]["expert_load"]), modules, loads[-1]["step"], out_dir, plt))
-    return written
-
-
-def _plot_load(load: np.ndarray, modules: list[str], step: int, out_dir: Path, plt) -> Path:
-    """Heatmap per projection: rows = layers, columns = experts, colour = share of routing slots."""
-    projections = list(dict.fromkeys(m.split(".", 2)[2] for m in modules))
-    layers = sorted({int(m.split(".")[1]) for m in modules})
-    fig, axes = plt.subplots(1, len(projections), figsize=(1.5 + 1.6 * len(projections), 2.2 + 0.18 * len(layers)),
-                             squeeze=False, sharey=True, layout="constrained")
-    for ax, proj in zip(axes[0], projections):
-        rows = [modules.index(f"layers.{layer}.{proj}") for layer in layers]
-        image = ax.imshow(load[rows], aspect="auto", cmap="viridis", vmin=0, vmax=max(float(load.max()), 1e-6))
-        ax.set_title(proj.split(".")[-1], fontsize=9)
-        ax.set_xlabel("expert")
-        ax.set_xticks(range(load.shape[1]))
-    axes[0][0].set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
-    axes[0][0].set_ylabel("layer")
-    fig.colorbar(image, ax=axes[0].tolist(), label="share of routing slots")
-    fig.suptitle(f"expert load at step {step}")
-    path = out_dir / "expert_load.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from comoe_jax.analysis import collect_routing, expert_outputs_2d, plot_mi_gap, plot_representations, plot_workload
+from comoe_jax.analysis import collect_routing, expert_outputs_2d
 from comoe_jax.analysis import write_summary as write_routing_summary
 from comoe_jax.config import Config
 from comoe_jax.data import Example, load_sources
 from comoe_jax.evaluate import EvalResult, comparison_markdown, evaluate
+from comoe_jax.plots import plot_representations, plot_workload
 
 
 def evaluation_examples(cfg: Config) -> list[Example]:
@@ -69,14 +70,6 @@ def write_report(out: Path, cfg: Config, before: EvalResult | None, after: EvalR
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
-
-
-def plot_training(out: Path, cfg: Config, history: list[dict]) -> None:
-    if any("mi_gap" in r for r in history):
-        import math
-
-        n = cfg.loss.num_negatives or cfg.adapter.num_experts - cfg.adapter.top_k
-        plot_mi_gap({f"lambda = {cfg.loss.contrastive_weight}": history}, out / "mi_gap.png", math.log(n))
 
 
 def load_history(run: Path) -> list[dict]:

@@ -44,10 +44,11 @@ class RopeSpec:
         theta = params.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         if rope_type not in ROPE_TYPES:
-            raise ValueError(f"config.json rope_type {rope_type!r} is not supported; "
+            raise ValueError(f"rope_type {rope_type!r} is not supported; "
                              f"supported: {', '.join(ROPE_TYPES)}")
         if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("config.json partial_rotary_factor != 1 is not part of the Llama architecture")
+            raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported (rotary "
+                             "embeddings on the whole head only)")
         items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
         return cls(head_dim, float(theta), rope_type, int(hf_config.max_position_embeddings), items)
 

@@ -19,8 +19,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from comoe_jax.config import ConfigError, MeshConfig
+from comoe_jax.constants import MESH_AXES
 
-MESH_AXES = ("data", "fsdp", "tensor")
 log = logging.getLogger(__name__)
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("comoe_rules", default=None)

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from comoe_jax import sharding as shd
-from comoe_jax.adapters import ForwardContext
+from comoe_jax.adapters import AdapterStat, ForwardContext
 from comoe_jax.config import Config
 from comoe_jax.data import BATCH_ARRAYS
 from comoe_jax.model import flat_axes, flat_values, state_from_flat
@@ -43,11 +43,6 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
     adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.adam_eps, weight_decay=o.weight_decay)
     tx = optax.chain(optax.clip_by_global_norm(o.max_grad_norm), adamw) if o.max_grad_norm > 0 else adamw
     return tx, schedule
-
-
-def mean_over_modules(stats: dict, key: str) -> jax.Array | None:
-    values = [s[key] for s in stats.values() if key in s]
-    return jnp.mean(jnp.stack(values)) if values else None
 
 
 @dataclass
@@ -123,25 +118,25 @@ class TrainStep:
                           state_from_flat(self.frozen_template, frozen))
         ctx = ForwardContext(token_mask=batch["attention_mask"].astype(jnp.float32),
                              token_count=counts["tokens"], key=key)
-        out = model.forward(batch["input_ids"], batch["attention_mask"], batch["positions"], ctx=ctx,
-                            segment_ids=batch["segment_ids"])
+        out, stats = nnx.capture(model.forward, AdapterStat)(
+            batch["input_ids"], batch["attention_mask"], batch["positions"], ctx=ctx, segment_ids=batch["segment_ids"])
         ce_tokens = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
         ce = jnp.sum(ce_tokens * batch["loss_mask"]) / counts["response"]
         metrics = {"ce": ce, "response_tokens": jnp.sum(batch["loss_mask"]).astype(jnp.float32),
                    "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
         loss = ce
-        contrastive = mean_over_modules(out.stats, "contrastive")
-        if contrastive is not None:
-            metrics |= {"contrastive": contrastive, "mi_gap": mean_over_modules(out.stats, "mi_gap")}
-            loss = loss + lo.contrastive_weight * contrastive
-        balance = mean_over_modules(out.stats, "load_balance")
-        if balance is not None:
-            balance = balance / self.cfg.optim.grad_accum_steps  # a per-micro-batch mean: average them
+        spec = model.placement.spec if model.placement is not None else None
+        if spec is not None and spec.num_experts > 1:  # routed adapters sow their statistics
+            if spec.contrastive:
+                contrastive = jnp.mean(model.stat(stats, "contrastive"))
+                metrics |= {"contrastive": contrastive, "mi_gap": jnp.mean(model.stat(stats, "mi_gap"))}
+                loss = loss + lo.contrastive_weight * contrastive
+            # a per-micro-batch mean: average them
+            balance = jnp.mean(model.stat(stats, "load_balance")) / self.cfg.optim.grad_accum_steps
             metrics["load_balance"] = balance
             if lo.load_balance_weight > 0:
                 loss = loss + lo.load_balance_weight * balance
-        if out.stats:
-            metrics["expert_load"] = jnp.stack([s["load"] for s in out.stats.values()])  # [modules, n]
+            metrics["expert_load"] = model.stat(stats, "load")  # [modules, n]
         metrics["loss"] = loss
         return loss, metrics
 

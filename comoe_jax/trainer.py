@@ -19,18 +19,18 @@ from flax import nnx
 
 from comoe_jax import sharding as shd
 from comoe_jax.checkpoint import Checkpointer, config_changes, save_adapters
-from comoe_jax.config import Config, ConfigError, validate
+from comoe_jax.config import Config, ConfigError, negatives_per_anchor, validate
 from comoe_jax.data import BATCH_ARRAYS, TrainStream, check_tokenizer, load_sources, tokenize
 from comoe_jax.evaluate import EvalResult, load_eval
 from comoe_jax.loading import build_model, load_tokenizer
 from comoe_jax.model import flat_values, split_model, state_from_flat, trainable_parameters
-from comoe_jax.progress import Progress, plot_run
+from comoe_jax.plots import plot_run
+from comoe_jax.progress import Progress
 from comoe_jax.report import (
     analyse_and_save,
     evaluate_and_save,
     evaluation_examples,
     load_history,
-    plot_training,
     write_report,
 )
 from comoe_jax.step import TrainState, TrainStep
@@ -158,8 +158,8 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     save_adapters(out / "adapter", state.params, model.groups, cfg)
     history = load_history(out)  # the whole run, earlier sessions included
     if jax.process_index() == 0:
-        plot_run(history, out, model.adapter_modules())
-        plot_training(out, cfg, history)
+        plot_run(history, out, model.adapter_modules(), f"lambda = {cfg.loss.contrastive_weight}",
+                 negatives_per_anchor(cfg))
     say(f"checkpoint step {int(jax.device_get(state.step))} and adapter export written to {out}")
     if not interrupted and cfg.eval.after_training:
         trained = nnx.merge(graphdef, state_from_flat(adapters, state.params), frozen_state)

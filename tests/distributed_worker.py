@@ -11,8 +11,7 @@ import jax
 
 def main(process_id: int, num_processes: int, port: int, out: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from tests.test_sharding import SHARDED, run_steps
-    from tests.test_train import tiny_config
+    from tests.support import SHARDED, run_steps, tiny_config
 
     cfg = tiny_config(**SHARDED)
     cfg.mesh.coordinator_address = f"127.0.0.1:{port}"

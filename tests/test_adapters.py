@@ -9,7 +9,7 @@ from absl.testing import parameterized
 from flax import nnx
 
 from comoe_jax import ops
-from comoe_jax.adapters import ForwardContext, MoESpec, MoLoRALinear
+from comoe_jax.adapters import AdapterStat, ForwardContext, MoESpec, MoLoRALinear
 from comoe_jax.config import AdapterConfig, Config, parse_layer_range
 from comoe_jax.loading import build_model
 from comoe_jax.model import flat_values, split_model
@@ -27,8 +27,9 @@ def _layer(d_in, d_out, spec, seed=0):
 
 
 def _call(layer, x, ctx=None):
-    graphdef, state = nnx.split(layer)
-    return nnx.merge(graphdef, state)(x, ctx)
+    """(y, {statistic: value}) of a functional copy of ``layer``, its sown AdapterStat captured."""
+    y, stats = nnx.capture(nnx.merge(*nnx.split(layer)), AdapterStat)(x, ctx)
+    return y, {path[-1]: v.get_value() for path, v in nnx.to_flat_state(stats)}
 
 
 class MoLoRALinearTest(parameterized.TestCase):

@@ -6,9 +6,10 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from comoe_jax import AdapterConfig, from_pretrained
-from comoe_jax.adapters import ForwardContext
+from comoe_jax.adapters import ForwardContext, RoutingTrace
 from comoe_jax.analysis import collect_routing, expert_outputs_2d, mutual_information, task_expert_mi
 from comoe_jax.data import Example, multiple_choice, render, render_cloze
 from comoe_jax.data.templates import separator
@@ -171,7 +172,7 @@ def test_collect_routing_counts_every_prompt_token(model, tok):
     # the same counts straight from one probed forward of the first item
     ids = jnp.asarray([tok(render(items[0], "choice")[0])["input_ids"]], jnp.int32)
     n = ids.shape[1]
-    stats = model.forward(ids, ctx=ForwardContext(jnp.ones((1, n)), jnp.float32(n), probe=jnp.array([n - 1]))).stats
-    topk = np.asarray(stats["layers.0.self_attn.q_proj"]["topk"][0])
+    _, trace = nnx.capture(model.forward, RoutingTrace)(ids, ctx=ForwardContext(jnp.ones((1, n)), jnp.float32(n)))
+    topk = np.asarray(model.stat(trace, "topk")[0, 0])  # module layers.0.self_attn.q_proj, first row
     single = collect_routing(model, tok, items[:1], "choice", batch_size=1)
     np.testing.assert_array_equal(single.expert_counts[0, 0], np.bincount(topk.ravel(), minlength=4))

@@ -1,6 +1,5 @@
 """Adapter export / import and the order of per-module statistics."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,10 +7,9 @@ import pytest
 from comoe_jax.checkpoint import load_adapters, save_adapters, set_adapters
 from comoe_jax.loading import build_model
 from comoe_jax.model import flat_values, split_model
-from tests.test_train import tiny_config
 
 
-def test_adapter_export_round_trip(tmp_path):
+def test_adapter_export_round_trip(tmp_path, tiny_config):
     cfg = tiny_config(adapter__layers="1:2")
     model = build_model(cfg)
     _, adapters, _ = split_model(model)
@@ -37,11 +35,26 @@ def test_adapter_export_round_trip(tmp_path):
         set_adapters(fresh, bad)
 
 
-def test_statistics_follow_adapter_module_order():
-    from comoe_jax.adapters import ForwardContext
+def test_statistics_follow_adapter_module_order(tiny_config):
+    from flax import nnx
 
-    model = build_model(tiny_config(adapter__target_modules=("q_proj", "down_proj")))
-    ids = jnp.ones((2, 6), jnp.int32)
-    out = model.forward(ids, ctx=ForwardContext(jnp.ones((2, 6)), jnp.float32(12), jax.random.key(0)))
-    assert list(out.stats) == model.adapter_modules()
-    assert model.adapter_modules()[:2] == ["layers.0.self_attn.q_proj", "layers.0.mlp.down_proj"]
+    from comoe_jax.adapters import AdapterStat, ForwardContext
+
+    model = build_model(tiny_config(adapter__target_modules=("q_proj", "down_proj"), adapter__layers="1:3",
+                                    model__random_arch=dict(tiny_config().model.random_arch, num_hidden_layers=4)))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 6)), jnp.int32)
+    logits, stats = nnx.capture(model.forward, AdapterStat)(
+        ids, ctx=ForwardContext(jnp.ones((2, 6)), jnp.float32(12)))
+    assert model.adapter_modules() == ["layers.1.self_attn.q_proj", "layers.1.mlp.down_proj",
+                                       "layers.2.self_attn.q_proj", "layers.2.mlp.down_proj"]
+    load = model.stat(stats, "load")
+    assert load.shape == (4, 4)
+    stack = stats["layers"][1]["layer"]  # the adapted stack holds layers 1 and 2
+    for row, name in enumerate(model.adapter_modules()):
+        layer, block, proj = name.split(".")[1:]
+        np.testing.assert_array_equal(load[row], stack[block][proj]["load"].get_value()[int(layer) - 1])
+    assert not np.allclose(load[0], load[2])  # rows really are different modules
+    # outside a capture nothing is sown and the model is unchanged
+    np.testing.assert_array_equal(model.forward(ids, ctx=ForwardContext(jnp.ones((2, 6)), jnp.float32(12))).logits,
+                                  logits.logits)
+    assert not nnx.state(model, AdapterStat)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConf
 from comoe_jax import AdapterConfig, from_pretrained  # noqa: E402
 from comoe_jax.generate import greedy_generate  # noqa: E402
 from comoe_jax.loading import GEMMA3_PACKAGE, model_spec  # noqa: E402
-from tests.test_model_parity import _inputs, randomised  # noqa: E402
+from tests.support import padded_inputs, randomised  # noqa: E402
 
 BASE = dict(vocab_size=101, hidden_size=40, intermediate_size=56, num_hidden_layers=5, num_attention_heads=4,
             num_key_value_heads=2, head_dim=12, max_position_embeddings=64, sliding_window=4,
@@ -42,7 +42,7 @@ def _logits(hf_model, ids, mask):
 def test_logits_match_transformers_gemma3(name, tmp_path):
     hf_model = _hf_model(CONFIGS[name])
     hf_model.save_pretrained(tmp_path)
-    ids, mask = _inputs(hf_model.config.vocab_size)
+    ids, mask = padded_inputs(hf_model.config.vocab_size)
     want = _logits(hf_model, ids, mask)
     ours = from_pretrained(str(tmp_path))
     spec = ours.spec
@@ -56,7 +56,7 @@ def test_the_sliding_window_is_what_makes_parity(tmp_path):
     """A window of 4 over 13 tokens changes the logits: parity above is not parity of a full-attention model."""
     hf_model = _hf_model(CONFIGS["gqa_window4"], seed=1)
     hf_model.save_pretrained(tmp_path)
-    ids, mask = _inputs(hf_model.config.vocab_size, seed=1)
+    ids, mask = padded_inputs(hf_model.config.vocab_size, seed=1)
     windowed = np.asarray(from_pretrained(str(tmp_path))(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
     hf_model.config.sliding_window = 64
     np.testing.assert_allclose(windowed[0, :4], _logits(hf_model, ids, mask)[0, :4], atol=1e-4)  # inside the window
@@ -66,7 +66,7 @@ def test_the_sliding_window_is_what_makes_parity(tmp_path):
 def test_adapters_on_gemma3_start_at_the_base_model_and_train(tmp_path):
     hf_model = _hf_model(CONFIGS["gqa_window4"], seed=2)
     hf_model.save_pretrained(tmp_path)
-    ids, mask = _inputs(hf_model.config.vocab_size, seed=2)
+    ids, mask = padded_inputs(hf_model.config.vocab_size, seed=2)
     every = AdapterConfig(target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                           "down_proj"), layers="all")
     bare = np.asarray(from_pretrained(str(tmp_path))(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
@@ -98,7 +98,7 @@ def test_the_language_model_of_a_multimodal_gemma3_checkpoint_is_loaded(tmp_path
     hf_model = randomised(Gemma3ForConditionalGeneration,
                           Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4), seed=5)
     hf_model.save_pretrained(tmp_path)
-    ids, mask = _inputs(300, seed=5)
+    ids, mask = padded_inputs(300, seed=5)
     want = _logits(hf_model, ids, mask)
     got = np.asarray(from_pretrained(str(tmp_path))(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
     np.testing.assert_allclose(got[mask.astype(bool)], want[mask.astype(bool)], atol=1e-4, rtol=0)
@@ -138,14 +138,13 @@ def test_packed_rows_keep_examples_apart_under_the_sliding_window(tmp_path):
         np.testing.assert_allclose(packed[rows], alone, atol=1e-5)
 
 
-def test_comoe_training_on_gemma3_lowers_the_loss_and_changes_only_adapters():
-    from tests.test_train import _batch, _setup, tiny_config
+def test_comoe_training_on_gemma3_lowers_the_loss_and_changes_only_adapters(tiny_config, setup_step, next_batch):
 
     cfg = tiny_config(train__steps=20)
     cfg.model.random_arch = BASE | {"model_type": "gemma3_text", "vocab_size": 320}
-    step_fn, state, frozen, data, mesh, rules = _setup(cfg)
+    step_fn, state, frozen, data, mesh, rules = setup_step(cfg)
     before, frozen_before = jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, frozen)
-    batch = _batch(data, cfg, mesh, rules)
+    batch = next_batch(data, cfg, mesh, rules)
     losses = []
     for _ in range(20):
         state, metrics = step_fn(state, frozen, batch)
@@ -156,13 +155,11 @@ def test_comoe_training_on_gemma3_lowers_the_loss_and_changes_only_adapters():
     assert any(k.endswith("pre_feedforward_layernorm.scale") for k in frozen)
 
 
-def test_gemma3_on_eight_devices_equals_one():
-    from tests.test_sharding import SHARDED, run_steps
-    from tests.test_train import tiny_config
+def test_gemma3_on_eight_devices_equals_one(tiny_config, run_steps, sharded):
 
     arch = BASE | {"model_type": "gemma3_text", "vocab_size": 320, "num_hidden_layers": 2,
                    "layer_types": ["sliding_attention", "full_attention"]}
-    one, eight = tiny_config(), tiny_config(**SHARDED)
+    one, eight = tiny_config(), tiny_config(**sharded)
     one.model.random_arch = eight.model.random_arch = arch
     np.testing.assert_allclose(run_steps(eight, jax.devices()[:8]), run_steps(one, jax.devices()[:1]), rtol=1e-5)
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from comoe_jax import AdapterConfig, from_pretrained  # noqa: E402
 from comoe_jax.loading import SMOLLM2_FILE, SMOLLM2_PACKAGE, LoadError, load_tokenizer  # noqa: E402
+from tests.support import padded_inputs, randomised  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
             head_dim=12, max_position_embeddings=64)
@@ -34,31 +35,12 @@ CONFIGS = {
 }
 
 
-def randomised(model_class, config, seed=0):
-    """A transformers model with every weight drawn from N(0, 0.2) (its init leaves norms at 1 / 0)."""
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
-
-
 def _hf_model(kwargs, seed=0):
     return randomised(LlamaForCausalLM, LlamaConfig(**(BASE | kwargs)), seed)
 
 
-def _inputs(vocab, seed=0, batch=3, length=13):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(batch, length))
-    mask = np.ones((batch, length), np.int64)
-    mask[1, length - 4:] = 0  # right padding
-    mask[2, 5:] = 0
-    return ids, mask
-
-
 def _compare(hf_model, folder, *, tol=1e-4, **kw):
-    ids, mask = _inputs(hf_model.config.vocab_size)
+    ids, mask = padded_inputs(hf_model.config.vocab_size)
     with torch.no_grad():
         want = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     ours = from_pretrained(str(folder), **kw)

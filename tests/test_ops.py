@@ -249,11 +249,23 @@ class LoadBalanceTest(parameterized.TestCase):
         topk = jnp.array([[i % 4, (i + 1) % 4] for i in range(8)])
         np.testing.assert_allclose(ops.load_balance_loss(probs, topk), 2.0, rtol=1e-6)
 
-    def test_gradient_flows_to_probs_only(self):
-        logits = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)
+    def test_gradient_is_n_f_over_tokens_through_the_probabilities_only(self):
+        # dL/dP[t, i] = n f_i w_t: the selected fraction f acts as a constant (Switch Transformer), so the
+        # gradient moves probability towards under-used experts. Any gradient through f, or a missing
+        # one through P, changes these values.
+        rng = np.random.default_rng(0)
+        logits = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+        mask = jnp.asarray([1, 1, 0, 1, 1, 1], jnp.float32)
         _, topk = ops.topk_route(logits, 2)
-        g = jax.grad(lambda z: ops.load_balance_loss(ops.router_probs(z), topk))(logits)
-        assert np.abs(np.asarray(g)).sum() > 0
+        probs = ops.router_probs(logits)
+        g = jax.grad(lambda p: ops.load_balance_loss(p, topk, mask))(probs)
+        f = np.zeros(4)
+        for t in range(6):
+            for i in np.asarray(topk[t]):
+                f[i] += mask[t] / 5
+        np.testing.assert_allclose(g, 4 * np.asarray(mask)[:, None] / 5 * f[None, :], rtol=1e-6)
+        g_logits = jax.grad(lambda z: ops.load_balance_loss(ops.router_probs(z), topk, mask))(logits)
+        assert np.abs(np.asarray(g_logits[2])).sum() == 0 and np.abs(np.asarray(g_logits)).sum() > 0
 
 
 if __name__ == "__main__":

@@ -16,37 +16,17 @@ from comoe_jax import sharding as shd
 from comoe_jax.config import ConfigError, MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARDED = dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2, mesh__num_devices=8)
-STEPS = 3
-
-
-def run_steps(cfg, devices):
-    """Losses (and CE, contrastive term) of the first STEPS steps of ``cfg`` on ``devices``."""
-    from tests.test_train import _batch, _setup
-
-    step_fn, state, frozen, data, mesh, rules = _setup(cfg, devices)
-    out = []
-    for _ in range(STEPS):
-        batch = _batch(data, cfg, mesh, rules)
-        state, m = step_fn(state, frozen, batch)
-        out.append([float(m["loss"]), float(m["ce"]), float(m["contrastive"])])
-    return out
 
 
 @pytest.fixture(scope="module")
-def single_device_losses():
-    from tests.test_train import tiny_config
-
+def single_device_losses(tiny_config, run_steps):
     return run_steps(tiny_config(), jax.devices()[:1])
 
 
-def test_eight_devices_equal_one(single_device_losses):
-    from tests.test_train import _setup, tiny_config
-
+def test_eight_devices_equal_one(single_device_losses, tiny_config, setup_step, run_steps, sharded):
     assert jax.device_count() >= 8, "conftest.py should give 8 CPU devices"
-    sharded = run_steps(tiny_config(**SHARDED), jax.devices()[:8])
-    np.testing.assert_allclose(sharded, single_device_losses, rtol=1e-5)
-    step_fn, state, frozen, *_ = _setup(tiny_config(**SHARDED), jax.devices()[:8])
+    np.testing.assert_allclose(run_steps(tiny_config(**sharded), jax.devices()[:8]), single_device_losses, rtol=1e-5)
+    step_fn, state, frozen, *_ = setup_step(tiny_config(**sharded), jax.devices()[:8])
     kernel = frozen["layers.0.layer.self_attn.q_proj.kernel"]  # [layers, embed, heads]
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
     assert state.params["layers.0.layer.self_attn.q_proj.lora_b"].sharding.spec == P(None, None, None, "tensor")

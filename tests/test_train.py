@@ -9,59 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from comoe_jax import sharding as shd
 from comoe_jax import trainer
-from comoe_jax.config import Config, ConfigError
-from comoe_jax.loading import build_model, load_tokenizer
-from comoe_jax.model import flat_values, split_model
+from comoe_jax.config import ConfigError
 from comoe_jax.step import TrainStep
 
 
-def tiny_config(tmp_path=None, **overrides) -> Config:
-    cfg = Config()
-    cfg.model.path = "random"
-    cfg.model.random_arch = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)
-    cfg.adapter.rank = 4
-    cfg.data.train = ("builtin:add+reverse+antonym",)
-    cfg.data.template = "plain"
-    cfg.data.seq_len = 56
-    cfg.train.batch_size = 4
-    cfg.train.steps = 6
-    cfg.train.log_every = 2
-    cfg.train.save_every = 2
-    cfg.optim.learning_rate = 1e-2
-    cfg.optim.warmup_steps = 1
-    cfg.mesh.num_devices = 1
-    cfg.eval.before_training = cfg.eval.after_training = False
-    if tmp_path is not None:
-        cfg.train.output_dir = str(tmp_path / "run")
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
-
-
-def _setup(cfg, devices=None):
-    mesh = shd.make_mesh(cfg.mesh, devices or jax.devices()[:1])
-    rules = shd.rules_dict(cfg.mesh.rules)
-    model = build_model(cfg, mesh, rules)
-    graphdef, adapters, frozen = split_model(model)
-    step = TrainStep(cfg, graphdef, adapters, frozen, mesh, rules)
-    data = trainer.training_stream(cfg, load_tokenizer("random"), say=lambda text: None)
-    return step, step.init_state(flat_values(adapters)), flat_values(frozen), data, mesh, rules
-
-
-def _batch(stream, cfg, mesh, rules):
-    return shd.global_batch(trainer.next_global_batch(stream, cfg), mesh, rules, batch_axis=1)
-
-
-def test_overfitting_one_batch_lowers_the_loss_and_only_adapters_change():
+def test_overfitting_one_batch_lowers_the_loss_and_only_adapters_change(tiny_config, setup_step, next_batch):
     cfg = tiny_config(train__steps=40)
-    step_fn, state, frozen, data, mesh, rules = _setup(cfg)
+    step_fn, state, frozen, data, mesh, rules = setup_step(cfg)
     before = jax.tree.map(np.asarray, state.params)
     frozen_before = jax.tree.map(np.asarray, frozen)
-    batch = _batch(data, cfg, mesh, rules)
+    batch = next_batch(data, cfg, mesh, rules)
     losses = []
     for _ in range(40):
         state, metrics = step_fn(state, frozen, batch)
@@ -76,26 +34,26 @@ def test_overfitting_one_batch_lowers_the_loss_and_only_adapters_change():
     assert leaves <= {v.shape for v in state.params.values()}
 
 
-def test_total_loss_is_ce_plus_weighted_terms():
+def test_total_loss_is_ce_plus_weighted_terms(tiny_config, setup_step, next_batch):
     cfg = tiny_config(loss__load_balance_weight=0.3)
-    step_fn, state, frozen, data, mesh, rules = _setup(cfg)
+    step_fn, state, frozen, data, mesh, rules = setup_step(cfg)
     for s in range(3):  # after a few steps B != 0, so the contrastive term is informative
-        state, m = step_fn(state, frozen, _batch(data, cfg, mesh, rules))
+        state, m = step_fn(state, frozen, next_batch(data, cfg, mesh, rules))
     want = m["ce"] + 0.01 * m["contrastive"] + 0.3 * m["load_balance"]
     np.testing.assert_allclose(m["loss"], want, rtol=1e-6)
     assert np.isfinite(m["mi_gap"]) and m["expert_load"].shape == (8, 4)
     np.testing.assert_allclose(np.asarray(m["expert_load"]).sum(-1), 1.0, rtol=1e-5)
 
 
-def test_gradient_accumulation_equals_one_large_batch():
+def test_gradient_accumulation_equals_one_large_batch(tiny_config, setup_step, next_batch):
     # Deterministic forward (no dropout, every anchor) so both runs see identical terms.
     base = dict(adapter__dropout=0.0, loss__anchor="all")
     big = tiny_config(train__batch_size=4, **base)
     small = tiny_config(train__batch_size=2, optim__grad_accum_steps=2, **base)
-    step_big, state_big, frozen, data, mesh, rules = _setup(big)
-    step_small, state_small, *_ = _setup(small)
+    step_big, state_big, frozen, data, mesh, rules = setup_step(big)
+    step_small, state_small, *_ = setup_step(small)
     for s in range(2):
-        b = _batch(data, big, mesh, rules)
+        b = next_batch(data, big, mesh, rules)
         micro = {k: v.reshape(2, 2, -1) for k, v in b.items()}
         state_big, m_big = step_big(state_big, frozen, b)
         state_small, m_small = step_small(state_small, frozen, micro)
@@ -105,13 +63,13 @@ def test_gradient_accumulation_equals_one_large_batch():
         np.testing.assert_allclose(state_small.params[name], state_big.params[name], rtol=1e-4, atol=1e-6)
 
 
-def test_monitoring_the_term_does_not_change_training():
+def test_monitoring_the_term_does_not_change_training(tiny_config, setup_step, next_batch):
     plain = tiny_config(loss__contrastive_weight=0.0)
     watched = tiny_config(loss__contrastive_weight=0.0, loss__monitor_contrastive=True)
-    a, state_a, frozen, data, mesh, rules = _setup(plain)
-    b, state_b, *_ = _setup(watched)
+    a, state_a, frozen, data, mesh, rules = setup_step(plain)
+    b, state_b, *_ = setup_step(watched)
     for s in range(2):
-        batch = _batch(data, plain, mesh, rules)
+        batch = next_batch(data, plain, mesh, rules)
         state_a, m_a = a(state_a, frozen, batch)
         state_b, m_b = b(state_b, frozen, batch)
     assert "contrastive" not in m_a and np.isfinite(m_b["contrastive"])
@@ -124,12 +82,12 @@ def _params(result):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+def straight_run(tmp_path_factory, tiny_config):
     return _params(trainer.train(tiny_config(tmp_path_factory.mktemp("straight"))))
 
 
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
-def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, straight_run, how):
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, straight_run, how, tiny_config):
     real, calls = trainer.next_global_batch, []
 
     def interrupting(stream, cfg):
@@ -152,7 +110,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, s
         np.testing.assert_allclose(_params(resumed)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
-def test_end_to_end_run_writes_every_artefact(tmp_path):
+def test_end_to_end_run_writes_every_artefact(tmp_path, tiny_config):
     cfg = tiny_config(tmp_path, train__steps=8, eval__before_training=True, eval__after_training=True,
                       eval__sources=("mix",), eval__max_per_task=3, eval__mode="label")
     cfg.data.train = ("mix", "builtin:add")
@@ -174,7 +132,7 @@ def test_end_to_end_run_writes_every_artefact(tmp_path):
     assert sum(r["total"] for r in after["per_task"].values()) == 12
 
 
-def test_changed_config_is_not_resumed(tmp_path):
+def test_changed_config_is_not_resumed(tmp_path, tiny_config):
     trainer.train(tiny_config(tmp_path, train__steps=2))
     with pytest.raises(ConfigError, match=r"different config.*adapter\.rank: checkpoint 4, now 8"):
         trainer.train(tiny_config(tmp_path, adapter__rank=8))
@@ -184,9 +142,8 @@ def test_changed_config_is_not_resumed(tmp_path):
     assert int(extended.state.step) == 3
 
 
-def test_divergence_stops_without_checkpointing_the_bad_state(tmp_path, monkeypatch):
+def test_divergence_stops_without_checkpointing_the_bad_state(tmp_path, monkeypatch, tiny_config):
     from comoe_jax.progress import TrainingDiverged
-    from comoe_jax.step import TrainStep
 
     real = TrainStep.__call__
 
@@ -202,12 +159,12 @@ def test_divergence_stops_without_checkpointing_the_bad_state(tmp_path, monkeypa
     assert trainer.Checkpointer(tmp_path / "run", 3).latest_step() == 2
 
 
-def test_bfloat16_base_trains():
+def test_bfloat16_base_trains(tiny_config, setup_step, next_batch):
     cfg = tiny_config(model__dtype="bfloat16", model__param_dtype="bfloat16", train__steps=15)
-    step_fn, state, frozen, data, mesh, rules = _setup(cfg)
+    step_fn, state, frozen, data, mesh, rules = setup_step(cfg)
     assert all(v.dtype == jnp.bfloat16 for v in frozen.values())
     assert all(v.dtype == jnp.float32 for v in state.params.values())
-    batch = _batch(data, cfg, mesh, rules)
+    batch = next_batch(data, cfg, mesh, rules)
     first = None
     for _ in range(15):
         state, m = step_fn(state, frozen, batch)

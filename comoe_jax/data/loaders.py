@@ -22,8 +22,8 @@ import json
 import re
 from pathlib import Path
 
-from comoe_jax.config import SOURCE_FORMATS as FORMATS
-from comoe_jax.config import SPLITS
+from comoe_jax.constants import SOURCE_FORMATS as FORMATS
+from comoe_jax.constants import SPLITS
 from comoe_jax.data.records import DataError, Example, multiple_choice
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from comoe_jax.errors import DataError
+
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-class DataError(ValueError):
-    """Unusable data; the message names the file, the line or record, and the field."""
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ Multiple-choice examples list their options as ``(A) text`` lines and are answer
 
 from __future__ import annotations
 
+from comoe_jax.constants import TEMPLATES
 from comoe_jax.data.records import Example
-
-TEMPLATES = ("alpaca", "choice", "plain")
 
 _ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
            "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")

@@ -1,0 +1,67 @@
+"""transformers configs -> :class:`DecoderSpec`: which model types comoe-jax implements and how they read.
+
+Reads only the config object (``config.json``, a GGUF header or ``model.random_arch``), so an
+unsupported model is refused before any weight is read.
+"""
+
+from __future__ import annotations
+
+from comoe_jax.errors import LoadError
+from comoe_jax.model import ACTIVATIONS, DecoderSpec
+from comoe_jax.rope import RopeSpec
+
+FAMILIES = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}  # transformers model_type -> ours
+
+
+def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
+    """The :class:`DecoderSpec` of a transformers config; ``source`` names it in error messages."""
+    model_type = getattr(hf, "model_type", "llama")
+    if model_type not in FAMILIES:
+        raise LoadError(f"{source}: model_type {model_type!r} is not supported; comoe-jax implements "
+                        f"{', '.join(FAMILIES)}")
+    if model_type == "gemma3":  # the multimodal checkpoint: its language model
+        hf = hf.text_config
+    act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise LoadError(f"{source}: hidden activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    if hf.num_attention_heads % kv:
+        raise LoadError(f"{source}: num_attention_heads ({hf.num_attention_heads}) is not a multiple of "
+                        f"num_key_value_heads ({kv})")
+    family = FAMILIES[model_type]
+    common = dict(
+        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads, num_kv_heads=kv,
+        rms_norm_eps=float(hf.rms_norm_eps), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        attention_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        family=family, hidden_act=act,
+    )
+    if family == "llama":
+        rope = _rope(hf, source)
+        return DecoderSpec(head_dim=rope.head_dim, rope=rope, **common)
+    return DecoderSpec(**common, **_gemma3_fields(hf, source))
+
+
+def _rope(hf, source: str, layer_type: str | None = None) -> RopeSpec:
+    try:
+        return RopeSpec.from_hf(hf, layer_type)
+    except ValueError as e:
+        raise LoadError(f"{source}: {e}") from None
+
+
+def _gemma3_fields(hf, source: str) -> dict:
+    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if getattr(hf, key, None):
+            raise LoadError(f"{source}: {key}={getattr(hf, key)!r} is not supported (Gemma 3 decoders use "
+                            "none / false)")
+    types = tuple(hf.layer_types)
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != hf.num_hidden_layers:
+        extra = f", unknown {unknown}" if unknown else ""
+        raise LoadError(f"{source}: layer_types must list 'sliding_attention' / 'full_attention' for each of the "
+                        f"{hf.num_hidden_layers} layers (got {len(types)} entries{extra})")
+    rope, window = _rope(hf, source, "full_attention"), getattr(hf, "sliding_window", None)
+    return dict(head_dim=rope.head_dim, rope=rope, local_rope=_rope(hf, source, "sliding_attention"),
+                query_scale=float(hf.query_pre_attn_scalar) ** -0.5, sliding_window=window and int(window),
+                sliding_layers=tuple(window is not None and t == "sliding_attention" for t in types),
+                final_logit_softcap=getattr(hf, "final_logit_softcapping", None))

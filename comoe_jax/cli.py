@@ -1,0 +1,44 @@
+"""What every command-line script shares: user errors become one-line messages and documented exit codes.
+
+    @command
+    def main(argv=None) -> int: ...
+
+``main(argv)`` then returns 0 (finished), 2 (bad input: config, data, model, adapter,
+checkpoint or file problems), 3 (training diverged) or 75 (interrupted by SIGTERM / Ctrl-C
+after saving; rerun the same command to resume); see ``comoe_jax.constants``. Anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+from comoe_jax.constants import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
+from comoe_jax.errors import ComoeError
+
+
+def fail(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Wrap a script's ``main(argv)`` so user errors print one line and return their exit code."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            code = main(argv)
+        except ComoeError as e:
+            fail(f"{e.label}: {e}")
+            return e.exit_code
+        except KeyboardInterrupt:
+            fail("interrupted")
+            return EXIT_INTERRUPTED
+        except OSError as e:  # unreadable or unwritable paths, a full disk: the message names the file
+            fail(f"file error: {e}")
+            return EXIT_BAD_INPUT
+        return EXIT_OK if code is None else code
+
+    return run

@@ -1,0 +1,37 @@
+"""Names shared by the config, the data pipeline, the adapters and the scripts (a leaf module: imports nothing).
+
+Every allowed value of a string config key lives here, so validation, loaders and
+the ``--help`` text read the same lists.
+"""
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYER_PLACEMENTS = ("all", "low", "middle", "high")
+ANCHOR_MODES = ("random", "all")
+CONTRASTIVE_FORMS = ("gram", "reference")
+DTYPES = ("float32", "bfloat16")
+SPLITS = ("train", "validation", "test")
+EVAL_MODES = ("label", "loglik", "generate")
+SOURCE_FORMATS = ("jsonl", "llm_adapters", "bigbench", "hf")
+TEMPLATES = ("alpaca", "choice", "plain")
+MODEL_ALIASES = ("smollm2-135m", "gemma3-270m", "random")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# adapter.method -> what it is. Single-expert methods have no router; soft-routed ones weight every expert.
+METHODS = {
+    "comoe-lora": "top-k LoRA experts + the contrastive term (the paper)",
+    "comoe-dora": "top-k DoRA experts + the contrastive term",
+    "lora": "one LoRA expert, no router",
+    "dora": "one DoRA expert (peft's numerics), no router",
+    "mixlora": "top-k LoRA experts + the Switch/Mixtral load-balance loss (MixLoRA)",
+    "moe-soft": "every LoRA expert weighted by the router softmax (soft-routed MoE-LoRA)",
+    "omoe": "soft routing + Gram-Schmidt-orthogonalised expert outputs (OMoE)",
+}
+SINGLE_EXPERT_METHODS = ("lora", "dora")
+SOFT_ROUTED_METHODS = ("moe-soft", "omoe")
+DORA_METHODS = ("dora", "comoe-dora")
+
+# Process exit codes of every command-line script (documented in the README).
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: stopped by SIGTERM / Ctrl-C after saving; rerun to resume
