@@ -1,10 +1,11 @@
 """Checkpoints (orbax) and adapter export (safetensors + adapter_config.json).
 
 A checkpoint holds the train state (adapter params, optimizer state, step, PRNG
-key), the run's config and the data stream's position (both JSON); the frozen base
-is never copied. The adapters
-are also written as ``adapter/adapter_model.safetensors`` with ``adapter_config.json``
-beside it, readable without JAX.
+key, skip counts), the run's config and the data stream's position (both JSON); the
+frozen base is never copied. The adapters are also written as
+``adapter/adapter_model.safetensors`` with ``adapter_config.json`` beside it, readable
+without JAX. Nothing non-finite is ever written; a checkpoint that cannot be read back
+is moved to ``damaged_checkpoints/`` and the newest intact one is used instead.
 """
 
 from __future__ import annotations
@@ -19,29 +20,48 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from comoe_jax.config import Config, resumable_keys
+from comoe_jax.config import Config, read_json, resumable_keys
+from comoe_jax.errors import AdapterFormatError, CheckpointError
 from comoe_jax.model import flat_values, split_model, stack, state_from_flat, unstack
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 FORMAT = "comoe-jax-moe-lora/1"
 
 
-class Checkpointer:
-    """Keeps the last ``keep`` checkpoints of a run under ``run_dir/checkpoints``."""
+def all_finite(tree) -> bool:
+    """Whether every array of ``tree`` is finite (one device reduction, then one scalar to the host)."""
+    from comoe_jax.step import tree_all_finite
 
-    def __init__(self, run_dir: str | Path, keep: int):
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+    return bool(jax.device_get(jax.jit(tree_all_finite)(tree)))
+
+
+class Checkpointer:
+    """Keeps the last ``keep`` checkpoints of a run under ``run_dir/checkpoints``.
+
+    ``say`` prints warnings (a damaged checkpoint set aside, an older one used instead).
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int, say=print):
+        self.run_dir = Path(run_dir).absolute()
+        self.directory = self.run_dir / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.say = say
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, state, cfg: Config, data_state: dict) -> None:
-        """Save ``state`` at its step, with the config and the data stream position (JSON)."""
+        """Save ``state`` at its step, with the config and the data stream position (JSON).
+
+        Refuses (CheckpointError) a state with a non-finite value: a checkpoint is always resumable.
+        """
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():
             return
+        if not all_finite((state.params, state.opt_state)):
+            raise CheckpointError(f"step {step}: the train state holds non-finite values; not writing it to "
+                                  f"{self.directory} (the checkpoints there are intact)")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(cfg.to_dict()),
                                   data=ocp.args.JsonSave(data_state))
         self.manager.save(step, args=args)
@@ -51,16 +71,47 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
-    def saved_data_state(self, step: int | None = None) -> dict:
-        """The data stream position saved with ``step`` (default: latest)."""
-        step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    def newest_config(self) -> tuple[int, dict]:
+        """(step, config) of the newest checkpoint whose config reads back; damaged ones are set aside."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, self.saved_config(step)
+            except Exception as e:  # any unreadable checkpoint: fall back to an older one
+                self._set_aside(step, e)
+        raise self._none_intact()
 
-    def restore(self, abstract_state, step: int | None = None):
-        """The train state of ``step`` (default: latest), placed on ``abstract_state``'s shardings."""
-        step = self.latest_step() if step is None else step
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        return self.manager.restore(step, args=args).state
+    def restore_intact(self, abstract_state) -> tuple[int, object, dict]:
+        """(step, train state, data stream position) of the newest checkpoint that reads back completely,
+        placed on ``abstract_state``'s shardings; damaged ones are set aside with a warning."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=args)
+            except Exception as e:  # a damaged checkpoint: try the next older one
+                self._set_aside(step, e)
+                continue
+            if all_finite(restored.state):
+                return step, restored.state, restored.data
+            self._set_aside(step, ValueError("non-finite parameters"))
+        raise self._none_intact()
+
+    def _none_intact(self) -> CheckpointError:
+        return CheckpointError(f"{self.directory}: no checkpoint can be read back (the damaged ones were moved to "
+                               f"{self.run_dir / 'damaged_checkpoints'}); rerun to start this run over, or choose "
+                               "another train.output_dir")
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Move a damaged checkpoint to ``damaged_checkpoints/<step>`` (kept, never deleted) and forget it."""
+        target = self.run_dir / "damaged_checkpoints" / str(step)
+        if jax.process_index() == 0:
+            target.parent.mkdir(exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(str(self.directory / str(step)), target)
+        multihost_utils.sync_global_devices(f"comoe_set_aside_{step}")
+        self.manager.reload()
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        self.say(f"warning: checkpoint {step} cannot be read back ({type(error).__name__}: {reason}); moved to "
+                 f"{target}, using an older one")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -95,6 +146,10 @@ def save_adapters(directory: str | Path, params: dict, groups: tuple[range, ...]
     host = {k: np.ascontiguousarray(v) for k, v in unstack({k: np.asarray(v) for k, v in gathered.items()},
                                                             groups).items()}
     directory = Path(directory)
+    bad = [name for name, value in host.items() if not np.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"adapter tensor {bad[0]} (and {len(bad) - 1} more) holds non-finite values; not "
+                              f"exporting to {directory}")
     if jax.process_index() != 0:
         return directory
     tmp = directory.with_name(directory.name + ".tmp")
@@ -114,18 +169,33 @@ def save_adapters(directory: str | Path, params: dict, groups: tuple[range, ...]
     return directory
 
 
-def load_adapters(directory: str | Path) -> tuple[dict, dict]:
-    """(flat params as NumPy arrays, adapter config dict) from :func:`save_adapters`'s folder."""
+def read_safetensors(path: Path, error: type[Exception]) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file; a truncated or foreign file raises ``error`` naming it."""
     from safetensors.numpy import load_file
 
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError on damaged files
+        raise error(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); the file is damaged or "
+                    "was not written by safetensors") from None
+
+
+def load_adapters(directory: str | Path) -> tuple[dict, dict]:
+    """(flat params as NumPy arrays, adapter config dict) from :func:`save_adapters`'s folder."""
     directory = Path(directory)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        if not (directory / name).exists():
-            raise FileNotFoundError(f"{directory / name} does not exist (expected an adapter folder from comoe-jax)")
-    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory / ADAPTER_CONFIG}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return load_file(str(directory / ADAPTER_WEIGHTS)), meta
+        if not (directory / name).is_file():
+            raise AdapterFormatError(f"{directory / name} does not exist (expected an adapter folder written by "
+                                     "comoe-jax: adapter_config.json + adapter_model.safetensors)")
+    meta = read_json(directory / ADAPTER_CONFIG, AdapterFormatError)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise AdapterFormatError(f"{directory / ADAPTER_CONFIG}: field 'format' is {found!r}, expected {FORMAT!r}")
+    tensors = read_safetensors(directory / ADAPTER_WEIGHTS, AdapterFormatError)
+    bad = [name for name, value in tensors.items() if not np.isfinite(value).all()]
+    if bad:
+        raise AdapterFormatError(f"{directory / ADAPTER_WEIGHTS}: tensor {bad[0]} holds non-finite values")
+    return tensors, meta
 
 
 def set_adapters(model, per_layer: dict) -> None:
@@ -136,9 +206,11 @@ def set_adapters(model, per_layer: dict) -> None:
     current = flat_values(adapters)
     missing = [n for n in unstack(current, model.groups) if n not in per_layer]
     if missing:
-        raise ValueError(f"adapter file lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+        raise AdapterFormatError(f"the adapter file lacks {len(missing)} tensors the model needs, e.g. {missing[0]} "
+                                 "(was it trained with other adapter.target_modules / adapter.layers?)")
     values = stack(per_layer, list(current), model.groups)
     for name, value in values.items():
         if tuple(value.shape) != tuple(current[name].shape):
-            raise ValueError(f"adapter tensor {name}: shape {value.shape}, the model expects {current[name].shape}")
+            raise AdapterFormatError(f"adapter tensor {name}: shape {value.shape}, the model expects "
+                                     f"{current[name].shape}")
     nnx.update(model, state_from_flat(adapters, {n: jax.numpy.asarray(v, current[n].dtype) for n, v in values.items()}))

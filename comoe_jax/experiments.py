@@ -2,36 +2,60 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
-from comoe_jax.config import Config
+from comoe_jax.config import Config, read_json
+from comoe_jax.errors import ComoeError
+
+
+def finished(cfg: Config) -> bool:
+    """Whether ``cfg``'s run folder holds a finished run of this very config: its config.json matches
+    (up to resumable keys), training reached ``train.steps`` and eval_after.json reads back."""
+    from comoe_jax.checkpoint import config_changes  # JAX-heavy: imported once a run is due
+    from comoe_jax.evaluate import load_eval
+    from comoe_jax.report import load_history
+
+    run = Path(cfg.train.output_dir)
+    try:
+        saved = read_json(run / "config.json")
+        done = load_eval(run / "eval_after.json") is not None
+    except (ComoeError, OSError):
+        return False
+    steps = [row["step"] for row in load_history(run)]
+    return done and not config_changes(saved, cfg) and bool(steps) and max(steps) >= cfg.train.steps
 
 
 def run_or_reuse(cfg: Config) -> dict:
-    """Train ``cfg`` (with evaluation after training) unless its run folder already has results.
-
-    Returns ``{"run", "accuracy" {task: acc}, "average", "mi_bits", "params", "seconds"}``;
-    an interrupted experiment continues where it stopped.
+    """Train ``cfg`` (with evaluation after training) unless its run folder already holds it finished
+    (:func:`finished`); an unfinished or damaged one is resumed. Returns ``{"run", "accuracy" {task: acc},
+    "average", "mi_bits", "params", "seconds"}``, so an interrupted experiment continues where it stopped.
     """
     import time
 
-    from comoe_jax.evaluate import load_eval  # JAX-heavy: imported once a run is due
+    from comoe_jax.evaluate import load_eval
     from comoe_jax.trainer import train
 
     run = Path(cfg.train.output_dir)
     start = time.perf_counter()
-    if not (run / "eval_after.json").exists():
+    if not finished(cfg):
         cfg.eval.after_training = True
         train(cfg)
     result = load_eval(run / "eval_after.json")
-    routing = json.loads((run / "routing.json").read_text()) if (run / "routing.json").exists() else {}
-    params = json.loads((run / "parameters.json").read_text()) if (run / "parameters.json").exists() else {}
+    routing = _optional_json(run / "routing.json")
+    params = _optional_json(run / "parameters.json")
     accuracy = {t: r["accuracy"] for t, r in result.per_task.items()}
     return {"run": str(run), "average": result.average, "accuracy": accuracy,
             "mi_bits": routing.get("mi_task_expert_set_bits", float("nan")), "params": params.get("total", 0),
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _optional_json(path: Path) -> dict:
+    try:
+        data = read_json(path) if path.exists() else {}
+    except ComoeError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def run_grid(cells: list[tuple[dict, Config]], label: str = "run") -> list[dict]:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from comoe_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, load_adapters, set_adapters
-from comoe_jax.config import AdapterConfig, Config, LossConfig, config_from_dict
+from comoe_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, load_adapters, read_safetensors, set_adapters
+from comoe_jax.config import AdapterConfig, Config, LossConfig, config_from_dict, read_json
 from comoe_jax.constants import TARGET_MODULES
-from comoe_jax.errors import AdapterFormatError
+from comoe_jax.errors import AdapterFormatError, ConfigError
 from comoe_jax.generate import greedy_generate
 from comoe_jax.loading import from_pretrained, load_tokenizer, model_spec
 from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, unstack
@@ -77,26 +77,36 @@ def _peft_fields(path: Path, meta: dict, num_layers: int) -> AdapterConfig:
                                  f"{' '.join(TARGET_MODULES)}")
     layers = meta.get("layers_to_transform")
     layers = list(range(num_layers)) if layers is None else ([layers] if isinstance(layers, int) else layers)
-    if layers != list(range(min(layers), max(layers) + 1)) or max(layers) >= num_layers:
+    if (not isinstance(layers, list) or not layers or not all(isinstance(v, int) for v in layers)
+            or layers != list(range(min(layers), max(layers) + 1)) or max(layers) >= num_layers):
         raise AdapterFormatError(f"{path}: field 'layers_to_transform' is {layers!r}; comoe-jax needs a contiguous "
                                  f"range of layers below {num_layers}")
     method = "dora" if meta.get("use_dora") else "lora"
-    return AdapterConfig(method=method, num_experts=1, top_k=1, rank=int(meta["r"]), alpha=float(meta["lora_alpha"]),
-                         dropout=float(meta.get("lora_dropout", 0.0)), target_modules=tuple(targets),
-                         layers=f"{min(layers)}:{max(layers) + 1}")
+    rank, alpha = _positive(path, meta, "r", int), _positive(path, meta, "lora_alpha", float)
+    dropout = meta.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise AdapterFormatError(f"{path}: field 'lora_dropout' is {dropout!r}; expected a number in [0, 1)")
+    return AdapterConfig(method=method, num_experts=1, top_k=1, rank=rank, alpha=alpha, dropout=float(dropout),
+                         target_modules=tuple(targets), layers=f"{min(layers)}:{max(layers) + 1}")
+
+
+def _positive(path: Path, meta: dict, key: str, kind: type):
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or kind(value) != value:
+        raise AdapterFormatError(f"{path}: field {key!r} is {value!r}; expected a positive "
+                                 f"{'integer' if kind is int else 'number'}")
+    return kind(value)
 
 
 def read_peft(directory: str | Path, num_layers: int) -> tuple[AdapterConfig, dict[str, np.ndarray]]:
     """(AdapterConfig, per-layer arrays in our layout) from a peft LoRA / DoRA folder."""
-    from safetensors.numpy import load_file
-
     directory = Path(directory)
     path = directory / ADAPTER_CONFIG
-    meta = json.loads(path.read_text())
+    meta = read_json(path, AdapterFormatError)
     adapter = _peft_fields(path, meta, num_layers)
     ours = {suffix: (leaf, transpose) for leaf, (suffix, transpose) in _PEFT_LEAVES.items()}
     per_layer = {}
-    for key, value in load_file(str(directory / ADAPTER_WEIGHTS)).items():
+    for key, value in read_safetensors(directory / ADAPTER_WEIGHTS, AdapterFormatError).items():
         module, _, suffix = key.removeprefix(PEFT_PREFIX + "model.").partition(".lora_")
         suffix = "lora_" + suffix
         if not key.startswith(PEFT_PREFIX) or suffix not in ours:
@@ -112,10 +122,9 @@ def adapter_format(directory: str | Path) -> str:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.exists():
         raise AdapterFormatError(f"{path} does not exist: not an adapter folder")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    meta = read_json(path, AdapterFormatError)
+    if not isinstance(meta, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") == FORMAT:
         return "comoe"
     if meta.get("peft_type") == "LORA":
@@ -132,13 +141,18 @@ def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str =
     ``comoe_jax.generate.greedy_generate`` / :func:`generate_text`.
     """
     kind = adapter_format(directory)
-    meta = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
+    meta = read_json(Path(directory) / ADAPTER_CONFIG, AdapterFormatError)
     base = base or (meta.get("base_model") if kind == "comoe" else meta.get("base_model_name_or_path"))
     if not base:
         raise AdapterFormatError(f"{Path(directory) / ADAPTER_CONFIG}: no base model recorded; pass base=")
     if kind == "comoe":
-        sections = {"adapter": meta["adapter"], "loss": meta["loss"]}
-        saved = config_from_dict(sections, str(Path(directory) / ADAPTER_CONFIG))
+        where = str(Path(directory) / ADAPTER_CONFIG)
+        try:
+            saved = config_from_dict({"adapter": meta["adapter"], "loss": meta["loss"]}, where)
+        except KeyError as e:
+            raise AdapterFormatError(f"{where}: missing field {e}") from None
+        except ConfigError as e:
+            raise AdapterFormatError(str(e)) from None
         adapter, loss = saved.adapter, saved.loss
         tensors, _ = load_adapters(directory)
     else:

@@ -7,7 +7,6 @@ sharding, so a large model never sits whole on one device.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from jax.sharding import Mesh
 from comoe_jax import sharding as shd
 from comoe_jax.adapters import MoESpec
 from comoe_jax.architectures import decoder_spec
-from comoe_jax.config import AdapterConfig, Config, LossConfig, ModelConfig, parse_layer_range
+from comoe_jax.config import AdapterConfig, Config, LossConfig, ModelConfig, parse_layer_range, read_json
 from comoe_jax.errors import LoadError
 from comoe_jax.model import (
     AdapterPlacement,
@@ -86,27 +85,36 @@ def _hf_name(name: str, prefix: str = "model.") -> str:
 def _safetensors_index(folder: Path) -> dict[str, Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise LoadError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
-        return {k: folder / v for k, v in weight_map.items()}
+        data = read_json(index, LoadError)
+        if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+            raise LoadError(f"{index}: not a safetensors index (no 'weight_map' object)")
+        missing = sorted({v for v in data["weight_map"].values() if not (folder / v).is_file()})
+        if missing:
+            raise LoadError(f"{index}: names shard file(s) that are not in the folder: {', '.join(missing[:3])}")
+        return {k: folder / v for k, v in data["weight_map"].items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise LoadError(f"{folder}: no *.safetensors files (and no model.safetensors.index.json)")
-    from safetensors import safe_open
-
     out = {}
     for f in files:
-        with safe_open(f, framework="numpy") as handle:
+        with _safetensors(f) as handle:
             out.update({k: f for k in handle.keys()})
     return out
 
 
-def _hf_tensors(folder: Path, names: list[str]) -> Callable[[str], np.ndarray]:
-    """Reader of our parameters from a HF folder, in our layout ([d_in, d_out] kernels)."""
+def _safetensors(path: Path):
+    """``safe_open`` of ``path``; a truncated or foreign file is a LoadError naming it."""
     from safetensors import safe_open
 
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # SafetensorError, OSError: the header cannot be read
+        raise LoadError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); is it complete?") \
+            from None
+
+
+def _hf_tensors(folder: Path, names: list[str]) -> Callable[[str], np.ndarray]:
+    """Reader of our parameters from a HF folder, in our layout ([d_in, d_out] kernels)."""
     where = _safetensors_index(folder)
     prefix = next((p for p in HF_PREFIXES if _hf_name("embed_tokens", p) in where), "model.")
     missing = [_hf_name(n, prefix) for n in names if _hf_name(n, prefix) not in where]
@@ -116,14 +124,27 @@ def _hf_tensors(folder: Path, names: list[str]) -> Callable[[str], np.ndarray]:
 
     def read(name: str) -> np.ndarray:
         key = _hf_name(name, prefix)
-        with safe_open(where[key], framework="numpy") as handle:
-            value = handle.get_tensor(key)
+        with _safetensors(where[key]) as handle:
+            try:
+                value = handle.get_tensor(key)
+            except Exception as e:  # the header names the tensor but its bytes are cut off or damaged
+                raise LoadError(f"{where[key]}: tensor {key} cannot be read ({type(e).__name__}: {e}); is the file "
+                                "complete?") from None
         return value.T if name.endswith(".kernel") else value
 
     return read
 
 
 # --------------------------------------------------------------------------- GGUF
+
+
+def _gguf_reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # a cut-off download or another file renamed .gguf
+        raise LoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); is it complete?") from None
 
 
 def _gguf_field(reader, key, default=None):
@@ -215,7 +236,10 @@ def _gguf_tensors(reader, path: Path, spec: DecoderSpec) -> Callable[[str], np.n
         if key not in tensors:
             raise LoadError(f"{path}: tensor {key} (for {name}) is missing")
         t = tensors[key]
-        value = dequantize(t.data, t.tensor_type).reshape(tuple(int(v) for v in reversed(t.shape)))
+        try:
+            value = dequantize(t.data, t.tensor_type).reshape(tuple(int(v) for v in reversed(t.shape)))
+        except Exception as e:  # cut-off data or an unknown quantisation
+            raise LoadError(f"{path}: tensor {key} cannot be read ({type(e).__name__}: {e})") from None
         if spec.gemma:  # llama.cpp stores Gemma's norm weights as 1 + w and does not permute q / k
             return value - 1 if key.endswith("norm.weight") else (value.T if name.endswith(".kernel") else value)
         if key.endswith("attn_q.weight"):
@@ -236,21 +260,28 @@ def _open(model_cfg: ModelConfig):
         from transformers import AutoConfig
 
         arch = dict(model_cfg.random_arch)
-        hf = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+        try:
+            hf = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+        except (TypeError, ValueError) as e:
+            raise LoadError(f"model.random_arch={model_cfg.random_arch!r}: not a transformers config ({e})") from None
         return decoder_spec(hf, "model.random_arch"), None
     path = resolve_model_path(model_cfg.path)
     if path.suffix == ".gguf":
-        import gguf
-
-        reader = gguf.GGUFReader(str(path))
-        spec = decoder_spec(_gguf_hf_config(reader, path), str(path))
+        reader = _gguf_reader(path)
+        try:
+            hf = _gguf_hf_config(reader, path)
+        except (TypeError, ValueError, KeyError) as e:  # a header field missing or of the wrong type
+            raise LoadError(f"{path}: the GGUF header lacks a field the model needs ({type(e).__name__}: {e})") \
+                from None
+        spec = decoder_spec(hf, str(path))
         return spec, lambda names: _gguf_tensors(reader, path, spec)
     from transformers import AutoConfig
 
     try:
         hf = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{path / 'config.json'}: cannot be read as a transformers config ({e})") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"{path / 'config.json'}: cannot be read as a transformers config ({reason})") from None
     spec = decoder_spec(hf, str(path / "config.json"))
     return spec, lambda names: _hf_tensors(path, names)
 
@@ -396,12 +427,21 @@ def load_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZERS[path]))
     resolved = resolve_model_path(path)
     if resolved.suffix != ".gguf":
-        return AutoTokenizer.from_pretrained(str(resolved))
+        names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+        if not any((resolved / n).exists() for n in names):
+            raise LoadError(f"{resolved}: no tokenizer files ({', '.join(names)}); copy the base model's tokenizer "
+                            "into the folder (tokenizer.save_pretrained(folder))")
+        try:
+            return AutoTokenizer.from_pretrained(str(resolved))
+        except Exception as e:  # transformers raises many kinds for damaged tokenizer files
+            raise LoadError(f"{resolved}: the tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
     try:
         return AutoTokenizer.from_pretrained(str(resolved.parent), gguf_file=resolved.name)
     except ModuleNotFoundError as e:
         raise LoadError(f"{resolved}: transformers reads a GGUF file's tokenizer only with PyTorch installed ({e}); "
                         "pip install torch, or use a folder with tokenizer.json") from None
+    except Exception as e:
+        raise LoadError(f"{resolved}: the GGUF file's tokenizer cannot be read ({type(e).__name__}: {e})") from None
 
 
 def byte_tokenizer():

@@ -1,4 +1,4 @@
-"""Progress lines (step, loss terms, tokens/s, ETA), metrics.jsonl, and end-of-run plots."""
+"""Progress lines (step, loss terms, tokens/s, ETA), metrics.jsonl and TensorBoard; skipped-step accounting."""
 
 from __future__ import annotations
 
@@ -23,12 +23,52 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """The JSON objects of a JSONL file, and the numbers of the lines that are not (e.g. a write cut short)."""
+    rows, bad = [], []
+    if not Path(path).exists():
+        return rows, bad
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        elif line.strip():
+            bad.append(number)
+    return rows, bad
+
+
+def repair_jsonl(path: Path, say) -> None:
+    """Drop the damaged lines of a run's metrics.jsonl (a crash mid-write), keeping every intact row."""
+    rows, bad = read_jsonl(path)
+    if not bad:
+        return
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(path)
+    say(f"warning: {path}: dropped {len(bad)} damaged line(s) ({', '.join(map(str, bad[:5]))}); "
+        f"{len(rows)} intact rows kept")
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 class Progress:
-    """Collects per-step metrics (device arrays, fetched lazily) and prints a line every ``every`` steps."""
+    """Collects per-step metrics (device arrays, fetched lazily) and prints a line every ``every`` steps.
+
+    Steps whose update was skipped (non-finite loss or gradient) are reported; ``max_skipped``
+    consecutive ones raise :class:`TrainingDiverged`. The per-expert load goes to metrics.jsonl
+    on logged steps only, so the file stays small.
+    """
 
     def __init__(self, total_steps: int, start_step: int, every: int, jsonl: Path | None, stream=sys.stdout,
-                 tensorboard: Path | None = None):
+                 tensorboard: Path | None = None, max_skipped: int = 5):
         self.total, self.start, self.every, self.stream = total_steps, start_step, every, stream
+        self.max_skipped = max_skipped
         self.jsonl = jsonl
         self.pending: list[tuple[int, dict]] = []
         self.history: list[dict] = []
@@ -61,10 +101,9 @@ class Progress:
         rows = []
         for step, metrics in self.pending:
             host = jax.device_get(metrics)
-            row = {"step": step} | {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
-            if "expert_load" in host:
-                row["expert_load"] = np.asarray(host["expert_load"]).round(4).tolist()
-            rows.append(row)
+            rows.append({"step": step} | {k: float(v) for k, v in host.items() if np.ndim(v) == 0})
+        if "expert_load" in host:  # the load of the last step of the interval only: a small metrics.jsonl
+            rows[-1]["expert_load"] = np.asarray(host["expert_load"]).round(4).tolist()
         self.pending = []
         now = time.perf_counter()
         rate = sum(r.get("tokens", 0.0) for r in rows) / max(now - self.last_time, 1e-9)
@@ -81,15 +120,23 @@ class Progress:
                     if key != "step" and isinstance(value, float):
                         self.writer.add_scalar(f"train/{key}", value, row["step"])
             self.writer.flush()
-        bad = next((r for r in rows if not np.isfinite(r.get("loss", 0.0))), None)
+        self._report_skips(rows)
+        if print_line:
+            means = {k: _finite_mean([r[k] for r in rows]) for k, _, _ in SHOWN if k in rows[-1]}
+            self._say(self.line(rows[-1]["step"], means, rate))
+
+    def _report_skips(self, rows: list[dict]) -> None:
+        for r in rows:
+            if r.get("skipped", 0) > 0:
+                self._say(f"warning: step {r['step']}: non-finite loss or gradient (loss {r.get('loss')}, gradient "
+                          f"norm {r.get('grad_norm')}): update skipped, {int(r['skipped'])} in a row")
+        bad = next((r for r in rows if r.get("skipped", 0) >= self.max_skipped), None)
         if bad is not None:
             self.healthy = False
-            raise TrainingDiverged(f"the loss is {bad['loss']} at step {bad['step']} (ce {bad.get('ce')}, contrastive "
-                                   f"{bad.get('contrastive')}); the checkpoints before it are intact. Lower "
-                                   "optim.learning_rate (or raise loss.temperature) and rerun")
-        if print_line:
-            means = {k: float(np.mean([r[k] for r in rows])) for k, _, _ in SHOWN if k in rows[-1]}
-            self._say(self.line(rows[-1]["step"], means, rate))
+            raise TrainingDiverged(
+                f"{int(bad['skipped'])} consecutive steps up to step {bad['step']} had a non-finite loss or gradient "
+                f"(train.max_skipped_steps={self.max_skipped}); parameters were left at their last finite values and "
+                "the checkpoints written are intact. Lower optim.learning_rate (or raise loss.temperature) and rerun")
 
     def line(self, step: int, means: dict, tokens_per_second: float) -> str:
         """One progress line; ``means`` are the loss terms averaged since the previous line."""

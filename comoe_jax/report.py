@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from comoe_jax.analysis import collect_routing, expert_outputs_2d
@@ -11,6 +10,7 @@ from comoe_jax.config import Config
 from comoe_jax.data import Example, load_sources
 from comoe_jax.evaluate import EvalResult, comparison_markdown, evaluate
 from comoe_jax.plots import plot_representations, plot_workload
+from comoe_jax.progress import read_jsonl
 
 
 def evaluation_examples(cfg: Config) -> list[Example]:
@@ -74,9 +74,5 @@ def write_report(out: Path, cfg: Config, before: EvalResult | None, after: EvalR
 
 def load_history(run: Path) -> list[dict]:
     """metrics.jsonl rows by step; a step logged twice (rerun after a crash) keeps its last row."""
-    path = Path(run) / "metrics.jsonl"
-    rows = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        row = json.loads(line)
-        rows[row["step"]] = row
+    rows = {row["step"]: row for row in read_jsonl(Path(run) / "metrics.jsonl")[0]}  # damaged lines skipped
     return [rows[s] for s in sorted(rows)]

@@ -26,19 +26,31 @@ from comoe_jax.model import flat_axes, flat_values, state_from_flat
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything a checkpoint holds: step, adapter params, optimizer state, PRNG key data."""
+    """Everything a checkpoint holds: step, adapter params, optimizer state, PRNG key data, skip counts."""
 
-    step: jax.Array
+    step: jax.Array  # optimizer steps taken (batches consumed), skipped ones included
     params: dict
     opt_state: optax.OptState
     rng: jax.Array  # raw uint32 key data (jax.random.key_data), checkpoint-friendly
+    skipped: jax.Array  # consecutive non-finite steps up to now (0 after a good step)
+    skipped_total: jax.Array  # non-finite steps in the whole run
+
+
+def tree_all_finite(tree) -> jax.Array:
+    """True when every element of every leaf is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up and cosine decay, after global-norm clipping."""
+    """AdamW with linear warm-up and cosine decay, after global-norm clipping.
+
+    A run shorter than its warm-up warms up over all but its last step (so a 1-step smoke run
+    trains at the peak rate instead of failing).
+    """
     o = cfg.optim
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.learning_rate, warmup_steps=min(o.warmup_steps, cfg.train.steps),
+        init_value=0.0, peak_value=o.learning_rate, warmup_steps=min(o.warmup_steps, cfg.train.steps - 1),
         decay_steps=max(cfg.train.steps, 1), end_value=o.learning_rate * o.end_lr_ratio)
     adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.adam_eps, weight_decay=o.weight_decay)
     tx = optax.chain(optax.clip_by_global_norm(o.max_grad_norm), adamw) if o.max_grad_norm > 0 else adamw
@@ -70,7 +82,8 @@ class TrainStep:
             self.tx, lambda _, s: s, abstract, self.param_shardings,
             transform_non_params=lambda _: self.replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
         self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
-                                          opt_state=opt_shardings, rng=self.replicated)
+                                          opt_state=opt_shardings, rng=self.replicated, skipped=self.replicated,
+                                          skipped_total=self.replicated)
         self.batch_shardings = {k: shd.batch_sharding(self.mesh, self.rules, 3, batch_axis=1) for k in BATCH_ARRAYS}
         self.jitted = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings,
                                                         self.batch_shardings),
@@ -91,7 +104,9 @@ class TrainStep:
         """Fresh optimizer state for ``params`` (flat adapter dict), placed on the mesh."""
         def init(params):
             rng = jax.random.key_data(jax.random.key(self.cfg.train.seed))
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), rng=rng)
+            zero = jnp.zeros((), jnp.int32)
+            return TrainState(step=zero, params=params, opt_state=self.tx.init(params), rng=rng, skipped=zero,
+                              skipped_total=zero)
 
         return jax.jit(init, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)(params)
 
@@ -140,27 +155,37 @@ class TrainStep:
         metrics["loss"] = loss
         return loss, metrics
 
+    def gradients(self, state: TrainState, frozen: dict, batch: dict, key) -> tuple[dict, dict]:
+        """Gradients and summed metrics of the whole batch (micro-batches accumulated by ``lax.scan``)."""
+        counts = {"tokens": jnp.maximum(jnp.sum(batch["attention_mask"]), 1).astype(jnp.float32),
+                  "response": jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)}
+        micro_keys = jax.random.split(key, self.cfg.optim.grad_accum_steps)
+        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+
+        def micro(grads, xs):
+            mb, k = xs
+            (_, metrics), g = grad_fn(state.params, frozen, mb, k, counts)
+            return jax.tree.map(jnp.add, grads, g), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, metrics = jax.lax.scan(micro, zeros, (batch, micro_keys))
+        return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+
     def _step(self, state: TrainState, frozen: dict, batch: dict):
         with shd.activation_rules(self.mesh, self.rules):
-            counts = {"tokens": jnp.maximum(jnp.sum(batch["attention_mask"]), 1).astype(jnp.float32),
-                      "response": jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)}
             key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-            micro_keys = jax.random.split(step_key, self.cfg.optim.grad_accum_steps)
-            grad_fn = jax.value_and_grad(self.loss, has_aux=True)
-
-            def micro(grads, xs):
-                mb, k = xs
-                (_, metrics), g = grad_fn(state.params, frozen, mb, k, counts)
-                return jax.tree.map(jnp.add, grads, g), metrics
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, metrics = jax.lax.scan(micro, zeros, (batch, micro_keys))
-            metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+            grads, metrics = self.gradients(state, frozen, batch, step_key)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics |= {"grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step)}
-            new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                             rng=jax.random.key_data(key))
+            # A non-finite loss or gradient leaves parameters and optimizer state as they were.
+            finite = jnp.isfinite(metrics["loss"]) & tree_all_finite(grads)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            skipped = jnp.where(finite, 0, state.skipped + 1)
+            metrics |= {"grad_norm": optax.tree.norm(grads), "skipped": skipped,
+                        "learning_rate": self.schedule(state.step - state.skipped_total)}  # = optax's count
+            new = TrainState(step=state.step + 1, params=keep(params, state.params),
+                             opt_state=keep(opt_state, state.opt_state), rng=jax.random.key_data(key),
+                             skipped=skipped, skipped_total=state.skipped_total + (1 - finite.astype(jnp.int32)))
             return new, metrics
 
     def __call__(self, state: TrainState, frozen: dict, batch: dict):

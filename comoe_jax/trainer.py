@@ -9,6 +9,7 @@ config has changed.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +20,14 @@ from flax import nnx
 
 from comoe_jax import sharding as shd
 from comoe_jax.checkpoint import Checkpointer, config_changes, save_adapters
-from comoe_jax.config import Config, ConfigError, negatives_per_anchor, validate
+from comoe_jax.config import Config, ConfigError, negatives_per_anchor, parse_layer_range, validate
 from comoe_jax.data import BATCH_ARRAYS, TrainStream, check_tokenizer, load_sources, tokenize
+from comoe_jax.errors import RunFolderError
 from comoe_jax.evaluate import EvalResult, load_eval
-from comoe_jax.loading import build_model, load_tokenizer
+from comoe_jax.loading import build_model, load_tokenizer, model_spec
 from comoe_jax.model import flat_values, split_model, state_from_flat, trainable_parameters
 from comoe_jax.plots import plot_run
-from comoe_jax.progress import Progress
+from comoe_jax.progress import Progress, repair_jsonl
 from comoe_jax.report import (
     analyse_and_save,
     evaluate_and_save,
@@ -95,17 +97,40 @@ def _check_batch(cfg: Config, mesh) -> None:
 
 def _check_resumable(cfg: Config, ckpt: Checkpointer) -> int | None:
     """The step to resume from (None for a fresh run); refuses runs that must not be continued."""
-    latest = ckpt.latest_step()
-    if latest is None:
+    if ckpt.latest_step() is None:
         return None
     if not cfg.train.resume:
-        raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints up to step {latest}; "
-                          "pass train.resume=true to continue that run, or choose another train.output_dir")
-    changed = config_changes(ckpt.saved_config(), cfg)
+        raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints up to step "
+                          f"{ckpt.latest_step()}; pass train.resume=true to continue that run, or choose another "
+                          "train.output_dir")
+    step, saved = ckpt.newest_config()  # damaged checkpoints are set aside on the way
+    changed = config_changes(saved, cfg)
     if changed:
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} holds a run with a different config, so it cannot "
                           "be resumed: " + "; ".join(changed) + ". Choose another train.output_dir.")
-    return latest
+    return step
+
+
+def _prepare_output(out: Path) -> None:
+    """Create the run folder, refusing a file, an uncreatable or an unwritable path before any work."""
+    key = f"train.output_dir={out}"
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{key} is a file, not a folder; choose a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunFolderError(f"{key} cannot be written ({e.strerror or e}); choose a writable folder") from None
+
+
+def _check_model(cfg: Config):
+    """The architecture of ``model.path`` (config.json or the GGUF header only) and the adapter layer range,
+    checked before data and weights are loaded."""
+    spec = model_spec(cfg.model.path, cfg.model.random_arch)
+    parse_layer_range(cfg.adapter.layers, spec.num_layers)
+    return spec
 
 
 def _use_compilation_cache(folder: str) -> None:
@@ -123,13 +148,16 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     mesh, rules = shd.make_mesh(cfg.mesh), shd.rules_dict(cfg.mesh.rules)
     _check_batch(cfg, mesh)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(out, cfg.train.keep_checkpoints)
+    _prepare_output(out)
+    _check_model(cfg)
+    ckpt = Checkpointer(out, cfg.train.keep_checkpoints, say)
     try:
         resume_from = _check_resumable(cfg, ckpt)
     except ConfigError:
         ckpt.close()
         raise
+    if jax.process_index() == 0:
+        repair_jsonl(out / "metrics.jsonl", say)
     tokenizer = load_tokenizer(cfg.model.path)
     batches = training_stream(cfg, tokenizer, say)
     model = build_model(cfg, mesh, rules)
@@ -142,12 +170,12 @@ def train(cfg: Config, *, stream=None) -> RunResult:
         f"({', '.join(f'{k} {v:,}' for k, v in counts.items() if k != 'total')}); "
         f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices")
     step_fn = TrainStep(cfg, graphdef, adapters, frozen_state, mesh, rules)
-    if resume_from is None:
-        state = step_fn.init_state(flat_values(adapters))
-    else:
-        state = ckpt.restore(step_fn.abstract_state())
-        batches.set_state(ckpt.saved_data_state())
+    if resume_from is not None:
+        resume_from, state, data_state = ckpt.restore_intact(step_fn.abstract_state())
+        batches.set_state(data_state)
         say(f"resumed from step {resume_from} of {out}")
+    else:
+        state = step_fn.init_state(flat_values(adapters))
     eval_items = evaluation_examples(cfg) if cfg.eval.before_training or cfg.eval.after_training else []
     if resume_from is None and cfg.eval.before_training:
         # adapters at initialisation: this is the base model
@@ -172,7 +200,7 @@ def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batc
     """Steps from ``state.step`` to ``train.steps``; checkpoints; stops cleanly on Ctrl-C / SIGTERM."""
     out = Path(cfg.train.output_dir)
     progress = Progress(cfg.train.steps, int(jax.device_get(state.step)), cfg.train.log_every, out / "metrics.jsonl",
-                        stream=stream, tensorboard=out / "tensorboard")
+                        stream=stream, tensorboard=out / "tensorboard", max_skipped=cfg.train.max_skipped_steps)
     interrupted = False
     data_state = batches.get_state()  # the stream position that goes with ``state``
     try:

@@ -97,7 +97,7 @@ def test_overrides_parse_types():
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(ConfigError, match=r"unknown config key 'adapter.rnak'; did you mean adapter\.rank"):
         _cfg("adapter.rnak=4")
-    with pytest.raises(ConfigError, match=r"adapter\.rank='four': expected a value of type int"):
+    with pytest.raises(ConfigError, match=r"adapter\.rank='four' is not allowed: expected an integer"):
         _cfg("adapter.rank=four")
     with pytest.raises(ConfigError, match="not of the form section.key=value"):
         _cfg("adapter.rank")

@@ -190,7 +190,7 @@ def test_peft_import_refuses_what_it_cannot_represent(tmp_path, hf_folder):
     with pytest.raises(AdapterFormatError, match=r"field 'target_modules' is \['q_proj', 'qkv'\]"):
         read_peft(tmp_path / "rs", 3)
     (tmp_path / "rs" / "adapter_config.json").write_text("{\n  'r': 2")
-    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json: line 2: not valid JSON"):
+    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json:2: not valid JSON"):
         load_adapted(tmp_path / "rs", base=str(hf_folder))
 
 

@@ -142,21 +142,74 @@ def test_changed_config_is_not_resumed(tmp_path, tiny_config):
     assert int(extended.state.step) == 3
 
 
-def test_divergence_stops_without_checkpointing_the_bad_state(tmp_path, monkeypatch, tiny_config):
-    from comoe_jax.progress import TrainingDiverged
+def _poison(monkeypatch, steps, where="one gradient"):
+    """Make the step's gradients (one leaf) or its loss non-finite, inside jit, at the given 0-based steps."""
+    real = TrainStep.gradients
 
-    real = TrainStep.__call__
+    def poisoned(self, state, frozen, batch, key):
+        grads, metrics = real(self, state, frozen, batch, key)
+        bad = jnp.isin(state.step, jnp.asarray(steps))
+        if where == "one gradient":  # the loss stays finite
+            name = sorted(grads)[0]
+            grads = dict(grads, **{name: jnp.where(bad, jnp.nan, grads[name])})
+        else:
+            metrics = dict(metrics, loss=jnp.where(bad, jnp.inf, metrics["loss"]))
+        return grads, metrics
 
-    def poisoned(self, state, frozen, batch):
-        state, metrics = real(self, state, frozen, batch)
-        if int(state.step) >= 3:
-            metrics = dict(metrics, loss=metrics["loss"] * jnp.nan)
-        return state, metrics
+    monkeypatch.setattr(TrainStep, "gradients", poisoned)
 
-    monkeypatch.setattr(TrainStep, "__call__", poisoned)
-    with pytest.raises(TrainingDiverged, match="the loss is nan at step 3"):
-        trainer.train(tiny_config(tmp_path, train__log_every=1))
-    assert trainer.Checkpointer(tmp_path / "run", 3).latest_step() == 2
+
+@pytest.mark.parametrize("where", ["one gradient", "loss"])
+def test_a_non_finite_step_is_skipped_whole(monkeypatch, where, tiny_config, setup_step, next_batch):
+    _poison(monkeypatch, [1], where)
+    cfg = tiny_config()
+    step_fn, state, frozen, data, mesh, rules = setup_step(cfg)
+    state, m = step_fn(state, frozen, next_batch(data, cfg, mesh, rules))  # step 0: fine
+    assert int(m["skipped"]) == 0
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    state, m = step_fn(state, frozen, next_batch(data, cfg, mesh, rules))  # step 1: poisoned
+    assert int(m["skipped"]) == 1 and int(state.skipped_total) == 1 and int(state.step) == 2
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    jax.tree.map(np.testing.assert_array_equal, after, before)  # parameters and optimizer state unchanged
+    state, m = step_fn(state, frozen, next_batch(data, cfg, mesh, rules))  # step 2: trains again
+    assert int(m["skipped"]) == 0 and int(state.skipped) == 0
+    name = next(n for n in sorted(state.params) if n.endswith("lora_b"))  # A gets no gradient while B = 0
+    assert not np.allclose(np.asarray(state.params[name]), before[0][name])
+
+
+def test_a_run_with_non_finite_steps_continues_with_finite_parameters(tmp_path, monkeypatch, tiny_config):
+    _poison(monkeypatch, [1, 3])
+    result = trainer.train(tiny_config(tmp_path, train__log_every=1))
+    assert int(result.state.step) == 6 and int(result.state.skipped_total) == 2
+    assert all(np.isfinite(np.asarray(v)).all() for v in result.state.params.values())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["skipped"]] == [2, 4]
+    from comoe_jax.checkpoint import load_adapters
+
+    assert all(np.isfinite(v).all() for v in load_adapters(tmp_path / "run" / "adapter")[0].values())
+
+
+def test_a_run_that_keeps_diverging_stops_with_exit_code_3_and_finite_checkpoints(tmp_path, monkeypatch, capsys,
+                                                                                   tiny_config):
+    import train
+
+    _poison(monkeypatch, [3, 4, 5])
+    cfg = tiny_config(tmp_path, train__log_every=1, train__max_skipped_steps=2)
+    args = ["--config", "configs/tiny.py"] + [f"{k}={v}" for k, v in {
+        "model.random_arch": json.dumps(cfg.model.random_arch), "adapter.rank": 4, "data.train": "builtin:add",
+        "data.seq_len": 56, "train.batch_size": 4, "train.steps": 6, "train.save_every": 2, "train.log_every": 1,
+        "train.max_skipped_steps": 2, "mesh.num_devices": 1, "train.output_dir": tmp_path / "run",
+        "eval.before_training": "false", "eval.after_training": "false"}.items()]
+    assert train.main(args) == 3
+    err = capsys.readouterr().err
+    assert "training diverged: 2 consecutive steps up to step 5 had a non-finite loss or gradient" in err
+    assert "Traceback" not in err
+    ckpt = trainer.Checkpointer(tmp_path / "run", 3)
+    assert ckpt.latest_step() == 4  # saved after one skip (its parameters are step 3's); none after the stop
+    step, state, _ = ckpt.restore_intact(None)
+    assert step == 4 and int(state["skipped"]) == 1
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(state))
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_bfloat16_base_trains(tiny_config, setup_step, next_batch):

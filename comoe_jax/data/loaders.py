@@ -61,6 +61,23 @@ def _exists(path: Path) -> Path:
     return path
 
 
+def _file(path: Path) -> Path:
+    if _exists(path).is_dir():
+        raise DataError(f"{path}: is a folder; give the data file itself")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are a DataError naming the line."""
+    raw = _file(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
+                        "file as UTF-8") from None
+
+
 def _text(record: dict, field: str, where: str, *, required: bool = True) -> str:
     value = record.get(field)
     if value is None:
@@ -84,9 +101,10 @@ def _checked(examples: list[Example], path: Path) -> list[Example]:
 def _from_fields(record: dict, task: str, where: str) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    instruction = record.get("instruction", record.get("question"))
-    if instruction is None:
+    field = "instruction" if "instruction" in record else "question"
+    if record.get(field) is None:
         raise DataError(f"{where}: missing field 'instruction' (or 'question')")
+    instruction = _text(record, field, where)
     task = _text(record, "task", where, required=False) or task
     answer = _text(record, "answer", where)
     context = _text(record, "input", where, required=False) or _text(record, "context", where, required=False)
@@ -105,16 +123,15 @@ def _from_fields(record: dict, task: str, where: str) -> Example:
 def load_jsonl(path: Path) -> list[Example]:
     """One JSON object a line (blank lines skipped); the task defaults to the file's stem."""
     examples = []
-    with _exists(Path(path)).open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            examples.append(_from_fields(record, Path(path).stem, where))
+    for number, line in enumerate(_read_text(Path(path)).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        examples.append(_from_fields(record, Path(path).stem, where))
     return _checked(examples, Path(path))
 
 
@@ -126,7 +143,7 @@ _ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+?)\s*$", re.M)
 
 def _read_json(path: Path):
     try:
-        return json.loads(_exists(path).read_text(encoding="utf-8"))
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
 
@@ -171,12 +188,19 @@ def load_bigbench(path: Path) -> list[Example]:
         subtasks = sorted(p.parent.name for p in path.parent.glob("*/task.json"))
         hint = f"; it has subtasks, load one of: {', '.join(subtasks)}" if subtasks else ""
         raise DataError(f"{path}: field 'examples' is missing or empty{hint}")
+    if not isinstance(examples, list):
+        raise DataError(f"{path}: field 'examples' should be a list, got {type(examples).__name__}")
     task = str(data.get("name") or path.parent.name)
     out = []
     for i, example in enumerate(examples):
         where = f"{path} example {i}"
+        if not isinstance(example, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(example).__name__}")
         question = _text(example, "input", where)
         scores = example.get("target_scores")
+        if scores is not None and not isinstance(scores, dict):
+            raise DataError(f"{where}: field 'target_scores' should map each option to 0 or 1, got "
+                            f"{type(scores).__name__}")
         if scores:
             correct = [option for option, score in scores.items() if score == 1]
             if len(correct) != 1:
@@ -245,7 +269,7 @@ def load_hf_dataset(path: Path, split: str) -> list[Example]:
         where = f"{path} row {i}"
         try:
             examples.append(_hf_record(row, task, where))
-        except (KeyError, IndexError, TypeError, ValueError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, DataError):
                 raise
             raise DataError(f"{where}: unexpected value ({type(e).__name__}: {e})") from None
