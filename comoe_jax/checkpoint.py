@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -22,10 +23,27 @@ from jax.experimental import multihost_utils
 
 from comoe_jax.config import Config, read_json, resumable_keys
 from comoe_jax.errors import AdapterFormatError, CheckpointError
-from comoe_jax.model import flat_values, split_model, stack, state_from_flat, unstack
+from comoe_jax.model import flat_values, split_model, stack, stacked_sources, state_from_flat, unstack
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 FORMAT = "comoe-jax-moe-lora/1"
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore, tensorstore completes the reads orbax abandoned and their callbacks hit the
+    closed asyncio loop: ``RuntimeError('Event loop is closed')`` reaches ``sys.unraisablehook`` as a
+    traceback per tensor, long after the error was handled. Drop exactly those; report anything else."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_comoe_quiet", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._comoe_quiet = True
+    sys.unraisablehook = hook
 
 
 def all_finite(tree) -> bool:
@@ -102,6 +120,7 @@ class Checkpointer:
 
     def _set_aside(self, step: int, error: Exception) -> None:
         """Move a damaged checkpoint to ``damaged_checkpoints/<step>`` (kept, never deleted) and forget it."""
+        _quiet_abandoned_reads()
         target = self.run_dir / "damaged_checkpoints" / str(step)
         if jax.process_index() == 0:
             target.parent.mkdir(exist_ok=True)
@@ -208,9 +227,12 @@ def set_adapters(model, per_layer: dict) -> None:
     if missing:
         raise AdapterFormatError(f"the adapter file lacks {len(missing)} tensors the model needs, e.g. {missing[0]} "
                                  "(was it trained with other adapter.target_modules / adapter.layers?)")
+    for name, value in current.items():
+        sources = stacked_sources(name, model.groups)  # per-layer names of a stacked array
+        want = tuple(value.shape[1:] if sources else value.shape)
+        for source in sources or [name]:
+            if tuple(np.shape(per_layer[source])) != want:
+                raise AdapterFormatError(f"adapter tensor {source}: shape {tuple(np.shape(per_layer[source]))}, the "
+                                         f"model expects {want}")
     values = stack(per_layer, list(current), model.groups)
-    for name, value in values.items():
-        if tuple(value.shape) != tuple(current[name].shape):
-            raise AdapterFormatError(f"adapter tensor {name}: shape {value.shape}, the model expects "
-                                     f"{current[name].shape}")
     nnx.update(model, state_from_flat(adapters, {n: jax.numpy.asarray(v, current[n].dtype) for n, v in values.items()}))

@@ -266,8 +266,9 @@ def _line_in(path: Path, error: BaseException) -> str:
 
 def _assignment_line(path: Path, key: str) -> str:
     """``path:line`` of the last line assigning ``key`` (``....train.steps = ...``), best effort."""
-    section, name = key.split(".")
-    pattern = re.compile(rf"\b{section}\s*\.\s*{name}\s*=[^=]|\b{name}\s*=[^=]")
+    section, _, name = key.partition(".")
+    assignment = rf"\b{section}\s*\.\s*{name}\s*=[^=]|\b{name}\s*=[^=]" if name else rf"\.\s*{section}\s*=[^=]"
+    pattern = re.compile(assignment)
     lines = [i for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     return f"{path}:{lines[-1]}" if lines else str(path)
 

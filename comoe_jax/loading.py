@@ -262,8 +262,10 @@ def _open(model_cfg: ModelConfig):
         arch = dict(model_cfg.random_arch)
         try:
             hf = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
-        except (TypeError, ValueError) as e:
-            raise LoadError(f"model.random_arch={model_cfg.random_arch!r}: not a transformers config ({e})") from None
+        except Exception as e:  # transformers validates fields with its own error types
+            reason = str(e).strip().replace("\n", " ")
+            raise LoadError(f"model.random_arch={model_cfg.random_arch!r}: not a transformers config ({reason})") \
+                from None
         return decoder_spec(hf, "model.random_arch"), None
     path = resolve_model_path(model_cfg.path)
     if path.suffix == ".gguf":
@@ -279,8 +281,8 @@ def _open(model_cfg: ModelConfig):
 
     try:
         hf = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # OSError, ValueError and transformers' own field validation errors
+        reason = " ".join(str(e).split()) or type(e).__name__
         raise LoadError(f"{path / 'config.json'}: cannot be read as a transformers config ({reason})") from None
     spec = decoder_spec(hf, str(path / "config.json"))
     return spec, lambda names: _hf_tensors(path, names)
@@ -341,10 +343,12 @@ def _materialise(create, reader_factory, model_cfg: ModelConfig, mesh: Mesh | No
         target = DTYPES[model_cfg.param_dtype]
         for name in frozen_names:
             parts = [np.asarray(read(src)) for src in sources[name]]
+            want = shapes[name] if stacked[name] is None else shapes[name][1:]
+            for src, part in zip(sources[name], parts):
+                if part.shape != want:
+                    raise LoadError(f"{model_cfg.path}: tensor for {src} has shape {part.shape}, the config implies "
+                                    f"{want}")
             array = parts[0] if stacked[name] is None else np.stack(parts)
-            if array.shape != shapes[name]:
-                raise LoadError(f"{model_cfg.path}: tensor for {sources[name][0]} has shape {parts[0].shape}, the "
-                                f"config implies {shapes[name][-parts[0].ndim:]}")
             values[name] = jax.device_put(array.astype(target), shardings[name])
     values |= _dora_magnitudes(values, adapter_names, {n: shardings[n] for n in adapter_names})
     adapters = state_from_flat(adapters_abs, {n: values[n] for n in adapter_names})

@@ -1,0 +1,508 @@
+"""What a user can get wrong, end to end through the command-line scripts: every bad input gets a one-line
+message naming the culprit and its exit code (2 bad input; see comoe_jax/cli.py), never a traceback, and
+nothing already written in a run folder is lost or overwritten.
+
+Each case builds its bad input under ``tmp_path`` (from shared fixtures: a tiny finished run, a tiny
+Hugging Face model folder) and returns the script and its arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import analyze
+import evaluate
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"train": train, "evaluate": evaluate, "analyze": analyze}
+# The tiny random Llama, 2 steps, no evaluation: a bad input fails within a second or two.
+FAST = ["mesh.num_devices=1", "train.steps=4", "train.save_every=2", "train.batch_size=4", "adapter.rank=4",
+        "data.train=builtin:add", "eval.before_training=false", "eval.after_training=false",
+        "eval.sources=builtin:add", "eval.max_per_task=2", "eval.max_new_tokens=2"]
+
+
+def tiny(*extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "tiny.py"), *FAST, *extra]
+
+
+def out(tmp: Path) -> str:
+    return f"train.output_dir={tmp / 'new_run'}"
+
+
+# --------------------------------------------------------------------------- shared inputs
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A tiny run with checkpoints at steps 2 and 4, adapters, config.json, metrics.jsonl, eval_after."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert train.main(tiny(f"train.output_dir={run}", "eval.after_training=true")) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    """A tiny Llama saved by transformers (config.json, model.safetensors) with a byte-level tokenizer."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from comoe_jax.loading import byte_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("hf") / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=272, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _copy(src: Path, tmp: Path) -> Path:
+    dst = tmp / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def _json(path: Path, data) -> Path:
+    return _write(path, json.dumps(data))
+
+
+def _config_file(tmp: Path, body: str) -> Path:
+    return _write(tmp / "my_config.py", "from comoe_jax.config import Config\n\n\ndef get_config():\n"
+                                        "    c = Config()\n    c.model.path = 'random'\n" + body)
+
+
+def _hf_copy(ctx, tmp) -> Path:
+    return _copy(ctx["hf_model"], tmp)
+
+
+def _model_args(folder: Path, tmp: Path) -> list[str]:
+    return tiny(f"model.path={folder}", "data.template=plain", out(tmp))
+
+
+def _damage_state(run: Path, step: int) -> None:
+    for f in (run / "checkpoints" / str(step) / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"garbage" * 8)
+
+
+# --------------------------------------------------------------------------- the corpus
+# (id, setup(ctx, tmp) -> (script, argv), exit code, regex the message must match, folder that must be kept)
+
+
+def _jsonl(name, text, *extra):
+    def setup(ctx, tmp):
+        return "train", tiny(f"data.train=jsonl:{_write(tmp / name, text)}", out(tmp), *extra)
+    return setup
+
+
+def _source(fmt, name, content, *extra):
+    def setup(ctx, tmp):
+        path = _json(tmp / name, content) if not isinstance(content, (str, bytes)) else _write(tmp / name, content)
+        return "train", tiny(f"data.train={fmt}:{path}", out(tmp), *extra)
+    return setup
+
+
+def _override(*items):
+    return lambda ctx, tmp: ("train", tiny(*items, out(tmp)))
+
+
+def _config(body):
+    return lambda ctx, tmp: ("train", ["--config", str(_config_file(tmp, body))])
+
+
+def _hf(damage):
+    def setup(ctx, tmp):
+        folder = _hf_copy(ctx, tmp)
+        damage(folder)
+        return "train", _model_args(folder, tmp)
+    return setup
+
+
+def _run(change, script="train", *extra):
+    """A copy of the finished run, changed by ``change(run)``, then trained again (or evaluated...)."""
+    def setup(ctx, tmp):
+        run = _copy(ctx["finished_run"], tmp)
+        change(run)
+        if script == "train":
+            return "train", tiny(f"train.output_dir={run}", *extra)
+        if script == "evaluate":
+            return "evaluate", ["--run", str(run), *extra]
+        return "analyze", [str(run), "--out", str(tmp / "cmp"), *extra]
+    return setup
+
+
+def _set_config(run: Path, **changes):
+    cfg = json.loads((run / "config.json").read_text())
+    for key, value in changes.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    _json(run / "config.json", cfg)
+
+
+def _safetensors(path: Path, tensors: dict):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+
+
+def _edit_adapter(run: Path, edit):
+    from safetensors.numpy import load_file
+
+    path = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    _safetensors(path, tensors)
+
+
+def _edit_weights(folder: Path, edit):
+    from safetensors.numpy import load_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    _safetensors(path, tensors)
+
+
+NOT_A_LIST = r"is not allowed: expected a list"
+CASES = [
+    # ---- command-line overrides
+    ("override-typo", _override("train.stpes=3"), 2, r"unknown config key 'train\.stpes'; did you mean train\.steps"),
+    ("override-section-typo", _override("trian.steps=3"), 2, r"unknown config key 'trian\.steps'; did you mean"),
+    ("override-no-equals", _override("train.steps"), 2, r"override 'train\.steps' is not of the form section\.key="),
+    ("override-int", _override("train.steps=ten"), 2, r"train\.steps='ten' is not allowed: expected an integer"),
+    ("override-float-int", _override("train.steps=1.5"), 2, r"train\.steps='1\.5' is not allowed: expected an int"),
+    ("temperature-inf", _override("loss.temperature=inf"), 2, r"loss\.temperature=inf is not allowed: a finite"),
+    ("lr-inf", _override("optim.learning_rate=inf"), 2, r"optim\.learning_rate=inf is not allowed: a finite number"),
+    ("lr-nan", _override("optim.learning_rate=nan"), 2, r"optim\.learning_rate=nan is not allowed: a finite number"),
+    ("lr-negative", _override("optim.learning_rate=-1"), 2, r"optim\.learning_rate=-1\.0 is not allowed: a positive"),
+    ("bool", _override("train.resume=maybe"), 2, r"train\.resume='maybe' is not allowed: expected true or false"),
+    ("module-numbers", _override("adapter.target_modules=[1,2]"), 2,
+     r"adapter\.target_modules=\(1, 2\) is not allowed: a list of text entries"),
+    ("module-unknown", _override("adapter.target_modules=q_proj,qkv"), 2,
+     r"adapter\.target_modules='qkv' is not allowed: one of q_proj"),
+    ("method-unknown", _override("adapter.method=adalora"), 2, r"adapter\.method='adalora' is not allowed: one of"),
+    ("top-k-one", _override("adapter.top_k=1"), 2, r"adapter\.top_k=1 is not allowed: .*needs k >= 2"),
+    ("top-k-over-n", _override("adapter.top_k=9"), 2, r"adapter\.top_k=9 is not allowed: 1 <= top_k <= num_experts"),
+    ("two-experts", _override("adapter.num_experts=2"), 2, r"adapter\.num_experts=2 is not allowed: .*n >= 3"),
+    ("layers-name", _override("adapter.layers=bottom"), 2, r"adapter\.layers='bottom' is not allowed: use one of all"),
+    ("layers-out-of-model", _override("adapter.layers=1:9"), 2,
+     r"adapter\.layers='1:9' is out of bounds: the model has 2 layers"),
+    ("rank-zero", _override("adapter.rank=0"), 2, r"adapter\.rank=0 is not allowed: a positive integer"),
+    ("dropout-one", _override("adapter.dropout=1"), 2, r"adapter\.dropout=1\.0 is not allowed: 0 <= dropout < 1"),
+    ("negatives", _override("loss.num_negatives=9"), 2, r"loss\.num_negatives=9 is not allowed: 0 \(all inactive"),
+    ("anchor", _override("loss.anchor=first"), 2, r"loss\.anchor='first' is not allowed: one of random, all"),
+    ("form", _override("loss.form=fast"), 2, r"loss\.form='fast' is not allowed: one of gram, reference"),
+    ("dtype", _override("model.dtype=float16"), 2, r"model\.dtype='float16' is not allowed: one of float32, bfloat16"),
+    ("model-missing", _override("model.path=/no/such/model"), 2, r"model\.path='/no/such/model' is not allowed: no "),
+    ("random-arch", _override('model.random_arch={"hidden_size": "big"}'), 2, r"model\.random_arch=.* not a transf"),
+    ("template", _override("data.template=chatml"), 2, r"data\.template='chatml' is not allowed: one of alpaca"),
+    ("seq-len", _override("data.seq_len=4"), 2, r"data\.seq_len=4 is not allowed: >= 8 tokens"),
+    ("source-format", _override("data.train=csv:/x.csv"), 2, r"data\.train='csv:/x\.csv' is not allowed: mix, "),
+    ("source-missing", _override("data.train=jsonl:/no/such.jsonl"), 2, r"/no/such\.jsonl does not exist"),
+    ("builtin-task", _override("data.train=builtin:nosuch"), 2, r"unknown built-in task\(s\) nosuch"),
+    ("mix-weight-negative", _override('data.mix_weights={"add": -1}'), 2, r"data\.mix_weights=.* positive numbers"),
+    ("mix-weight-task", _override('data.mix_weights={"nosuch": 1}'), 2, r"data\.mix_weights names task\(s\) nosuch"),
+    ("tasks", _override("data.tasks=nosuch"), 2, r"data\.tasks names nosuch, not found in builtin:add"),
+    ("eval-mode", _override("eval.mode=exact"), 2, r"eval\.mode='exact' is not allowed: one of label, loglik"),
+    ("eval-split", _override("eval.split=dev"), 2, r"eval\.split='dev' is not allowed: one of train, validation"),
+    ("mesh-size", _override("mesh.num_devices=-1", "mesh.data=3"), 2, r"mesh: data x fsdp x tensor = 3 x 1 x 1 = 3"),
+    ("mesh-devices", _override("mesh.num_devices=99"), 2, r"mesh\.num_devices=99 but only \d+ devices are visible"),
+    ("mesh-batch", _override("mesh.num_devices=8", "train.batch_size=4"), 2,
+     r"train\.batch_size=4 must be a multiple of the data x fsdp mesh size \(8 x 1 = 8\)"),
+    ("mesh-rules", _override('mesh.rules=[["embed", "model"]]'), 2, r"mesh\.rules: 'embed' -> 'model': mesh axes are"),
+    ("max-skipped", _override("train.max_skipped_steps=0"), 2, r"train\.max_skipped_steps=0 is not allowed: >= 1"),
+    ("beta2", _override("optim.b2=1"), 2, r"optim\.b2=1\.0 is not allowed: 0 <= beta < 1"),
+    ("accumulation", _override("optim.grad_accum_steps=0"), 2, r"optim\.grad_accum_steps=0 is not allowed: >= 1"),
+    ("save-every", _override("train.save_every=0"), 2, r"train\.save_every=0 is not allowed: >= 1"),
+    # ---- config files (executed Python)
+    ("config-missing", lambda ctx, tmp: ("train", ["--config", str(tmp / "nope.py")]), 2,
+     r"config file .*nope\.py does not exist"),
+    ("config-folder", lambda ctx, tmp: ("train", ["--config", str(tmp)]), 2, r"does not exist \(it is a folder\)"),
+    ("config-syntax", _config("    c.train.steps = (3\n    return c\n"), 2, r"my_config\.py:\d+: syntax error"),
+    ("config-typo", _config("    c.train.stpes = 3\n    return c\n"), 2,
+     r"my_config\.py:7: unknown config key 'train\.stpes'; did you mean train\.steps"),
+    ("config-section-typo", _config("    c.trian.steps = 3\n    return c\n"), 2,
+     r"my_config\.py:7: unknown config key 'trian'; did you mean train\?"),
+    ("config-type", _config("    c.train.steps = '10'\n    return c\n"), 2,
+     r"my_config\.py:7: train\.steps='10' is not allowed: expected an integer, got str"),
+    ("config-inf", _config("    c.loss.temperature = float('inf')\n    return c\n"), 2,
+     r"my_config\.py:7: loss\.temperature=inf is not allowed: a finite number"),
+    ("config-section-replaced", _config("    c.train = 5\n    return c\n"), 2,
+     r"my_config\.py:7: config section 'train' was replaced by int"),
+    ("config-name-error", _config("    c.train.steps = STEPS\n    return c\n"), 2,
+     r"my_config\.py:7: NameError: name 'STEPS' is not defined"),
+    ("config-no-get-config", lambda ctx, tmp: ("train", ["--config", str(_write(tmp / "c.py", "X = 1\n"))]), 2,
+     r"c\.py: defines no get_config\(\) function"),
+    ("config-returns-dict", lambda ctx, tmp: ("train", ["--config", str(_write(
+        tmp / "c.py", "def get_config():\n    return {}\n"))]), 2, r"c\.py: get_config\(\) returned dict, expected"),
+    ("config-list-of-numbers", _config("    c.data.train = (1, 2)\n    return c\n"), 2,
+     r"my_config\.py:7: data\.train=\(1, 2\) is not allowed: a list of text entries"),
+    # ---- data files
+    ("jsonl-malformed", _jsonl("d.jsonl", '{"instruction": "a", "answer": "b"}\n{"instruction": \n'), 2,
+     r"d\.jsonl:2: malformed JSON"),
+    ("jsonl-missing-answer", _jsonl("d.jsonl", '{"instruction": "a"}\n'), 2, r"d\.jsonl:1: missing field 'answer'"),
+    ("jsonl-missing-instruction", _jsonl("d.jsonl", '{"answer": "a"}\n'), 2,
+     r"d\.jsonl:1: missing field 'instruction' \(or 'question'\)"),
+    ("jsonl-not-utf8", _jsonl("d.jsonl", b'{"instruction": "a", "answer": "b"}\n'
+                                         b'{"instruction": "\xff", "answer": "c"}\n'), 2, r"d\.jsonl:2: not UTF-8"),
+    ("jsonl-folder", lambda ctx, tmp: ("train", tiny(f"data.train=jsonl:{tmp}", out(tmp))), 2,
+     r": is a folder; give the data file itself"),
+    ("jsonl-empty", _jsonl("d.jsonl", "\n\n"), 2, r"d\.jsonl: no examples"),
+    ("jsonl-answer-not-option", _jsonl("d.jsonl", '{"question": "q", "options": ["a", "b"], "answer": "c"}\n'), 2,
+     r"d\.jsonl:1: field 'answer' 'c' is not among the options"),
+    ("jsonl-options-not-list", _jsonl("d.jsonl", '{"question": "q", "options": "ab", "answer": "a"}\n'), 2,
+     r"d\.jsonl:1: field 'options' should be a list, got str"),
+    ("jsonl-record-list", _jsonl("d.jsonl", '["a", "b"]\n'), 2, r"d\.jsonl:1: expected a JSON object, got list"),
+    ("jsonl-instruction-object", _jsonl("d.jsonl", '{"instruction": {"a": 1}, "answer": "b"}\n'), 2,
+     r"d\.jsonl:1: field 'instruction' should be text, got dict"),
+    ("llm-adapters-not-list", _source("llm_adapters", "t.json", {"a": 1}), 2, r"t\.json: expected a JSON list"),
+    ("llm-adapters-label", _source("llm_adapters", "t.json", [
+        {"instruction": "Q?\nAnswer format: true/false", "answer": "maybe", "output": "x"}]), 2,
+     r"t\.json record 0: field 'answer' 'maybe' is not among the labels true/false"),
+    ("llm-adapters-malformed", _source("llm_adapters", "t.json", '[{"instruction": "a",'), 2,
+     r"t\.json:1: malformed JSON"),
+    ("bigbench-no-examples", _source("bigbench", "task.json", {"name": "x"}), 2,
+     r"task\.json: field 'examples' is missing or empty"),
+    ("bigbench-example-not-object", _source("bigbench", "task.json", {"examples": ["q"]}), 2,
+     r"task\.json example 0: expected a JSON object, got str"),
+    ("bigbench-two-correct", _source("bigbench", "task.json", {"examples": [
+        {"input": "q", "target_scores": {"a": 1, "b": 1}}]}), 2,
+     r"task\.json example 0: field 'target_scores' marks 2 options correct"),
+    ("bigbench-scores-list", _source("bigbench", "task.json", {"examples": [
+        {"input": "q", "target_scores": ["a"]}]}), 2, r"task\.json example 0: field 'target_scores' should map"),
+    ("bigbench-examples-not-list", _source("bigbench", "task.json", {"examples": {"a": 1}}), 2,
+     r"task\.json: field 'examples' should be a list, got dict"),
+    ("hf-not-a-dataset", lambda ctx, tmp: ("train", tiny(f"data.train=hf:{_write(tmp / 'ds' / 'x.txt', 'x').parent}",
+                                                           out(tmp))), 2, r"ds: not a dataset saved with save_to_disk"),
+    ("responses-cut", _jsonl("d.jsonl", '{"instruction": "' + "long " * 40 + '", "answer": "b"}\n', "data.seq_len=8"),
+     2, r"no usable training examples for task\(s\) d: every response was cut off by data\.seq_len=8"),
+    # ---- model folders
+    ("model-no-config", _hf(lambda f: (f / "config.json").unlink()), 2,
+     r"llama has no config\.json \(a Hugging Face model folder\) and 0 \.gguf files"),
+    ("model-config-malformed", _hf(lambda f: _write(f / "config.json", '{"model_type": "llama",')), 2,
+     r"config\.json: cannot be read as a transformers config"),
+    ("model-unsupported", _hf(lambda f: _json(f / "config.json", json.loads((f / "config.json").read_text())
+                                              | {"model_type": "gpt2"})), 2,
+     r"config\.json: model_type 'gpt2' is not supported; comoe-jax implements llama"),
+    ("model-rope", _hf(lambda f: _json(f / "config.json", json.loads((f / "config.json").read_text())
+                                       | {"rope_parameters": {"rope_type": "ntk-magic", "rope_theta": 1e4}})), 2,
+     r"config\.json: .*ntk-magic"),
+    ("model-no-tokenizer", _hf(lambda f: [p.unlink() for p in f.glob("*token*")]), 2,
+     r"llama: no tokenizer files \(tokenizer\.json"),
+    ("model-weights-garbage", _hf(lambda f: _write(f / "model.safetensors", b"garbage" * 50)), 2,
+     r"model\.safetensors: not a readable safetensors file"),
+    ("model-weights-truncated", _hf(lambda f: _write(f / "model.safetensors",
+                                                     (f / "model.safetensors").read_bytes()[:-4000])), 2,
+     r"model\.safetensors: (not a readable safetensors file|tensor .* cannot be read)"),
+    ("model-weights-shape", _hf(lambda f: _edit_weights(f, lambda t: t.update(
+        {"model.layers.0.self_attn.q_proj.weight": np.zeros((32, 31), np.float32)}))), 2,
+     r"tensor for layers\.0\.self_attn\.q_proj\.kernel has shape \(31, 32\), the config implies \(32, 32\)"),
+    ("model-weights-missing", _hf(lambda f: _edit_weights(f, lambda t: t.pop("model.norm.weight"))), 2,
+     r"tensors missing from the safetensors files: model\.norm\.weight"),
+    ("model-index-shard-missing", _hf(lambda f: _json(f / "model.safetensors.index.json", {
+        "weight_map": {"model.norm.weight": "model-00002.safetensors"}})), 2,
+     r"model\.safetensors\.index\.json: names shard file\(s\) that are not in the folder: model-00002"),
+    ("gguf-garbage", lambda ctx, tmp: ("train", _model_args(_write(tmp / "m.gguf", b"GGUF" + b"\x00" * 64), tmp)), 2,
+     r"m\.gguf: not a readable GGUF file"),
+    # ---- run folders and checkpoints
+    ("output-is-a-file", lambda ctx, tmp: ("train", tiny(f"train.output_dir={_write(tmp / 'f', 'keep me')}")), 2,
+     r"train\.output_dir=.*f is a file, not a folder"),
+    ("output-not-writable", lambda ctx, tmp: ("train", tiny("train.output_dir=/sys/kernel/comoe_run")), 2,
+     r"train\.output_dir=/sys/kernel/comoe_run cannot be written \(.*\); choose a writable folder"),
+    ("output-inside-a-file", lambda ctx, tmp: ("train", tiny(f"train.output_dir={_write(tmp / 'f', 'x')}/run")), 2,
+     r"train\.output_dir=.*f/run cannot be written"),
+    ("resume-changed-config", _run(lambda run: None, "train", "adapter.rank=8"), 2,
+     r"holds a run with a different config, so it cannot be resumed: adapter\.rank: checkpoint 4, now 8"),
+    ("resume-refused", _run(lambda run: None, "train", "train.resume=false"), 2,
+     r"already holds checkpoints up to step 4; pass train\.resume=true"),
+    ("all-checkpoints-damaged", _run(lambda run: [_damage_state(run, s) for s in (2, 4)], "train", "train.steps=6"),
+     2, r"no checkpoint can be read back \(the damaged ones were moved to .*damaged_checkpoints"),
+    ("evaluate-config-damaged", _run(lambda run: _write(run / "config.json", '{"model": {'), "evaluate"), 2,
+     r"config\.json:1: not valid JSON"),
+    ("evaluate-config-unknown-key", _run(lambda run: _set_config(run, train__stpes=3), "evaluate"), 2,
+     r"config\.json: unknown config key 'train\.stpes'; did you mean train\.steps"),
+    ("evaluate-config-bad-type", _run(lambda run: _set_config(run, train__steps="4"), "evaluate"), 2,
+     r"config\.json: train\.steps='4' is not allowed: expected an integer"),
+    ("evaluate-no-adapter", _run(lambda run: shutil.rmtree(run / "adapter"), "evaluate"), 2,
+     r"adapter_model\.safetensors does not exist \(expected an adapter folder"),
+    ("evaluate-not-a-run", lambda ctx, tmp: ("evaluate", ["--run", str(tmp)]), 2,
+     r"config\.json does not exist: .* is not a comoe-jax run folder"),
+    ("analyze-eval-damaged", _run(lambda run: _write(run / "eval_after.json", "{"), "analyze"), 2,
+     r"eval_after\.json:1: not valid JSON"),
+    ("analyze-eval-foreign", _run(lambda run: _json(run / "eval_after.json", {"score": 1}), "analyze"), 2,
+     r"eval_after\.json: not an evaluation result written by comoe-jax"),
+    # ---- adapter folders
+    ("adapter-config-malformed", _run(lambda run: _write(run / "adapter" / "adapter_config.json", "{"), "evaluate"), 2,
+     r"adapter_config\.json:1: not valid JSON"),
+    ("adapter-config-format", _run(lambda run: _json(run / "adapter" / "adapter_config.json", {"format": "x"}),
+                                   "evaluate"), 2, r"adapter_config\.json: field 'format' is 'x', expected"),
+    ("adapter-weights-garbage", _run(lambda run: _write(run / "adapter" / "adapter_model.safetensors", b"xx" * 40),
+                                     "evaluate"), 2, r"adapter_model\.safetensors: not a readable safetensors file"),
+    ("adapter-tensor-missing", _run(lambda run: _edit_adapter(run, lambda t: t.pop(
+        "layers.1.self_attn.v_proj.router")), "evaluate"), 2,
+     r"the adapter file lacks 1 tensors the model needs, e\.g\. layers\.1\.self_attn\.v_proj\.router"),
+    ("adapter-tensor-shape", _run(lambda run: _edit_adapter(run, lambda t: t.update(
+        {"layers.0.self_attn.q_proj.lora_a": np.zeros((4, 64, 3), np.float32)})), "evaluate"), 2,
+     r"adapter tensor layers\.0\.self_attn\.q_proj\.lora_a: shape \(4, 64, 3\), the model expects \(4, 64, 4\)"),
+    ("adapter-tensor-nan", _run(lambda run: _edit_adapter(run, lambda t: t.update(
+        {"layers.0.self_attn.q_proj.lora_b": np.full((4, 4, 64), np.nan, np.float32)})), "evaluate"), 2,
+     r"tensor layers\.0\.self_attn\.q_proj\.lora_b holds non-finite values"),
+]
+
+
+def _snapshot(folder: Path) -> list[str]:
+    """Content hashes of every file under ``folder`` (what must not be lost)."""
+    return sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file())
+
+
+# Run as a real process (what a user sees on the terminal): one case of each kind, and the one whose
+# library warning goes through logging handlers that pytest's in-process capture cannot stand in for.
+IN_A_PROCESS = {"override-typo", "config-typo", "jsonl-not-utf8", "model-rope", "all-checkpoints-damaged",
+                "adapter-tensor-nan"}
+
+
+def _run_script(script: str, argv: list[str], capsys, in_a_process: bool) -> tuple[int, str]:
+    if not in_a_process:
+        capsys.readouterr()
+        code = SCRIPTS[script].main(argv)
+        return code, capsys.readouterr().err
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("setup, code, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_with_a_clear_message(setup, code, message, tmp_path, capsys, request):
+    script, argv = setup(_Lazy(request), tmp_path)
+    before = _snapshot(tmp_path)
+    returned, err = _run_script(script, [str(a) for a in argv], capsys, request.node.callspec.id in IN_A_PROCESS)
+    assert returned == code, err
+    assert "Traceback" not in err, err
+    last = [line for line in err.splitlines() if line.strip()][-1]  # the one-line message
+    assert re.search(message, last), f"{message!r} not in the last line of:\n{err}"
+    assert not set(before) - set(_snapshot(tmp_path)), "a file already written was lost or changed"
+
+
+class _Lazy(dict):
+    """The shared fixtures, built on first use (most cases need neither)."""
+
+    def __init__(self, request):
+        super().__init__()
+        self.request = request
+
+    def __missing__(self, name):
+        self[name] = self.request.getfixturevalue(name)
+        return self[name]
+
+
+def test_the_corpus_is_large_and_covers_every_kind_of_input():
+    kinds = {"override": 0, "config": 0, "data": 0, "model": 0, "run": 0, "adapter": 0}
+    for name, *_ in CASES:
+        head = name.split("-")[0]
+        kind = ("config" if head == "config" else "data" if head in {"jsonl", "llm", "bigbench", "hf", "responses"}
+                else "model" if head in {"model", "gguf"} else "adapter" if head == "adapter"
+                else "run" if head in {"output", "resume", "all", "evaluate", "analyze"} else "override")
+        kinds[kind] += 1
+    assert len(CASES) >= 80 and all(v >= 5 for v in kinds.values()), kinds
+
+
+# --------------------------------------------------------------------------- damaged runs recover
+
+
+def _cut_metrics(run: Path) -> None:
+    text = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(text[: len(text) - 25])  # the last line cut mid-write
+
+
+def _damage_config_json(run: Path, step: int) -> None:
+    _write(run / "checkpoints" / str(step) / "config" / "metadata", "{damaged")
+
+
+@pytest.mark.parametrize("damage, warning, resumed_from, logged", [
+    (lambda run: _damage_state(run, 4), r"warning: checkpoint 4 cannot be read back .*moved to .*damaged_checkpoints/4",
+     2, [1, 2, 3, 4, 5, 6]),
+    (lambda run: _damage_config_json(run, 4), r"warning: checkpoint 4 cannot be read back", 2, [1, 2, 3, 4, 5, 6]),
+    (_cut_metrics, r"warning: .*metrics\.jsonl: dropped 1 damaged line\(s\) \(4\); 3 intact rows kept", 4,
+     [1, 2, 3, 5, 6]),  # the row cut mid-write is gone; every intact one is kept
+], ids=["checkpoint-state", "checkpoint-config", "metrics-tail"])
+def test_a_damaged_run_resumes_from_what_is_intact(damage, warning, resumed_from, logged, finished_run, tmp_path,
+                                                   capsys):
+    run = _copy(finished_run, tmp_path)
+    damage(run)
+    damaged = _snapshot(run / "checkpoints" / "4")
+    assert train.main(tiny(f"train.output_dir={run}", "train.steps=6")) == 0
+    printed = "".join(capsys.readouterr())
+    assert re.search(warning, printed), printed
+    assert f"resumed from step {resumed_from} of" in printed
+    from comoe_jax.report import load_history
+
+    assert [r["step"] for r in load_history(run)] == logged
+    assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    if resumed_from == 2:  # the damaged checkpoint is kept aside, byte for byte
+        assert _snapshot(run / "damaged_checkpoints" / "4") == damaged
+
+
+def test_evaluation_settings_may_change_when_a_run_is_resumed(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    assert train.main(tiny(f"train.output_dir={run}", "eval.max_per_task=1", "eval.after_training=true")) == 0
+    result = json.loads((run / "eval_after.json").read_text())
+    assert sum(r["total"] for r in result["per_task"].values()) == 1
+
+
+def test_an_interrupted_run_exits_75_and_resumes(monkeypatch, tmp_path, capsys):
+    import signal
+
+    from comoe_jax import trainer
+
+    real, calls = trainer.next_global_batch, []
+
+    def interrupting(stream, cfg):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(stream, cfg)
+
+    monkeypatch.setattr(trainer, "next_global_batch", interrupting)
+    args = tiny(f"train.output_dir={tmp_path / 'run'}")
+    assert train.main(args) == 75
+    assert "SIGTERM: saving step 2 and stopping" in capsys.readouterr().out
+    monkeypatch.setattr(trainer, "next_global_batch", real)
+    assert train.main(args) == 0
+
+
+def test_a_grid_cell_is_reused_only_when_its_run_really_finished(finished_run, tmp_path):
+    from comoe_jax.config import load_run_config
+    from comoe_jax.experiments import finished
+
+    run = _copy(finished_run, tmp_path)
+    cfg = load_run_config(run)
+    cfg.train.output_dir = str(run)
+    assert finished(cfg)
+    longer = load_run_config(run)
+    longer.train.output_dir, longer.train.steps = str(run), 8
+    assert not finished(longer)  # more steps asked than were trained
+    other = load_run_config(run)
+    other.train.output_dir, other.adapter.rank = str(run), 8
+    assert not finished(other)  # another config in the same folder
+    _write(run / "eval_after.json", "{")
+    assert not finished(cfg)  # a damaged result is redone
+    (run / "eval_after.json").unlink()
+    assert not finished(cfg)
