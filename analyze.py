@@ -15,10 +15,10 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 from comoe_jax.cli import command
 from comoe_jax.config import apply_overrides, load_run_config, negatives_per_anchor, validate
+from comoe_jax.paths import as_path
 
 
 @command
@@ -30,32 +30,34 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     configs = [load_run_config(run) for run in args.runs]
     probe_cfg = validate(apply_overrides(load_run_config(args.runs[0]), overrides))
+    from comoe_jax import sharding as shd
     from comoe_jax.analysis import collect_routing, expert_outputs_2d, summary
-    from comoe_jax.checkpoint import load_adapters, set_adapters
+    from comoe_jax.checkpoint import load_run_model
     from comoe_jax.evaluate import load_eval
-    from comoe_jax.loading import build_model, load_tokenizer
+    from comoe_jax.loading import load_tokenizer
     from comoe_jax.plots import plot_mi_gap, plot_representations, plot_workload
     from comoe_jax.report import evaluation_examples, load_history
     from comoe_jax.tables import markdown_table, number, percent
 
-    out = Path(args.out)
+    shd.init_distributed(probe_cfg.mesh)
+    out = as_path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     examples = evaluation_examples(probe_cfg)
     panels, rows, histories = {}, [], {}
     for run, cfg in zip(args.runs, configs):
-        name = Path(run).name
+        name = as_path(run).name
         tokenizer = load_tokenizer(cfg.model.path)
-        model = build_model(cfg)
-        set_adapters(model, load_adapters(Path(run) / "adapter")[0])
+        cfg.mesh = probe_cfg.mesh  # every run on the mesh this invocation uses
+        model = load_run_model(cfg, run)
         module = args.module or model.adapter_modules()[len(model.adapter_modules()) // 2]
         usage = collect_routing(model, tokenizer, examples, probe_cfg.data.template, probe_cfg.eval.batch_size,
                                 code_modules=(module,))
         plot_workload(usage, out / f"workload_{name}.png")
         panels[f"{name} (lambda = {cfg.loss.contrastive_weight})"] = expert_outputs_2d(model, usage, module)
-        result = load_eval(Path(run) / "eval_after.json")
+        result = load_eval(as_path(run) / "eval_after.json")
         rows.append({"run": name, "lambda": cfg.loss.contrastive_weight, "experts": cfg.adapter.num_experts,
                      "accuracy": None if result is None else result.average, **summary(usage)})
-        histories[name] = load_history(Path(run))
+        histories[name] = load_history(as_path(run))
         print(f"{name}: MI(task; expert set) {rows[-1]['mi_task_expert_set_bits']:.3f} bits", flush=True)
     plot_representations(panels, out / "representations.png", f"expert outputs at the answer position, {module} (PCA)")
     first = configs[0]

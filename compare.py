@@ -31,6 +31,7 @@ from comoe_jax.cli import command
 from comoe_jax.config import ConfigError, apply_overrides, load_config_file, validate
 from comoe_jax.constants import METHODS
 from comoe_jax.experiments import median, run_grid
+from comoe_jax.paths import as_path
 from comoe_jax.tables import markdown_table, number, percent
 
 # What this CPU can do in about an hour for all methods (overridable on the command line).
@@ -144,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks = [t for t in args.tasks.split(",") if t] or list(dict.fromkeys(
         ex.task for ex in load_sources(base.data.train, "train", tasks=base.data.tasks)))
-    cells = plan(base, methods, seeds, tasks, Path(args.out), settings)
+    cells = plan(base, methods, seeds, tasks, as_path(args.out), settings)
     start = time.perf_counter()
     rows = run_grid(cells)
-    accuracy = base_model_accuracy(base, tasks, Path(args.out)) if args.base_model else None
+    accuracy = base_model_accuracy(base, tasks, as_path(args.out)) if args.base_model else None
     minutes = (time.perf_counter() - start) / 60
     markdown, aggregated = table(rows, methods, tasks, base_parameters(base), accuracy)
-    out = Path(args.out)
+    out = as_path(args.out)
     title = (f"# Method comparison ({args.config}, {base.model.path}; seeds {args.seeds}, median; "
              f"{base.train.steps} steps, batch {base.train.batch_size}, {base.eval.max_per_task or 'all'} test "
              f"items per task, {base.eval.mode} scoring; {len(cells)} runs in {minutes:.0f} min)\n\n")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from comoe_jax.cli import command
 from comoe_jax.config import apply_overrides, load_config_file, load_run_config, validate
@@ -28,19 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     cfg = load_run_config(args.run) if args.run else load_config_file(args.config)
     validate(apply_overrides(cfg, overrides))
-    from comoe_jax.checkpoint import load_adapters, set_adapters
-    from comoe_jax.loading import build_model, load_tokenizer
+    import jax
+
+    from comoe_jax import sharding as shd
+    from comoe_jax.checkpoint import load_run_model
+    from comoe_jax.loading import load_tokenizer
+    from comoe_jax.paths import as_path
     from comoe_jax.report import evaluate_and_save, evaluation_examples
 
+    shd.init_distributed(cfg.mesh)  # a multi-host evaluation: every host runs this script with its process id
     tokenizer = load_tokenizer(cfg.model.path)
-    model = build_model(cfg)
-    if args.run:
-        set_adapters(model, load_adapters(Path(args.run) / "adapter")[0])
+    model = load_run_model(cfg, args.run)  # on the run's mesh; each device scores its share of the items
     stem = f"eval_{cfg.eval.split}_{cfg.eval.mode}"
-    out = Path(args.out) if args.out else Path(args.run or "runs/base") / stem
+    out = as_path(args.out) if args.out else as_path(args.run or "runs/base") / stem
     result = evaluate_and_save(cfg, model, tokenizer, evaluation_examples(cfg), out)
-    print(result.to_markdown(f"{args.run or 'base model'}: {cfg.eval.split} split"))
-    print(f"written to {out}.json and {out}.md ({result.seconds:.0f}s)")
+    if jax.process_index() == 0:
+        print(result.to_markdown(f"{args.run or 'base model'}: {cfg.eval.split} split"))
+        print(f"written to {out}.json and {out}.md ({result.seconds:.0f}s)")
     return 0
 
 

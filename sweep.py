@@ -18,11 +18,11 @@ import copy
 import itertools
 import json
 import sys
-from pathlib import Path
 
 from comoe_jax.cli import command
 from comoe_jax.config import ConfigError, apply_overrides, load_config_file, validate
 from comoe_jax.experiments import median, run_grid
+from comoe_jax.paths import as_path
 from comoe_jax.tables import markdown_table, number, percent
 
 
@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     configs = []
     for values in cells:  # check every cell before training any
         cfg = apply_overrides(copy.deepcopy(base), [f"{k}={v}" for k, v in values.items()])
-        cfg.train.output_dir = str(Path(args.out) / cell_name(values))
+        cfg.train.output_dir = str(as_path(args.out) / cell_name(values))
         configs.append(validate(cfg))
     rows = run_grid(list(zip(cells, configs)), label="cell")
     keys = [k for k in grid if k != "train.seed"]
     markdown, aggregated = table(rows, keys or ["train.seed"])
-    out = Path(args.out)
+    out = as_path(args.out)
     (out / "sweep.md").write_text(f"# Sweep ({args.config}; median over seeds)\n\n{markdown}")
     (out / "sweep.json").write_text(json.dumps({"cells": rows, "table": aggregated}, indent=1))
     print(markdown + f"written to {out}/sweep.md")

@@ -3,6 +3,7 @@
     pip install libtpu          # the TPU compiler; no TPU is used
     python benchmarks/tpu_memory.py                                   # LLaMA-2 7B, paper adapters, v5e:4x4
     python benchmarks/tpu_memory.py --topology v5p:2x2x1 --mesh 1,4,1 --batch 16 --seq-len 512
+    python benchmarks/tpu_memory.py --topology v5e:4x4 --slices 2 --mesh 1,16,1 --batch 32   # multi-slice (dcn)
 
 Prints a table (one row per setting) and writes JSON to benchmarks/results/tpu_memory.json.
 """
@@ -34,13 +35,15 @@ def paper_config(args, remat: bool) -> Config:
     cfg.train.batch_size = args.batch
     cfg.optim.grad_accum_steps = args.accum
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = (int(v) for v in args.mesh.split(","))
+    cfg.mesh.dcn = args.slices
     return cfg
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--topology", default="v5e:4x4")
-    parser.add_argument("--mesh", default="1,16,1", help="data,fsdp,tensor sizes (product = chips)")
+    parser.add_argument("--mesh", default="1,16,1", help="data,fsdp,tensor sizes of one slice (product = its chips)")
+    parser.add_argument("--slices", type=int, default=1, help="TPU slices joined by the data-center network (dcn)")
     parser.add_argument("--batch", type=int, default=16, help="global micro-batch (paper: 16)")
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per step")
     parser.add_argument("--seq-len", type=int, default=512, help="paper cutoff: 512")
@@ -49,7 +52,7 @@ def main() -> None:
 
     from comoe_jax.aot import compile_train_step, tpu_devices
 
-    devices = tpu_devices(args.topology)
+    devices = tpu_devices(args.topology, num_slices=args.slices)
     hbm = HBM_GIB.get(args.topology.split(":")[0])
     rows = []
     for remat in (True, False):
@@ -64,7 +67,7 @@ def main() -> None:
                      **{f"{k}_bytes": v for k, v in memory.items()}, "hbm_gib": hbm})
     gib = 2**30
     print(f"\nLLaMA-2 7B + CoMoE-LoRA (n=4, k=2, r=16, q/k/v/o), bf16 base, batch {args.batch} x {args.seq_len} "
-          f"tokens, {args.topology} ({len(devices)} chips), trainable {rows[0]['trainable_params']:,}")
+          f"tokens, {args.slices} x {args.topology} ({len(devices)} chips), trainable {rows[0]['trainable_params']:,}")
     print(f"{'remat':>6} {'mesh':>24} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} {'HBM GiB':>8} {'fits':>5}"
           f" {'compile s':>9}")
     for r in rows:

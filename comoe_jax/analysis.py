@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from comoe_jax import sharding as shd
 from comoe_jax.adapters import ForwardContext, RoutingTrace
 from comoe_jax.data import Example, render
 from comoe_jax.evaluate import padded_batches
 from comoe_jax.model import flat_values, split_model, unstack
+from comoe_jax.paths import as_path
 
 
 @dataclass
@@ -97,8 +99,10 @@ def collect_routing(model, tokenizer, examples: list[Example], template: str, ba
     code_rows = tuple(modules.index(m) for m in code_modules)
     codes = {m: [] for m in code_modules}
     code_tasks = []
+    mesh, batch_size = shd.eval_mesh(state, batch_size)
     for idx, ids, mask, lengths in padded_batches(prompts, batch_size, tokenizer.pad_token_id):
-        out = jax.device_get(_trace(graphdef, state, ids, mask, lengths - 1, code_rows))
+        out = jax.tree.map(shd.to_host, _trace(graphdef, state, *shd.place_rows(mesh, ids, mask, lengths - 1),
+                                               code_rows))
         for row, i in enumerate(idx):
             t, n_tok = tasks.index(examples[i].task), lengths[row]
             usage.tokens[t] += n_tok
@@ -143,5 +147,5 @@ def summary(usage: RoutingUsage) -> dict:
 
 def write_summary(usage: RoutingUsage, path: Path) -> dict:
     data = summary(usage) | {"workload": usage.workload().round(4).tolist(), "modules": usage.modules}
-    Path(path).write_text(json.dumps(data, indent=1))
+    as_path(path).write_text(json.dumps(data, indent=1))
     return data

@@ -11,8 +11,6 @@ is moved to ``damaged_checkpoints/`` and the newest intact one is used instead.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from jax.experimental import multihost_utils
 from comoe_jax.config import Config, read_json, resumable_keys
 from comoe_jax.errors import AdapterFormatError, CheckpointError
 from comoe_jax.model import flat_values, split_model, stack, stacked_sources, state_from_flat, unstack
+from comoe_jax.paths import absolute, as_path, remove_tree, replace
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 FORMAT = "comoe-jax-moe-lora/1"
@@ -60,7 +59,7 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: str | Path, keep: int, say=print):
-        self.run_dir = Path(run_dir).absolute()
+        self.run_dir = absolute(run_dir)
         self.directory = self.run_dir / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -123,9 +122,9 @@ class Checkpointer:
         _quiet_abandoned_reads()
         target = self.run_dir / "damaged_checkpoints" / str(step)
         if jax.process_index() == 0:
-            target.parent.mkdir(exist_ok=True)
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.move(str(self.directory / str(step)), target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_tree(target)
+            (self.directory / str(step)).rename(target)
         multihost_utils.sync_global_devices(f"comoe_set_aside_{step}")
         self.manager.reload()
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
@@ -159,12 +158,12 @@ def save_adapters(directory: str | Path, params: dict, groups: tuple[range, ...]
     Keys are per layer (``layers.3.self_attn.q_proj.lora_a``), whatever the layer stacking.
     Multi-host safe: every process joins the gather, process 0 writes.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     gathered = multihost_utils.process_allgather(params, tiled=True)
     host = {k: np.ascontiguousarray(v) for k, v in unstack({k: np.asarray(v) for k, v in gathered.items()},
                                                             groups).items()}
-    directory = Path(directory)
+    directory = as_path(directory)
     bad = [name for name, value in host.items() if not np.isfinite(value).all()]
     if bad:
         raise CheckpointError(f"adapter tensor {bad[0]} (and {len(bad) - 1} more) holds non-finite values; not "
@@ -172,28 +171,29 @@ def save_adapters(directory: str | Path, params: dict, groups: tuple[range, ...]
     if jax.process_index() != 0:
         return directory
     tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp)
     tmp.mkdir(parents=True)
-    save_file(host, str(tmp / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
+    (tmp / ADAPTER_WEIGHTS).write_bytes(save(host, metadata={"format": FORMAT}))
     meta = {"format": FORMAT, "base_model": cfg.model.path, "adapter": cfg.to_dict()["adapter"],
             "loss": cfg.to_dict()["loss"], "key_layout": "'layers.<i>.<self_attn|mlp>.<proj>.lora_a' [n, d_in, r], "
             "'.lora_b' [n, r, d_out], '.router' [d_in, n] (absent for n = 1); y = x @ W, i.e. the paper's A_i, "
             "B_i and G transposed"}
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, default=list))
     old = directory.with_name(directory.name + ".old")
+    remove_tree(old)
     if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+        replace(directory, old)
+    replace(tmp, directory)
+    remove_tree(old)
     return directory
 
 
 def read_safetensors(path: Path, error: type[Exception]) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file; a truncated or foreign file raises ``error`` naming it."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     try:
-        return load_file(str(path))
+        return load(as_path(path).read_bytes())
     except Exception as e:  # safetensors raises its own SafetensorError / OSError on damaged files
         raise error(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); the file is damaged or "
                     "was not written by safetensors") from None
@@ -201,7 +201,7 @@ def read_safetensors(path: Path, error: type[Exception]) -> dict[str, np.ndarray
 
 def load_adapters(directory: str | Path) -> tuple[dict, dict]:
     """(flat params as NumPy arrays, adapter config dict) from :func:`save_adapters`'s folder."""
-    directory = Path(directory)
+    directory = as_path(directory)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (directory / name).is_file():
             raise AdapterFormatError(f"{directory / name} does not exist (expected an adapter folder written by "
@@ -236,3 +236,17 @@ def set_adapters(model, per_layer: dict) -> None:
                                          f"model expects {want}")
     values = stack(per_layer, list(current), model.groups)
     nnx.update(model, state_from_flat(adapters, {n: jax.numpy.asarray(v, current[n].dtype) for n, v in values.items()}))
+
+
+def load_run_model(cfg: Config, run_dir=None, mesh=None, rules=None):
+    """The model of ``cfg`` on ``mesh`` (default: ``cfg.mesh``), with the adapters exported to
+    ``<run_dir>/adapter`` (none given: the base model, adapters at initialisation)."""
+    from comoe_jax import sharding as shd
+    from comoe_jax.loading import build_model
+
+    if mesh is None:
+        mesh, rules = shd.make_mesh(cfg.mesh), shd.rules_dict(cfg.mesh.rules)
+    model = build_model(cfg, mesh, rules)
+    if run_dir is not None:
+        set_adapters(model, load_adapters(as_path(run_dir) / "adapter")[0])
+    return model

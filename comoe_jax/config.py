@@ -34,6 +34,7 @@ from comoe_jax.constants import (
     TEMPLATES,
 )
 from comoe_jax.errors import ConfigError
+from comoe_jax.paths import as_path
 
 # What `adapter.method=<m>` sets (later overrides win): the auxiliary terms each method uses by default.
 _AUX = {"comoe-lora": (0.01, 0.0), "comoe-dora": (0.01, 0.0), "mixlora": (0.0, 0.01)}
@@ -197,11 +198,15 @@ class MeshConfig(_Strict):
     _section: ClassVar[str] = "mesh"
 
     num_devices: int = _f(-1, "Devices the mesh spans (the first N of jax.devices()); -1 = all.", resumable=True)
+    dcn: int = _f(1, "Slices of a multi-slice TPU job, joined by the data-center network: the batch is split over "
+                  "dcn x data x fsdp and mesh.data / fsdp / tensor describe one slice (the mesh comes from "
+                  "mesh_utils.create_hybrid_device_mesh).", resumable=True)
     data: int = _f(-1, "Data-parallel mesh axis size; -1 takes every device left after fsdp and tensor.",
                    resumable=True)
     fsdp: int = _f(1, "Fully-sharded data-parallel axis size (parameters sharded, batch split).", resumable=True)
     tensor: int = _f(1, "Tensor-parallel axis size (heads / MLP / vocab split).", resumable=True)
-    rules: tuple = _f((("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"),
+    rules: tuple = _f((("batch", ("dcn", "data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
+                       ("kv_heads", "tensor"),
                        ("mlp", "tensor"), ("vocab", "tensor"), ("expert", None), ("rank", None),
                        ("norm", None), ("length", None), ("act_embed", None)),
                       "Logical axis -> mesh axis (or tuple of axes, or None) rules for parameters "
@@ -321,8 +326,8 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The config a run was trained with (``<run_dir>/config.json``)."""
-    path = Path(run_dir) / "config.json"
-    if not Path(run_dir).is_dir():
+    path = as_path(run_dir) / "config.json"
+    if not as_path(run_dir).is_dir():
         raise ConfigError(f"{run_dir} is not a comoe-jax run folder (no such folder)")
     if not path.exists():
         raise ConfigError(f"{path} does not exist: {run_dir} is not a comoe-jax run folder")
@@ -332,7 +337,7 @@ def load_run_config(run_dir: str | Path) -> Config:
 def read_json(path: Path, error: type[Exception] = ConfigError):
     """The JSON in ``path``; a damaged file raises ``error`` naming the file and line."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(as_path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); the file is damaged") from None
     except UnicodeDecodeError:
@@ -512,7 +517,15 @@ def _check_source(key: str, spec: str) -> None:
     fmt, sep, path = spec.partition(":")
     _require(bool(sep) and fmt in SOURCE_FORMATS, key, spec,
              f"mix, builtin[:task+task] or <format>:<path> with format one of {', '.join(SOURCE_FORMATS)}")
-    _require(Path(path).exists(), key, spec, f"{path} does not exist")
+    _require(_url_ok(key, spec, path) and as_path(path).exists(), key, spec, f"{path} does not exist")
+
+
+def _url_ok(key: str, value: str, path: str) -> bool:
+    try:
+        as_path(path)
+    except ConfigError as e:
+        raise ConfigError(f"{key}={value!r} is not allowed: {e}") from None
+    return True
 
 
 def validate(cfg: Config) -> Config:
@@ -595,6 +608,7 @@ def validate(cfg: Config) -> Config:
     _require(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, ">= 1")
     _require(ev.max_new_tokens >= 1, "eval.max_new_tokens", ev.max_new_tokens, ">= 1")
     _require(me.num_devices == -1 or me.num_devices >= 1, "mesh.num_devices", me.num_devices, "-1 (all) or >= 1")
+    _require(me.dcn >= 1, "mesh.dcn", me.dcn, ">= 1 (the number of TPU slices)")
     for key in ("data", "fsdp", "tensor"):
         size = getattr(me, key)
         _require(size == -1 or size >= 1, f"mesh.{key}", size, "a positive size, or -1 for the remaining devices")
@@ -604,5 +618,6 @@ def validate(cfg: Config) -> Config:
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _require(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
     _require(t.max_skipped_steps >= 1, "train.max_skipped_steps", t.max_skipped_steps, ">= 1")
-    _require(bool(t.output_dir), "train.output_dir", t.output_dir, "a folder path")
+    _require(bool(t.output_dir) and _url_ok("train.output_dir", t.output_dir, t.output_dir), "train.output_dir",
+             t.output_dir, "a folder path")
     return cfg

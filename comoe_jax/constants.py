@@ -14,7 +14,7 @@ EVAL_MODES = ("label", "loglik", "generate")
 SOURCE_FORMATS = ("jsonl", "llm_adapters", "bigbench", "hf")
 TEMPLATES = ("alpaca", "choice", "plain")
 MODEL_ALIASES = ("smollm2-135m", "gemma3-270m", "random")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")  # dcn: TPU slices (data-center network); the rest: within one
 
 # adapter.method -> what it is. Single-expert methods have no router; soft-routed ones weight every expert.
 METHODS = {

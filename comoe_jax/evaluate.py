@@ -26,11 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from comoe_jax import sharding as shd
 from comoe_jax.config import read_json
 from comoe_jax.data import DataError, Example, render, render_cloze
 from comoe_jax.data.templates import separator
 from comoe_jax.errors import RunFolderError
 from comoe_jax.generate import greedy_generate
+from comoe_jax.paths import as_path
 from comoe_jax.tables import markdown_table, percent
 
 MAX_LEN = 1024  # prompts longer than this are cut from the left (the question's end is kept)
@@ -53,9 +55,10 @@ class EvalResult:
 
     def write(self, path_stem: Path) -> None:
         """``<stem>.json`` (everything, predictions included) and ``<stem>.md``."""
-        Path(path_stem).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{path_stem}.json").write_text(json.dumps(asdict(self), indent=1))
-        Path(f"{path_stem}.md").write_text(self.to_markdown(Path(path_stem).name))
+        stem = as_path(path_stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_name(stem.name + ".json").write_text(json.dumps(asdict(self), indent=1))
+        stem.with_name(stem.name + ".md").write_text(self.to_markdown(stem.name))
 
 
 # --------------------------------------------------------------------------- jitted forwards
@@ -92,18 +95,20 @@ def padded_batches(seqs: list[list[int]], batch_size: int, pad_id: int, bucket: 
 
 
 class Scorer:
-    """Log-probabilities of continuations after contexts, batched and jitted."""
+    """Log-probabilities of continuations after contexts, batched and jitted; rows are split over the
+    model's mesh (each device, and each host, scores its share) and the results gathered."""
 
     def __init__(self, model, pad_id: int, batch_size: int = 16):
         self.graphdef, self.state = nnx.split(model)
-        self.pad_id, self.batch_size = pad_id, batch_size
+        self.mesh, self.batch_size = shd.eval_mesh(self.state, batch_size)
+        self.pad_id = pad_id
 
     def continuation_logprobs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
         """(sum of log-probabilities of the continuation's tokens, their number) for each pair."""
         seqs = [ctx + cont for ctx, cont in pairs]
         out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
         for idx, ids, mask, _ in padded_batches(seqs, self.batch_size, self.pad_id):
-            lp = np.asarray(_next_token_logprobs(self.graphdef, self.state, ids, mask))
+            lp = shd.to_host(_next_token_logprobs(self.graphdef, self.state, *shd.place_rows(self.mesh, ids, mask)))
             for row, i in enumerate(idx):
                 ctx_len, cont_len = len(pairs[i][0]), len(pairs[i][1])
                 out[i] = (float(lp[row, ctx_len - 1: ctx_len - 1 + cont_len].sum()), cont_len)
@@ -117,7 +122,8 @@ class Scorer:
             cand = np.zeros((self.batch_size, width), np.int32)
             for row, i in enumerate(idx):
                 cand[row, :len(candidates[i])] = candidates[i]
-            lp = np.asarray(_candidate_logprobs(self.graphdef, self.state, ids, mask, lengths - 1, cand))
+            lp = shd.to_host(_candidate_logprobs(self.graphdef, self.state,
+                                                 *shd.place_rows(self.mesh, ids, mask, lengths - 1, cand)))
             for row, i in enumerate(idx):
                 out[i] = lp[row, :len(candidates[i])]
         return out
@@ -262,7 +268,7 @@ def evaluate(model, tokenizer, examples: list[Example], *, mode: str, template: 
 
 def load_eval(path: Path) -> EvalResult | None:
     """An :class:`EvalResult` written by :meth:`EvalResult.write` (None if the file does not exist)."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         return None
     data = read_json(path, RunFolderError)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from comoe_jax.config import Config, read_json
 from comoe_jax.errors import ComoeError
+from comoe_jax.paths import as_path
 
 
 def finished(cfg: Config) -> bool:
@@ -16,7 +17,7 @@ def finished(cfg: Config) -> bool:
     from comoe_jax.evaluate import load_eval
     from comoe_jax.report import load_history
 
-    run = Path(cfg.train.output_dir)
+    run = as_path(cfg.train.output_dir)
     try:
         saved = read_json(run / "config.json")
         done = load_eval(run / "eval_after.json") is not None
@@ -36,7 +37,7 @@ def run_or_reuse(cfg: Config) -> dict:
     from comoe_jax.evaluate import load_eval
     from comoe_jax.trainer import train
 
-    run = Path(cfg.train.output_dir)
+    run = as_path(cfg.train.output_dir)
     start = time.perf_counter()
     if not finished(cfg):
         cfg.eval.after_training = True

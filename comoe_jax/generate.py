@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from comoe_jax import sharding as shd
 from comoe_jax.model import CausalLM
 
 
@@ -42,6 +43,7 @@ def greedy_generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens
                     batch_size: int = 16, bucket: int = 32) -> list[list[int]]:
     """Greedy continuations of token-id prompts (cut at EOS, which is not included)."""
     graphdef, state = nnx.split(model)
+    mesh, batch_size = shd.eval_mesh(state, batch_size)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -51,7 +53,8 @@ def greedy_generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens
         for row, p in enumerate(chunk):
             ids[row, length - len(p):], mask[row, length - len(p):] = p, 1
         mask[len(chunk):, -1] = 1  # filler rows: one real token so nothing is fully masked
-        tokens = np.asarray(_generate(graphdef, state, ids, mask, max_new_tokens, eos_id, pad_id))
+        ids, mask = shd.place_rows(mesh, ids, mask)
+        tokens = shd.to_host(_generate(graphdef, state, ids, mask, max_new_tokens, eos_id, pad_id))
         for row in range(len(chunk)):
             seq = tokens[row].tolist()
             out.append(seq[: seq.index(eos_id)] if eos_id in seq else seq)

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from comoe_jax.paths import as_path, save_figure
+
 if TYPE_CHECKING:
     from comoe_jax.analysis import RoutingUsage
 
@@ -41,14 +43,14 @@ def plot_run(history: list[dict], out_dir: Path, modules: list[str] | None = Non
         ax.set_title(key)
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(out_dir / "losses.png", dpi=100)
+    save_figure(fig, as_path(out_dir) / "losses.png", dpi=100)
     plt.close(fig)
-    written = [out_dir / "losses.png"]
+    written = [as_path(out_dir) / "losses.png"]
     loads = [r for r in history if "expert_load" in r]
     if loads and modules:
         written.append(_plot_load(np.asarray(loads[-1]["expert_load"]), modules, loads[-1]["step"], out_dir, plt))
     if negatives and any("mi_gap" in r for r in history):
-        written.append(plot_mi_gap({mi_gap_label: history}, out_dir / "mi_gap.png", math.log(negatives)))
+        written.append(plot_mi_gap({mi_gap_label: history}, as_path(out_dir) / "mi_gap.png", math.log(negatives)))
     return written
 
 
@@ -68,8 +70,8 @@ def _plot_load(load: np.ndarray, modules: list[str], step: int, out_dir: Path, p
     axes[0][0].set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="share of routing slots")
     fig.suptitle(f"expert load at step {step}")
-    path = out_dir / "expert_load.png"
-    fig.savefig(path, dpi=100)
+    path = as_path(out_dir) / "expert_load.png"
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -98,9 +100,9 @@ def plot_workload(usage: RoutingUsage, path: Path, layers: tuple[int, ...] | Non
             ax.set_xticks(range(usage.num_experts))
             ax.set_yticks(range(len(usage.tasks)), usage.tasks if c == 0 else [""] * len(usage.tasks), fontsize=7)
     fig.suptitle("share of each task's routing slots per expert")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    return Path(path)
+    return as_path(path)
 
 
 def plot_representations(panels: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
@@ -116,9 +118,9 @@ def plot_representations(panels: dict[str, tuple[np.ndarray, np.ndarray]], path:
         ax.set_yticks([])
     axes[0][0].legend(fontsize=7, markerscale=2)
     fig.suptitle(title, fontsize=9, wrap=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    return Path(path)
+    return as_path(path)
 
 
 def plot_mi_gap(runs: dict[str, list[dict]], path: Path, log_n: float | None = None) -> Path:
@@ -133,6 +135,6 @@ def plot_mi_gap(runs: dict[str, list[dict]], path: Path, log_n: float | None = N
     ax.set_xlabel("step")
     ax.set_ylabel("log N - L_con (nats)")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    return Path(path)
+    return as_path(path)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from comoe_jax.errors import TrainingDiverged
+from comoe_jax.paths import append_text, as_path, is_local, replace
 
 SHOWN = (("loss", "loss", ".4f"), ("ce", "ce", ".4f"), ("contrastive", "con", ".4f"), ("mi_gap", "mi_gap", ".3f"),
          ("load_balance", "lb", ".3f"), ("grad_norm", "gnorm", ".3f"), ("learning_rate", "lr", ".2e"))
@@ -26,9 +27,10 @@ def _duration(seconds: float) -> str:
 def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     """The JSON objects of a JSONL file, and the numbers of the lines that are not (e.g. a write cut short)."""
     rows, bad = [], []
-    if not Path(path).exists():
+    path = as_path(path)
+    if not path.exists():
         return rows, bad
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -45,11 +47,42 @@ def repair_jsonl(path: Path, say) -> None:
     rows, bad = read_jsonl(path)
     if not bad:
         return
-    tmp = Path(f"{path}.tmp")
+    tmp = as_path(f"{path}.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
+    replace(tmp, path)
     say(f"warning: {path}: dropped {len(bad)} damaged line(s) ({', '.join(map(str, bad[:5]))}); "
         f"{len(rows)} intact rows kept")
+
+
+# tensorboardX writes to these URL schemes itself, with these packages.
+_TENSORBOARD_CLOUD = {"gs://": "google.cloud.storage", "s3://": "boto3"}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def _tensorboard(folder):
+    """A tensorboardX writer, or None (with a warning) where it cannot write, e.g. a URL without its client."""
+    from tensorboardX import SummaryWriter
+
+    text = str(folder)
+    needs = next((module for scheme, module in _TENSORBOARD_CLOUD.items() if text.startswith(scheme)), None)
+    missing = not is_local(text) and (needs is None or not _importable(needs))
+    try:
+        if not missing:
+            return SummaryWriter(text)
+        reason = f"tensorboardX needs {needs} for this URL" if needs else "tensorboardX cannot write to this URL"
+    except Exception as e:  # noqa: BLE001  (a writer that cannot start must not stop the run)
+        reason = f"{type(e).__name__}: {e}"
+    print(f"warning: TensorBoard events not written to {folder} ({reason}); metrics.jsonl has every value",
+          flush=True)
+    return None
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -78,9 +111,7 @@ class Progress:
         self.healthy = True
         self.writer = None
         if tensorboard is not None and self.is_main:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(tensorboard))
+            self.writer = _tensorboard(tensorboard)
 
     def update(self, step: int, metrics: dict) -> None:
         """Record the metrics of the step that just ran (``step`` = steps done so far)."""
@@ -111,9 +142,7 @@ class Progress:
         self.last_time = now
         self.history.extend(rows)
         if self.jsonl is not None and self.is_main:
-            with self.jsonl.open("a") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
+            append_text(self.jsonl, "".join(json.dumps(row) + "\n" for row in rows))
         if self.writer is not None:
             for row in rows:
                 for key, value in row.items():

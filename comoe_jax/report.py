@@ -1,14 +1,21 @@
-"""A run's evaluation and analysis artefacts: eval_before / eval_after, routing.json, plots, report.md."""
+"""A run's evaluation and analysis artefacts: eval_before / eval_after, routing.json, plots, report.md.
+
+Every process evaluates (each scores its share of the rows on the mesh); only process 0 writes.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+
 from comoe_jax.analysis import collect_routing, expert_outputs_2d
+from comoe_jax.analysis import summary as routing_summary
 from comoe_jax.analysis import write_summary as write_routing_summary
 from comoe_jax.config import Config
 from comoe_jax.data import Example, load_sources
 from comoe_jax.evaluate import EvalResult, comparison_markdown, evaluate
+from comoe_jax.paths import as_path
 from comoe_jax.plots import plot_representations, plot_workload
 from comoe_jax.progress import read_jsonl
 
@@ -23,7 +30,8 @@ def evaluate_and_save(cfg: Config, model, tokenizer, examples: list[Example], st
     """Evaluate with ``cfg.eval`` settings; write ``<stem>.json`` and ``<stem>.md``."""
     result = evaluate(model, tokenizer, examples, mode=cfg.eval.mode, template=cfg.data.template,
                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
-    result.write(stem)
+    if jax.process_index() == 0:
+        result.write(stem)
     return result
 
 
@@ -34,7 +42,9 @@ def analyse_and_save(cfg: Config, model, tokenizer, examples: list[Example], out
     modules = model.adapter_modules()
     probe = modules[len(modules) // 2]  # a middle-depth module for the 2-D projection
     usage = collect_routing(model, tokenizer, examples, cfg.data.template, cfg.eval.batch_size, code_modules=(probe,))
-    summary = write_routing_summary(usage, out / "routing.json")
+    if jax.process_index() != 0:
+        return routing_summary(usage)
+    summary = write_routing_summary(usage, as_path(out) / "routing.json")
     plot_workload(usage, out / "workload.png")
     lam = cfg.loss.contrastive_weight
     plot_representations({f"lambda = {lam}": expert_outputs_2d(model, usage, probe)}, out / "representations.png",
@@ -67,12 +77,13 @@ def write_report(out: Path, cfg: Config, before: EvalResult | None, after: EvalR
         lines += ["## Training", "", f"Last step {last['step']}: {terms}.", "", "![losses](losses.png)", ""]
         if any("mi_gap" in r for r in history):
             lines += ["![MI gap](mi_gap.png)", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
+    path = as_path(out) / "report.md"
+    if jax.process_index() == 0:
+        path.write_text("\n".join(lines))
     return path
 
 
 def load_history(run: Path) -> list[dict]:
     """metrics.jsonl rows by step; a step logged twice (rerun after a crash) keeps its last row."""
-    rows = {row["step"]: row for row in read_jsonl(Path(run) / "metrics.jsonl")[0]}  # damaged lines skipped
+    rows = {row["step"]: row for row in read_jsonl(as_path(run) / "metrics.jsonl")[0]}  # damaged lines skipped
     return [rows[s] for s in sorted(rows)]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from comoe_jax.config import ConfigError, MeshConfig
@@ -39,7 +41,10 @@ def init_distributed(cfg: MeshConfig) -> None:
 
 
 def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
-    """Resolve ``-1`` axis sizes and check the product equals the device count."""
+    """(data, fsdp, tensor) of one slice: resolve ``-1`` and check the product is the slice's device count."""
+    if device_count % cfg.dcn:
+        raise ConfigError(f"mesh.dcn={cfg.dcn} slices do not divide the {device_count} devices")
+    device_count //= cfg.dcn
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     fixed = math.prod(s for s in sizes if s != -1)
     if sizes.count(-1) > 1:
@@ -56,7 +61,11 @@ def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (default: the first ``cfg.num_devices``)."""
+    """A ('dcn', 'data', 'fsdp', 'tensor') mesh over ``devices`` (default: the first ``cfg.num_devices``).
+
+    With ``mesh.dcn > 1`` the devices of one TPU slice share a dcn index
+    (``mesh_utils.create_hybrid_device_mesh``), so only the batch split crosses the data-center network.
+    """
     if devices is None:
         devices = jax.devices()
         if cfg.num_devices != -1:
@@ -64,12 +73,16 @@ def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
                 raise ConfigError(f"mesh.num_devices={cfg.num_devices} but only {len(devices)} devices are visible")
             devices = devices[: cfg.num_devices]
     devices = list(devices)
-    shape = mesh_shape(cfg, len(devices))
-    types = (jax.sharding.AxisType.Auto,) * 3
+    shape = (cfg.dcn, *mesh_shape(cfg, len(devices)))
+    types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     try:
+        if cfg.dcn > 1:
+            grid = mesh_utils.create_hybrid_device_mesh((1, *shape[1:]), (cfg.dcn, 1, 1, 1), devices=devices)
+            return Mesh(grid, MESH_AXES, axis_types=types)
         return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        # Abstract or unusual device sets: plain row-major order.
+    except (ValueError, NotImplementedError, AssertionError, AttributeError):
+        # Abstract or unusual device sets (no slice_index, no physical layout): plain row-major order,
+        # which keeps consecutive devices (one host's, one slice's) together.
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
@@ -142,3 +155,79 @@ def global_batch(arrays: dict[str, np.ndarray], mesh: Mesh, rules: dict, batch_a
         sharding = batch_sharding(mesh, rules, value.ndim, batch_axis)
         out[name] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
     return out
+
+
+def local_rows(mesh: Mesh, rules: dict, batch_size: int, ndim: int = 3, batch_axis: int = 1) -> list[int]:
+    """The rows of a ``batch_size``-row global batch that this process's devices hold (and so must feed)."""
+    shape = [1] * ndim
+    shape[batch_axis] = batch_size
+    indices = batch_sharding(mesh, rules, ndim, batch_axis).addressable_devices_indices_map(tuple(shape))
+    return sorted({r for index in indices.values() for r in range(*index[batch_axis].indices(batch_size))})
+
+
+def batch_from_local_rows(arrays: dict[str, np.ndarray], mesh: Mesh, rules: dict, batch_size: int,
+                          batch_axis: int = 1) -> dict[str, jax.Array]:
+    """Global batch arrays (``batch_size`` rows) from each process's own rows (:func:`local_rows`)."""
+    out = {}
+    for name, local in arrays.items():
+        shape = list(local.shape)
+        shape[batch_axis] = batch_size
+        sharding = batch_sharding(mesh, rules, local.ndim, batch_axis)
+        out[name] = jax.make_array_from_process_local_data(sharding, local, tuple(shape))
+    return out
+
+
+def merge_across_processes(values: dict) -> dict:
+    """The union of every process's JSON-ready dict (e.g. the data position of each one's rows)."""
+    if jax.process_count() == 1:
+        return values
+    blob = np.frombuffer(json.dumps(values).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int32)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    blobs = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    merged = {}
+    for size, row in zip(sizes, blobs):
+        merged |= json.loads(row[: int(size)].tobytes())
+    return merged
+
+
+def place_rows(mesh: Mesh | None, *arrays: np.ndarray):
+    """Host arrays built alike on every process (evaluation batches), their axis 0 split over the mesh's
+    batch axes, so each device (and host) scores its share of the rows. ``mesh=None``: unchanged."""
+    if mesh is None:
+        return arrays
+    axes = tuple(a for a in ("dcn", "data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1) or None
+    out = []
+    for value in arrays:
+        sharding = NamedSharding(mesh, PartitionSpec(axes, *([None] * (value.ndim - 1))))
+        out.append(jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx]))
+    return out
+
+
+def eval_mesh(state, batch_size: int) -> tuple[Mesh | None, int]:
+    """The mesh of a model's arrays (None off-mesh) and ``batch_size`` rounded up to its batch shards."""
+    mesh = mesh_of(state)
+    shards = batch_shards(mesh) if mesh is not None else 1
+    return mesh, -(-batch_size // shards) * shards
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch axis is split (``dcn x data x fsdp``)."""
+    return math.prod(mesh.shape[a] for a in ("dcn", "data", "fsdp") if a in mesh.shape)
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly sharded, multi-process) array as one NumPy array on every process."""
+    if jax.process_count() > 1 and not getattr(x, "is_fully_addressable", True):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def mesh_of(state) -> Mesh | None:
+    """The mesh a model's arrays live on (None for single-device arrays)."""
+    for leaf in jax.tree.leaves(state):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if isinstance(mesh, Mesh):
+            return mesh
+    return None

@@ -11,21 +11,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from comoe_jax import sharding as shd
 from comoe_jax.checkpoint import Checkpointer, config_changes, save_adapters
 from comoe_jax.config import Config, ConfigError, negatives_per_anchor, parse_layer_range, validate
-from comoe_jax.data import BATCH_ARRAYS, TrainStream, check_tokenizer, load_sources, tokenize
+from comoe_jax.data import BATCH_ARRAYS, TrainStream, assign_rows, check_tokenizer, load_sources, tokenize_rows
 from comoe_jax.errors import RunFolderError
 from comoe_jax.evaluate import EvalResult, load_eval
 from comoe_jax.loading import build_model, load_tokenizer, model_spec
 from comoe_jax.model import flat_values, split_model, state_from_flat, trainable_parameters
+from comoe_jax.paths import as_path
 from comoe_jax.plots import plot_run
 from comoe_jax.progress import Progress, repair_jsonl
 from comoe_jax.report import (
@@ -47,13 +50,22 @@ class RunResult:
 
 
 class _StopFlag:
-    """Turns SIGTERM into a flag the loop checks after each step (save, then stop)."""
+    """Whether to save and stop after a step, agreed by every process.
+
+    One process: SIGTERM sets a flag the loop reads after each step. Several processes: JAX's
+    preemption sync manager (started by ``jax.distributed.initialize``) owns SIGTERM; when any
+    process gets one, :meth:`reached` turns True on every process at the same step, so all save that
+    step and stop together instead of hanging in a collective.
+    """
 
     def __init__(self):
         self.raised = False
         self._previous = None
+        self.shared = jax.process_count() > 1
 
     def __enter__(self):
+        if self.shared:
+            return self  # a Python handler here would take SIGTERM away from JAX's preemption notifier
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -63,36 +75,49 @@ class _StopFlag:
     def _handle(self, signum, frame):
         self.raised = True
 
+    def reached(self, step: int) -> bool:
+        """Call after every step with consecutive step numbers (the multi-process protocol needs them)."""
+        if self.shared:
+            self.raised = multihost_utils.reached_preemption_sync_point(step)
+        return self.raised
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
 
 def next_global_batch(stream: TrainStream, cfg: Config) -> dict[str, np.ndarray]:
-    """Host arrays ``[grad_accum_steps, batch_size, T]`` of the next optimizer step."""
+    """Host arrays ``[grad_accum_steps, rows, T]`` of the next optimizer step: this process's rows."""
     micro = [stream.next_batch() for _ in range(cfg.optim.grad_accum_steps)]
     return {k: np.stack([m[k] for m in micro]) for k in BATCH_ARRAYS}
 
 
-def training_stream(cfg: Config, tokenizer, say) -> TrainStream:
-    """Load, tokenize and mix the training sources of ``cfg`` into a batch stream."""
+def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None) -> TrainStream:
+    """Load the training sources of ``cfg``, tokenize the examples of ``rows`` (the batch rows this
+    process feeds; default all) and mix them into a batch stream of those rows."""
     check_tokenizer(tokenizer)
-    d = cfg.data
+    d, batch_size = cfg.data, cfg.train.batch_size
     examples = load_sources(d.train, "train", seed=cfg.train.seed, tasks=d.tasks, max_per_task=d.max_examples_per_task)
     tasks = tuple(dict.fromkeys(ex.task for ex in examples))
-    records, counts = tokenize(tokenizer, examples, d.template, d.seq_len, tasks)
-    say(counts.summary(d.seq_len))
-    stream = TrainStream(records, batch_size=cfg.train.batch_size, seq_len=d.seq_len, seed=cfg.train.seed,
-                         packing=d.packing, pad_id=tokenizer.pad_token_id, weights=d.mix_weights)
+    rows = list(range(batch_size)) if rows is None else sorted(rows)
+    mine = [(row, ex) for row, ex in zip(assign_rows(examples, batch_size), examples) if row in set(rows)]
+    records, counts = tokenize_rows(tokenizer, [ex for _, ex in mine], [row for row, _ in mine], d.template,
+                                    d.seq_len, tasks)
+    share = "" if len(rows) == batch_size else f" (the {len(rows)} of {batch_size} batch rows this process feeds)"
+    say(counts.summary(d.seq_len) + share)
+    stream = TrainStream({r: records.get(r, {}) for r in rows}, batch_size=batch_size, seq_len=d.seq_len,
+                         seed=cfg.train.seed, packing=d.packing, pad_id=tokenizer.pad_token_id,
+                         task_sizes=dict(Counter(ex.task for ex in examples)), weights=d.mix_weights)
     say("mix: " + ", ".join(f"{t} {w:.0%}" for t, w in stream.weights.items()))
     return stream
 
 
 def _check_batch(cfg: Config, mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = shd.batch_shards(mesh)
     if cfg.train.batch_size % shards:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the data x fsdp mesh "
-                          f"size ({mesh.shape['data']} x {mesh.shape['fsdp']} = {shards})")
+        sizes = " x ".join(str(mesh.shape[a]) for a in ("dcn", "data", "fsdp"))
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the dcn x data x fsdp "
+                          f"mesh size ({sizes} = {shards})")
 
 
 def _check_resumable(cfg: Config, ckpt: Checkpointer) -> int | None:
@@ -111,14 +136,14 @@ def _check_resumable(cfg: Config, ckpt: Checkpointer) -> int | None:
     return step
 
 
-def _prepare_output(out: Path) -> None:
+def _prepare_output(out) -> None:
     """Create the run folder, refusing a file, an uncreatable or an unwritable path before any work."""
     key = f"train.output_dir={out}"
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{key} is a file, not a folder; choose a folder path")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"
+        probe = out / f".write_test.{jax.process_index()}.{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -135,7 +160,7 @@ def _check_model(cfg: Config):
 
 def _use_compilation_cache(folder: str) -> None:
     if folder and jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(Path(folder).expanduser()))
+        jax.config.update("jax_compilation_cache_dir", str(as_path(folder)))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
@@ -147,7 +172,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     say = (lambda text: print(text, flush=True, file=stream)) if jax.process_index() == 0 else (lambda text: None)
     mesh, rules = shd.make_mesh(cfg.mesh), shd.rules_dict(cfg.mesh.rules)
     _check_batch(cfg, mesh)
-    out = Path(cfg.train.output_dir)
+    out = as_path(cfg.train.output_dir)
     _prepare_output(out)
     _check_model(cfg)
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, say)
@@ -159,7 +184,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     if jax.process_index() == 0:
         repair_jsonl(out / "metrics.jsonl", say)
     tokenizer = load_tokenizer(cfg.model.path)
-    batches = training_stream(cfg, tokenizer, say)
+    batches = training_stream(cfg, tokenizer, say, shd.local_rows(mesh, rules, cfg.train.batch_size))
     model = build_model(cfg, mesh, rules)
     graphdef, adapters, frozen_state = split_model(model)
     counts = trainable_parameters(model)
@@ -172,7 +197,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     step_fn = TrainStep(cfg, graphdef, adapters, frozen_state, mesh, rules)
     if resume_from is not None:
         resume_from, state, data_state = ckpt.restore_intact(step_fn.abstract_state())
-        batches.set_state(data_state)
+        batches.set_state(data_state)  # the positions of every process's rows: this one reads its own
         say(f"resumed from step {resume_from} of {out}")
     else:
         state = step_fn.init_state(flat_values(adapters))
@@ -181,7 +206,8 @@ def train(cfg: Config, *, stream=None) -> RunResult:
         # adapters at initialisation: this is the base model
         before = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_before")
         say(f"eval before training ({cfg.eval.mode}): " + _accuracies(before))
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+    if jax.process_index() == 0:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
     state, interrupted = _loop(cfg, step_fn, state, flat_values(frozen_state), batches, ckpt, stream, say)
     save_adapters(out / "adapter", state.params, model.groups, cfg)
     history = load_history(out)  # the whole run, earlier sessions included
@@ -198,7 +224,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
 def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batches: TrainStream,
           ckpt: Checkpointer, stream, say) -> tuple[TrainState, bool]:
     """Steps from ``state.step`` to ``train.steps``; checkpoints; stops cleanly on Ctrl-C / SIGTERM."""
-    out = Path(cfg.train.output_dir)
+    out = as_path(cfg.train.output_dir)
     progress = Progress(cfg.train.steps, int(jax.device_get(state.step)), cfg.train.log_every, out / "metrics.jsonl",
                         stream=stream, tensorboard=out / "tensorboard", max_skipped=cfg.train.max_skipped_steps)
     interrupted = False
@@ -206,17 +232,20 @@ def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batc
     try:
         with _StopFlag() as stop:
             for step in range(int(jax.device_get(state.step)), cfg.train.steps):
-                batch = shd.global_batch(next_global_batch(batches, cfg), step_fn.mesh, step_fn.rules, batch_axis=1)
+                batch = shd.batch_from_local_rows(next_global_batch(batches, cfg), step_fn.mesh, step_fn.rules,
+                                                  cfg.train.batch_size)
                 state, metrics = step_fn(state, frozen, batch)
                 data_state = batches.get_state()
                 done = step + 1
                 progress.update(done, metrics)
-                if done % cfg.train.save_every == 0 or done == cfg.train.steps:
+                stopping = stop.reached(done)
+                if done % cfg.train.save_every == 0 or done == cfg.train.steps or stopping:
                     progress.flush(print_line=False)  # never checkpoint a diverged state
-                    ckpt.save(state, cfg, data_state)
-                if stop.raised:
+                    ckpt.save(state, cfg, shd.merge_across_processes(data_state))
+                if stopping:
                     interrupted = True
-                    say(f"SIGTERM: saving step {done} and stopping")
+                    say(f"SIGTERM (preemption): step {done} saved, stopping" if stop.shared else
+                        f"SIGTERM: saving step {done} and stopping")
                     break
         progress.flush(print_line=False)
     except KeyboardInterrupt:
@@ -250,9 +279,9 @@ def _final_save(ckpt: Checkpointer, state: TrainState, cfg: Config, data_state: 
     try:
         donated = any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
         if progress.healthy and not donated:
-            ckpt.save(state, cfg, data_state)
+            ckpt.save(state, cfg, shd.merge_across_processes(data_state))
         else:
-            why = "the loss is not finite" if not progress.healthy else "the step was cut off mid-way"
+            why = "training diverged" if not progress.healthy else "the step was cut off mid-way"
             say(f"not saving the current state ({why}); checkpoint {ckpt.latest_step()} is the latest good one")
         ckpt.wait()
     finally:

@@ -6,7 +6,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from comoe_jax.data import DataError, TrainStream, encode, load_source, load_sources, render, render_cloze, tokenize
+from comoe_jax.data import (
+    DataError,
+    TrainStream,
+    by_row,
+    encode,
+    load_source,
+    load_sources,
+    render,
+    render_cloze,
+    tokenize,
+)
 from comoe_jax.data.loaders import MIX_DIR, load_bigbench, load_hf_dataset, load_jsonl, load_llm_adapters
 from comoe_jax.loading import byte_tokenizer
 
@@ -204,13 +214,15 @@ def _stream(packing, seed=0, weights=None, batch_size=4, seq_len=64):
     examples = load_source("builtin:add+antonym", "train")[:64]
     records, counts = tokenize(tok, examples, "plain", seq_len, ("add", "antonym"))
     assert not sum(counts.truncated.values())
-    return tok, TrainStream(records, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=packing,
-                            pad_id=tok.pad_token_id, weights=weights)
+    return tok, TrainStream(by_row(records, batch_size), batch_size=batch_size, seq_len=seq_len, seed=seed,
+                            packing=packing, pad_id=tok.pad_token_id, weights=weights,
+                            task_sizes={t: len(r) for t, r in records.items()})
 
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_batches_keep_examples_apart(packing):
     tok, stream = _stream(packing)
+    shared = []
     for _ in range(3):
         b = stream.next_batch()
         assert b["input_ids"].shape == (4, 64)
@@ -224,8 +236,8 @@ def test_batches_keep_examples_apart(packing):
                 assert tok.decode(response).endswith("</s>")  # the answer and its EOS, nothing else
                 assert len(set(b["task_ids"][row][where])) == 1
             assert (b["loss_mask"][row][seg == 0] == 0).all() and (b["task_ids"][row][seg == 0] == -1).all()
-        if packing:
-            assert b["segment_ids"].max() > 1  # several examples share a row
+        shared.append(b["segment_ids"].max() > 1)
+    assert any(shared) == packing  # packed rows hold several examples
 
 
 def test_stream_resumes_exactly_and_mixes_by_weight():
@@ -247,3 +259,24 @@ def test_stream_resumes_exactly_and_mixes_by_weight():
     assert 0.65 < np.mean(tasks == 0) < 0.85
     with pytest.raises(DataError, match="data.mix_weights names task\\(s\\) chess"):
         _stream(False, weights={"chess": 1.0})
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_processes_feeding_their_own_rows_make_up_the_single_process_batch(packing, tiny_config):
+    from comoe_jax.trainer import training_stream
+
+    cfg = tiny_config(data__packing=packing, train__batch_size=6)
+    tok = byte_tokenizer()
+    whole = training_stream(cfg, tok, lambda text: None)
+    parts = [training_stream(cfg, tok, lambda text: None, rows=rows) for rows in ([0, 1, 2], [3, 4, 5])]
+    assert whole.rows == list(range(6)) and [p.rows for p in parts] == [[0, 1, 2], [3, 4, 5]]
+    for step in range(4):
+        want = whole.next_batch()
+        got = [p.next_batch() for p in parts]
+        for k in want:
+            np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k], err_msg=f"{k} step {step}")
+    # each part tokenizes only its share, and its saved position restores the whole stream's rows
+    state = {**parts[0].get_state(), **parts[1].get_state()}
+    resumed = training_stream(cfg, tok, lambda text: None)
+    resumed.set_state(json.loads(json.dumps(state)))
+    np.testing.assert_array_equal(resumed.next_batch()["input_ids"], whole.next_batch()["input_ids"])

@@ -176,3 +176,27 @@ def test_collect_routing_counts_every_prompt_token(model, tok):
     topk = np.asarray(model.stat(trace, "topk")[0, 0])  # module layers.0.self_attn.q_proj, first row
     single = collect_routing(model, tok, items[:1], "choice", batch_size=1)
     np.testing.assert_array_equal(single.expert_counts[0, 0], np.bincount(topk.ravel(), minlength=4))
+
+
+def test_evaluation_sharded_over_four_devices_gives_the_same_predictions(model, tok):
+    import jax
+
+    from comoe_jax import sharding as shd
+    from comoe_jax.config import MeshConfig
+    from comoe_jax.model import flat_values
+
+    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1), jax.devices()[:4])
+    sharded = from_pretrained("random", adapter=AdapterConfig(num_experts=4, top_k=2, rank=4), random_arch=ARCH,
+                              seed=1, mesh=mesh, rules=shd.rules_dict(MeshConfig().rules))
+    nnx.update(sharded, jax.tree.map(lambda v, s: jax.device_put(np.asarray(v), s.sharding),
+                                     nnx.state(model), nnx.state(sharded)))  # the same weights, on 4 devices
+    assert {len(v.sharding.device_set) for v in flat_values(nnx.state(sharded)).values()} == {4}
+    items = _items() + [multiple_choice("sums", f"What is {i}+1?", [str(i + 1), str(i)], str(i + 1), f"s#{i}")
+                        for i in range(7)]
+    for mode, kept in (("label", items), ("loglik", [ex for ex in items if ex.options]), ("generate", items)):
+        one = evaluate(model, tok, kept, mode=mode, template="choice", batch_size=3, max_new_tokens=4)
+        four = evaluate(sharded, tok, kept, mode=mode, template="choice", batch_size=3, max_new_tokens=4)
+        assert [p["prediction"] for p in four.predictions] == [p["prediction"] for p in one.predictions], mode
+    usage_one = collect_routing(model, tok, items, "choice", batch_size=3)
+    usage_four = collect_routing(sharded, tok, items, "choice", batch_size=3)
+    np.testing.assert_array_equal(usage_four.expert_counts, usage_one.expert_counts)

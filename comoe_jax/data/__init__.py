@@ -2,12 +2,22 @@
 
 from comoe_jax.data.builtin import BUILTIN_TASKS, load_builtin
 from comoe_jax.data.loaders import FORMATS, load_source, load_sources
-from comoe_jax.data.pipeline import BATCH_ARRAYS, TokenCounts, TrainStream, check_tokenizer, encode, tokenize
+from comoe_jax.data.pipeline import (
+    BATCH_ARRAYS,
+    TokenCounts,
+    TrainStream,
+    assign_rows,
+    by_row,
+    check_tokenizer,
+    encode,
+    tokenize,
+    tokenize_rows,
+)
 from comoe_jax.data.records import DataError, Example, multiple_choice
 from comoe_jax.data.templates import TEMPLATES, render, render_cloze
 
 __all__ = [
     "BATCH_ARRAYS", "BUILTIN_TASKS", "DataError", "Example", "FORMATS", "TEMPLATES", "TokenCounts", "TrainStream",
-    "check_tokenizer", "encode", "load_builtin", "load_source", "load_sources", "multiple_choice", "render",
-    "render_cloze", "tokenize",
+    "assign_rows", "by_row", "check_tokenizer", "encode", "load_builtin", "load_source", "load_sources",
+    "multiple_choice", "render", "render_cloze", "tokenize", "tokenize_rows",
 ]

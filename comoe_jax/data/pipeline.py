@@ -7,10 +7,15 @@
 - ``attention_mask`` (1 for real tokens), ``loss_mask`` (1 where the target is a response token of
   the same example), ``task_ids`` (index into ``TrainStream.tasks``, -1 for padding).
 
-The stream is a grain pipeline: each task's examples are shuffled and repeated with a fixed
-seed, mixed by ``data.mix_weights`` (default: in proportion to their sizes), then packed
-(first-fit) or padded. ``get_state()`` is a small JSON dict stored in every checkpoint, so a
-resumed run continues with exactly the batches it would have seen.
+Rows are independent streams, so that several processes can each feed only their own rows of the
+global batch: the j-th example of each task belongs to row ``j % batch_size`` (:func:`assign_rows`),
+and row r's grain pipeline shuffles and repeats its share of each task with a seed of its own,
+mixes the tasks by ``data.mix_weights`` (default: in proportion to the tasks' sizes in the whole
+data) and packs examples first-fit into ``PACKING_BINS`` open rows (emitted one at a time) or pads
+one example per row. A process tokenizes
+only the examples of its rows; whatever the number of processes, row r holds the same tokens.
+``get_state()`` is a small JSON dict per row stored in every checkpoint, so a resumed run (on any
+number of processes) continues with exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 from comoe_jax.data.records import DataError, Example
 from comoe_jax.data.templates import render
 
+PACKING_BINS = 8  # first-fit packing keeps this many rows of each row stream open at a time
 BATCH_ARRAYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions", "segment_ids")
 
 
@@ -62,12 +68,30 @@ def encode(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[np.ndar
     return np.array(ids, np.int32), np.array(is_response, np.int32), len(p) + len(r) > seq_len + 1
 
 
+def assign_rows(examples: list[Example], batch_size: int) -> list[int]:
+    """The batch row each example feeds: the j-th example of each task goes to row ``j % batch_size``."""
+    seen: Counter = Counter()
+    rows = []
+    for ex in examples:
+        rows.append(seen[ex.task] % batch_size)
+        seen[ex.task] += 1
+    return rows
+
+
 def tokenize(tokenizer, examples: list[Example], template: str, seq_len: int,
              tasks: tuple[str, ...]) -> tuple[dict[str, list[dict]], TokenCounts]:
     """Records ``{ids, response, task}`` per task; examples with no response token left are left out."""
-    out: dict[str, list[dict]] = {t: [] for t in tasks}
+    by_rows, counts = tokenize_rows(tokenizer, examples, [0] * len(examples), template, seq_len, tasks)
+    return by_rows[0], counts
+
+
+def tokenize_rows(tokenizer, examples: list[Example], rows: list[int], template: str, seq_len: int,
+                  tasks: tuple[str, ...]) -> tuple[dict[int, dict[str, list[dict]]], TokenCounts]:
+    """Records ``{ids, response, task}`` per row (``rows[i]`` is example i's) and task; examples with no
+    response token left are left out and counted."""
+    out: dict[int, dict[str, list[dict]]] = {r: {t: [] for t in tasks} for r in dict.fromkeys(rows)}
     counts = TokenCounts()
-    for ex in examples:
+    for ex, row in zip(examples, rows):
         prompt, response = render(ex, template)
         ids, is_response, cut = encode(tokenizer, prompt, response, seq_len)
         if not is_response[1:].any():
@@ -75,9 +99,9 @@ def tokenize(tokenizer, examples: list[Example], template: str, seq_len: int,
             continue
         counts.kept[ex.task] += 1
         counts.truncated[ex.task] += cut
-        out[ex.task].append({"ids": ids, "response": is_response,
-                             "task": np.full(len(ids), tasks.index(ex.task), np.int32)})
-    empty = [t for t in tasks if not out[t]]
+        out[row][ex.task].append({"ids": ids, "response": is_response,
+                                  "task": np.full(len(ids), tasks.index(ex.task), np.int32)})
+    empty = [t for t in tasks if not any(out[r][t] for r in out)]
     if empty:
         raise DataError(f"no usable training examples for task(s) {', '.join(empty)}: every response was cut "
                         f"off by data.seq_len={seq_len}, or the task has no examples")
@@ -105,38 +129,66 @@ def _to_model_batch(b: dict) -> dict[str, np.ndarray]:
             "segment_ids": seg[:, :-1].astype(np.int32), "task_ids": task[:, :-1].astype(np.int32)}
 
 
-class TrainStream:
-    """Infinite, deterministic, checkpointable stream of training batches (see the module docstring)."""
+def by_row(records: dict[str, list[dict]], batch_size: int, rows=None) -> dict[int, dict[str, list[dict]]]:
+    """Records of every task split over the rows (record j of a task to row ``j % batch_size``)."""
+    rows = range(batch_size) if rows is None else rows
+    return {r: {t: recs[r::batch_size] for t, recs in records.items()} for r in rows}
 
-    def __init__(self, records: dict[str, list[dict]], *, batch_size: int, seq_len: int, seed: int,
-                 packing: bool, pad_id: int, weights: dict[str, float] | None = None):
-        self.tasks = tuple(records)
-        sizes = [len(records[t]) for t in self.tasks]
+
+class TrainStream:
+    """Infinite, deterministic, checkpointable stream of training batches (see the module docstring).
+
+    Args:
+      records_by_row: for each row this process feeds, the tokenized records of each task.
+      task_sizes: examples per task in the whole data (every process), the default mixing weights.
+      weights: ``data.mix_weights`` (task -> weight); tasks not named weigh their size.
+    ``next_batch()`` gives the rows of ``records_by_row`` in increasing order.
+    """
+
+    def __init__(self, records_by_row: dict[int, dict[str, list[dict]]], *, batch_size: int, seq_len: int,
+                 seed: int, packing: bool, pad_id: int, task_sizes: dict[str, int],
+                 weights: dict[str, float] | None = None):
+        self.tasks = tuple(task_sizes)
         weights = weights or {}
         unknown = sorted(set(weights) - set(self.tasks))
         if unknown:
             raise DataError(f"data.mix_weights names task(s) {', '.join(unknown)} not in the training data "
                             f"({', '.join(self.tasks)})")
-        mix = [float(weights.get(t, n)) for t, n in zip(self.tasks, sizes)]
-        per_task = [grain.MapDataset.source(records[t]).shuffle(seed=seed + i).repeat()
-                    for i, t in enumerate(self.tasks)]
-        stream = grain.MapDataset.mix(per_task, weights=mix).to_iter_dataset()
-        length = seq_len + 1
+        mix = {t: float(weights.get(t, n)) for t, n in task_sizes.items()}
+        self.weights = {t: w / sum(mix.values()) for t, w in mix.items()}
+        self.rows = sorted(records_by_row)
+        self.batch_size = batch_size
+        self.iterators = {r: iter(self._row(records_by_row[r], r, mix, seq_len + 1, seed, packing, pad_id))
+                          for r in self.rows}
+
+    def _row(self, records: dict[str, list[dict]], row: int, mix: dict, length: int, seed: int, packing: bool,
+             pad_id: int):
+        tasks = [t for t in self.tasks if records.get(t)]
+        if not tasks:
+            raise DataError(f"batch row {row} has no training example: the data has fewer examples than "
+                            f"train.batch_size={self.batch_size}")
+        per_task = [grain.MapDataset.source(records[t]).shuffle(seed=seed + 7919 * row + self.tasks.index(t))
+                    .repeat() for t in tasks]
+        stream = grain.MapDataset.mix(per_task, weights=[mix[t] for t in tasks]).to_iter_dataset()
         if packing:
-            stream = grain.experimental.FirstFitPackIterDataset(
+            return grain.experimental.FirstFitPackIterDataset(
                 stream, length_struct={"ids": length, "response": length, "task": length},
-                num_packing_bins=batch_size, seed=seed, shuffle_bins=False)
-        else:
-            stream = stream.map(lambda r: _pad(r, length, pad_id))
-        self.dataset = stream.batch(batch_size, drop_remainder=True)
-        self.iterator = iter(self.dataset)
-        self.weights = dict(zip(self.tasks, np.array(mix) / sum(mix)))
+                num_packing_bins=PACKING_BINS, seed=seed + row, shuffle_bins=False)
+        return stream.map(lambda r: _pad(r, length, pad_id))
 
     def next_batch(self) -> dict[str, np.ndarray]:
-        return _to_model_batch(next(self.iterator))
+        rows = [next(self.iterators[r]) for r in self.rows]
+        return _to_model_batch({k: np.stack([row[k] for row in rows]) for k in rows[0]})
 
     def get_state(self) -> dict:
-        return self.iterator.get_state()
+        """Per row (keys are row numbers as text, JSON-ready) the position of its stream."""
+        return {str(r): it.get_state() for r, it in self.iterators.items()}
 
     def set_state(self, state: dict) -> None:
-        self.iterator.set_state(state)
+        """Continue from :meth:`get_state` output (of any process: only this process's rows are read)."""
+        missing = [r for r in self.rows if str(r) not in state]
+        if missing:
+            raise DataError(f"the saved data position has no entry for batch row(s) {missing[:4]}; it was written "
+                            "by another version or with another train.batch_size")
+        for r, it in self.iterators.items():
+            it.set_state(state[str(r)])

@@ -1,0 +1,74 @@
+"""Every run, checkpoint, export and data path, local or in the cloud, through ``etils.epath``.
+
+``gs://bucket/run`` (and ``s3://``, ``az://`` with the user's fsspec plugin: gcsfs, s3fs, adlfs)
+stays a URL end to end; local paths expand ``~``. Object stores cannot append or rename
+atomically, so the helpers here rewrite instead of appending and write in place instead of
+renaming where the path is remote.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+from etils import epath
+
+from comoe_jax.errors import ConfigError
+
+URL_SCHEMES = ("gs://", "s3://", "az://", "hf://")
+
+
+def is_local(path) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def as_path(path) -> epath.Path:
+    """``path`` (str, pathlib or epath) as an ``epath.Path``; an unsupported URL scheme is a ConfigError."""
+    text = os.fspath(path)
+    if is_local(text):
+        return epath.Path(os.path.expanduser(text))
+    if not text.startswith(URL_SCHEMES):
+        raise ConfigError(f"{text}: URL scheme not supported; use a local path or one of {', '.join(URL_SCHEMES)}")
+    return epath.Path(text)
+
+
+def absolute(path) -> epath.Path:
+    """Absolute for local paths (orbax needs them), unchanged for URLs."""
+    path = as_path(path)
+    return epath.Path(os.path.abspath(path)) if is_local(path) else path
+
+
+def append_text(path, text: str) -> None:
+    """Append to a text file; on an object store, rewrite it (they cannot append)."""
+    path = as_path(path)
+    if is_local(path):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+        return
+    path.write_text((path.read_text() if path.exists() else "") + text)
+
+
+def replace(src, dst) -> None:
+    """Move ``src`` to ``dst``, replacing a file there (atomic on local disks)."""
+    src, dst = as_path(src), as_path(dst)
+    if is_local(src):
+        os.replace(src, dst)
+    else:
+        if dst.exists():
+            dst.rmtree() if dst.is_dir() else dst.unlink()
+        src.rename(dst)
+
+
+def remove_tree(path) -> None:
+    path = as_path(path)
+    if path.exists():
+        path.rmtree() if path.is_dir() else path.unlink()
+
+
+def save_figure(fig, path, dpi: int = 100) -> epath.Path:
+    """``fig.savefig`` as PNG to any path (matplotlib writes local files only, so it goes through bytes)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    path = as_path(path)
+    path.write_bytes(buffer.getvalue())
+    return path
