@@ -225,7 +225,7 @@ CASES = [
     ("mesh-size", _override("mesh.num_devices=-1", "mesh.data=3"), 2, r"mesh: data x fsdp x tensor = 3 x 1 x 1 = 3"),
     ("mesh-devices", _override("mesh.num_devices=99"), 2, r"mesh\.num_devices=99 but only \d+ devices are visible"),
     ("mesh-batch", _override("mesh.num_devices=8", "train.batch_size=4"), 2,
-     r"train\.batch_size=4 must be a multiple of the data x fsdp mesh size \(8 x 1 = 8\)"),
+     r"train\.batch_size=4 must be a multiple of the dcn x data x fsdp mesh size \(1 x 8 x 1 = 8\)"),
     ("mesh-rules", _override('mesh.rules=[["embed", "model"]]'), 2, r"mesh\.rules: 'embed' -> 'model': mesh axes are"),
     ("max-skipped", _override("train.max_skipped_steps=0"), 2, r"train\.max_skipped_steps=0 is not allowed: >= 1"),
     ("beta2", _override("optim.b2=1"), 2, r"optim\.b2=1\.0 is not allowed: 0 <= beta < 1"),

@@ -44,8 +44,10 @@ def test_train_step_compiles_for_two_v5e_slices_over_the_dcn_axis():
     devices = tpu_devices("v5e:2x2", num_slices=2)
     assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
     cfg = _config()
+    cfg.model.random_arch = dict(cfg.model.random_arch, num_hidden_layers=2, intermediate_size=128)
+    cfg.adapter.layers = "all"
     cfg.mesh.dcn, cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 1, 2, 2
-    result = compile_train_step(cfg, devices, seq_len=64)
+    result = compile_train_step(cfg, devices, seq_len=32)
     assert dict(result.mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 2, "tensor": 2}
     for s, devs in enumerate(result.mesh.devices):  # each dcn index is one whole slice
         assert {d.slice_index for d in devs.ravel()} == {s}
