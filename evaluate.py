@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_run_model(cfg, args.run)  # on the run's mesh; each device scores its share of the items
     stem = f"eval_{cfg.eval.split}_{cfg.eval.mode}"
     out = as_path(args.out) if args.out else as_path(args.run or "runs/base") / stem
-    result = evaluate_and_save(cfg, model, tokenizer, evaluation_examples(cfg), out)
+    say = print if jax.process_index() == 0 else (lambda text: None)
+    result = evaluate_and_save(cfg, model, tokenizer, evaluation_examples(cfg), out, say)
     if jax.process_index() == 0:
         print(result.to_markdown(f"{args.run or 'base model'}: {cfg.eval.split} split"))
         print(f"written to {out}.json and {out}.md ({result.seconds:.0f}s)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,19 @@ def paper_config(args, remat: bool) -> Config:
     return cfg
 
 
+def floor_bytes(cfg: Config, result, seq_len: int) -> dict[str, float]:
+    """What a chip must hold at least (remat): the bf16 frozen base and fp32 adapters + AdamW moments, each
+    split over every chip, and the bf16 layer-boundary activations of its share of the batch."""
+    chips = result.mesh.devices.size
+    batch_shards = math.prod(result.mesh.shape[a] for a in ("dcn", "data", "fsdp"))
+    arch = cfg.model.random_arch
+    floor = {"frozen": 2 * result.frozen_parameters / chips, "adapters_and_adam": 12 * result.trainable_parameters
+             / chips, "activations": 2 * arch["num_hidden_layers"] * cfg.train.batch_size / batch_shards * seq_len
+             * arch["hidden_size"]}
+    floor["total"] = sum(floor.values())
+    return floor
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--topology", default="v5e:4x4")
@@ -60,21 +74,28 @@ def main() -> None:
         start = time.perf_counter()
         result = compile_train_step(cfg, devices, args.seq_len)
         memory = result.memory_per_device()
+        floor = floor_bytes(cfg, result, args.seq_len)
         rows.append({"topology": args.topology, "chips": len(devices), "mesh": dict(result.mesh.shape),
                      "remat": remat, "batch": args.batch, "seq_len": args.seq_len,
                      "compile_s": time.perf_counter() - start,
                      "trainable_params": result.trainable_parameters, "frozen_params": result.frozen_parameters,
-                     **{f"{k}_bytes": v for k, v in memory.items()}, "hbm_gib": hbm})
+                     **{f"{k}_bytes": v for k, v in memory.items()}, "hbm_gib": hbm,
+                     **{f"floor_{k}_bytes": v for k, v in floor.items()},
+                     "peak_over_floor": memory["peak_estimate"] / floor["total"]})
     gib = 2**30
     print(f"\nLLaMA-2 7B + CoMoE-LoRA (n=4, k=2, r=16, q/k/v/o), bf16 base, batch {args.batch} x {args.seq_len} "
           f"tokens, {args.slices} x {args.topology} ({len(devices)} chips), trainable {rows[0]['trainable_params']:,}")
-    print(f"{'remat':>6} {'mesh':>24} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} {'HBM GiB':>8} {'fits':>5}"
-          f" {'compile s':>9}")
+    print(f"{'remat':>6} {'mesh':>24} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} {'floor GiB':>10} "
+          f"{'x floor':>8} {'HBM GiB':>8} {'fits':>5} {'compile s':>9}")
     for r in rows:
         peak = r["peak_estimate_bytes"] / gib
         fits = "?" if hbm is None else ("yes" if peak < hbm else "no")
         print(f"{str(r['remat']):>6} {str(r['mesh']):>24} {r['argument_bytes'] / gib:9.2f} "
-              f"{r['temp_bytes'] / gib:9.2f} {peak:9.2f} {str(hbm):>8} {fits:>5} {r['compile_s']:9.1f}")
+              f"{r['temp_bytes'] / gib:9.2f} {peak:9.2f} {r['floor_total_bytes'] / gib:10.2f} "
+              f"{r['peak_over_floor']:8.2f} {str(hbm):>8} {fits:>5} {r['compile_s']:9.1f}")
+    floor = rows[0]
+    print("floor per chip (remat): " + ", ".join(f"{k} {floor[f'floor_{k}_bytes'] / gib:.2f} GiB"
+                                                for k in ("frozen", "adapters_and_adam", "activations")))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.out}")

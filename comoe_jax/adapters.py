@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from comoe_jax import ops
-from comoe_jax.constants import DORA_METHODS, SOFT_ROUTED_METHODS
+from comoe_jax import sharding as shd
+from comoe_jax.constants import DORA_METHODS, SOFT_ROUTED_METHODS, SPARSE_FROM_EXPERTS
 
 
 class Frozen(nnx.Variable):
@@ -52,6 +53,7 @@ class MoESpec:
     routing: str = "topk"  # "topk" | "soft" (every expert weighted; the top k count as activated)
     dora: bool = False
     orthogonal: bool = False  # OMoE: Gram-Schmidt-orthogonalised expert outputs
+    experts: str = "dense"  # "dense": every expert for every token | "sparse": only the selected ones
 
     @property
     def scaling(self) -> float:
@@ -72,8 +74,18 @@ class MoESpec:
             contrastive_grad=lo.contrastive_weight > 0, temperature=lo.temperature, eps=lo.eps,
             anchor=lo.anchor, num_negatives=lo.num_negatives, form=lo.form,
             routing="soft" if a.method in SOFT_ROUTED_METHODS else "topk", dora=a.method in DORA_METHODS,
-            orthogonal=a.method == "omoe",
+            orthogonal=a.method == "omoe", experts=resolve_experts(a, lo),
         )
+
+
+def resolve_experts(a, lo) -> str:
+    """``adapter.experts`` with ``auto`` resolved: sparse for top-k routing from ``SPARSE_FROM_EXPERTS``
+    experts on, unless the contrastive term reads every expert anyway (all inactive ones as negatives)."""
+    if a.experts != "auto":
+        return a.experts
+    top_k_routed = a.num_experts > 1 and a.method not in SOFT_ROUTED_METHODS
+    term_reads_all = (lo.contrastive_weight > 0 or lo.monitor_contrastive) and not lo.num_negatives
+    return "sparse" if top_k_routed and a.num_experts >= SPARSE_FROM_EXPERTS and not term_reads_all else "dense"
 
 
 @flax.struct.dataclass
@@ -195,27 +207,85 @@ class MoLoRALinear(Linear):
         dropped = keys[0] is not None and spec.dropout > 0
         x_in = self.dropout(x, deterministic=not dropped, rngs=keys[0])
         b, c = self.effective_b()
-        h = ops.expert_hidden(x_in.astype(self.dtype), self.lora_a[...].astype(self.dtype))  # [..., n, r]
         w0x = self.project(x)
         y = w0x if self.bias is None else w0x + self.bias[...].astype(self.dtype)
         if self.router is None:
-            weights, gram = jnp.ones(h.shape[:-1], jnp.float32), None
+            h = ops.expert_hidden(x_in.astype(self.dtype), self.lora_a[...].astype(self.dtype))  # [..., 1, r]
+            weights = jnp.ones(h.shape[:-1], jnp.float32)
+            update = ops.mix_experts(h, weights, b.astype(self.dtype))
         else:
             probs, weights, topk = self.route(x)
-            gram = ops.gram_matrix(b) if spec.orthogonal or spec.contrastive else None
-            if spec.orthogonal:
-                weights = ops.gram_schmidt_weights(h, gram, weights)
-            if ctx is not None:
-                self._sow_statistics(ctx, x_in, h, probs, topk, keys[1:], b, gram)
-        y = y + spec.scaling * ops.mix_experts(h, weights, b.astype(self.dtype))
+            sow = ctx is not None and bool(captured_types(self))
+            mix = self._sparse if spec.experts == "sparse" else self._dense
+            update, weights = mix(x_in, b, weights, topk, probs, keys, ctx if sow else None)
+        y = y + spec.scaling * update
         if c is not None:  # DoRA rescales the (dropped-out) base output too: sum_i g_i (c_i - 1) * W0 x
             base_in = self.project(x_in) if dropped else w0x
             y = y + (weights @ (c - 1.0)).astype(self.dtype) * base_in
         return y
 
-    def _sow_statistics(self, ctx, x_in, h, probs, topk, keys, b, gram) -> None:
-        """Sow :class:`AdapterStat` (sums over real tokens / ``ctx.token_count``) and :class:`RoutingTrace`,
-        each only when an enclosing ``nnx.capture`` collects it (otherwise nothing is computed)."""
+    def _dense(self, x_in, b, weights, topk, probs, keys, ctx):
+        """Every expert's rank-r codes; the mixture ``sum_i g_i B_i h_i`` as one matmul. -> (update, weights)."""
+        spec = self.spec
+        h = ops.expert_hidden(x_in.astype(self.dtype), self.lora_a[...].astype(self.dtype))  # [..., n, r]
+        gram = ops.gram_matrix(b) if spec.orthogonal or spec.contrastive else None
+        if spec.orthogonal:
+            weights = ops.gram_schmidt_weights(h, gram, weights)
+        if ctx is not None:
+            term = None
+            if spec.contrastive and AdapterStat in captured_types(self):
+                term = self._contrastive(x_in, h, topk, keys, b, gram)
+            self._sow_statistics(ctx, h, probs, topk, term)
+        return ops.mix_experts(h, weights, b.astype(self.dtype)), weights
+
+    def _sparse(self, x_in, b, weights, topk, probs, keys, ctx):
+        """Only the k activated experts (and, for the contrastive term, the token's negatives), computed
+        on rows grouped by expert (:func:`ops.selected_expert_outputs`). -> (update, weights)."""
+        spec = self.spec
+        term_on = ctx is not None and spec.contrastive and AdapterStat in captured_types(self)
+        selected = jnp.concatenate([topk, self._negatives(topk, keys[2])], axis=-1) if term_on else topk
+        # One dispatch per batch shard: all of a device's tokens are grouped together, never across devices.
+        lead, groups = x_in.shape[:-1], shd.active_batch_shards(x_in.shape[0])
+        grouped = shd.constrain(x_in.reshape(groups, -1, x_in.shape[-1]), ("batch", None, None))
+        _, outputs = ops.selected_expert_outputs(grouped.astype(self.dtype), self.lora_a[...].astype(self.dtype),
+                                                 b.astype(self.dtype), selected.reshape(groups, -1, selected.shape[-1]))
+        outputs = outputs.reshape(*lead, *outputs.shape[-2:])  # [..., k (+ m), d_out]
+        gates = jnp.take_along_axis(weights, topk, axis=-1).astype(self.dtype)  # [..., k]
+        update = jnp.einsum("...k,...ko->...o", gates, outputs[..., : spec.top_k, :])
+        if ctx is not None:
+            term = None
+            if term_on:
+                e = outputs if spec.contrastive_grad else jax.lax.stop_gradient(outputs)
+                term = ops.contrastive_loss_selected(e, spec.top_k, self._anchor_slot(topk, keys[1]),
+                                                     temperature=spec.temperature, eps=spec.eps)
+            h = None
+            if RoutingTrace in captured_types(self):  # the analyses read every expert's codes
+                h = ops.expert_hidden(x_in.astype(self.dtype), self.lora_a[...].astype(self.dtype))
+            self._sow_statistics(ctx, h, probs, topk, term)
+        return update, weights
+
+    def _anchor_slot(self, topk, key) -> jax.Array | None:
+        """Algorithm 1's random anchor slot ``[...]``; deterministic evaluation: the top-1 expert (slot 0);
+        None for every anchor (Eq. 12)."""
+        if self.spec.anchor == "all":
+            return None
+        if key is None:
+            return jnp.zeros(topk.shape[:-1], jnp.int32)
+        return ops.sample_anchor_slot(key, topk.shape[:-1], self.spec.top_k)
+
+    def _negatives(self, topk, key) -> jax.Array:
+        """Each token's negatives ``[..., m]``: ``loss.num_negatives`` sampled inactive experts (a fixed key
+        when deterministic), or every inactive expert."""
+        spec = self.spec
+        if not spec.num_negatives:
+            return ops.inactive_experts(topk, spec.num_experts)
+        key = key if key is not None else jax.random.key(self.index)
+        return ops.sample_negatives(key, topk, spec.num_experts, spec.num_negatives)
+
+    def _sow_statistics(self, ctx, h, probs, topk, term) -> None:
+        """Sow :class:`AdapterStat` (sums over real tokens / ``ctx.token_count``; ``term``: the per-token
+        contrastive loss or None) and :class:`RoutingTrace` (``h``: every expert's codes), each only when
+        an enclosing ``nnx.capture`` collects it."""
         spec, kinds = self.spec, captured_types(self)
         values = {}
         if AdapterStat in kinds:
@@ -223,11 +293,10 @@ class MoLoRALinear(Linear):
             active = ops.active_mask(topk, spec.num_experts).astype(jnp.float32)
             stats = {"load": jnp.einsum("bt,btn->n", w, active) / spec.top_k,
                      "load_balance": ops.load_balance_loss(probs, topk, ctx.token_mask)}
-            if spec.contrastive:
-                per_token = self._contrastive(x_in, h, topk, keys, b, gram)
+            if term is not None:
                 anchors = spec.top_k if spec.anchor == "all" else 1
-                stats["contrastive"] = jnp.sum(w * per_token)
-                stats["mi_gap"] = jnp.sum(w * ops.mi_gap_estimate(per_token / anchors, spec.negatives_per_anchor))
+                stats["contrastive"] = jnp.sum(w * term)
+                stats["mi_gap"] = jnp.sum(w * ops.mi_gap_estimate(term / anchors, spec.negatives_per_anchor))
             values[AdapterStat] = stats
         if RoutingTrace in kinds:
             values[RoutingTrace] = {"topk": topk, "codes": h.astype(jnp.float32),
@@ -237,7 +306,7 @@ class MoLoRALinear(Linear):
                 self.sow(kind, name, value, reduce_fn=_replace, init_fn=lambda: None)
 
     def _contrastive(self, x_in, h, topk, keys, b, gram) -> jax.Array:
-        """Per-token contrastive loss ``[B, T]`` in the configured form and anchor mode.
+        """Per-token contrastive loss ``[B, T]`` of the dense path, in the configured form and anchor mode.
 
         The expert representations are the experts' updates ``B_i A_i x`` (DoRA: with the
         magnitude scale folded into ``b``).
@@ -246,15 +315,9 @@ class MoLoRALinear(Linear):
         a = self.lora_a[...]
         if not spec.contrastive_grad:
             x_in, h, a, b, gram = (jax.lax.stop_gradient(v) for v in (x_in, h, a, b, gram))
-        anchor_key, negative_key = keys
-        if anchor_key is None:  # deterministic evaluation: the top-1 expert is the anchor
-            slot = jnp.zeros(topk.shape[:-1], jnp.int32)
-        else:
-            slot = ops.sample_anchor_slot(anchor_key, topk.shape[:-1], spec.top_k)
-        negatives = None
-        if spec.num_negatives:
-            key = negative_key if negative_key is not None else jax.random.key(self.index)
-            negatives = ops.sample_negatives(key, topk, spec.num_experts, spec.num_negatives)
+        anchor_key, negative_key = keys[1:]
+        slot = self._anchor_slot(topk, anchor_key)
+        negatives = self._negatives(topk, negative_key) if spec.num_negatives else None
         kw = dict(temperature=spec.temperature, eps=spec.eps, negative_indices=negatives)
         if spec.form == "reference":
             e = ops.expert_outputs(x_in.astype(jnp.float32), a, b)

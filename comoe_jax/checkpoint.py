@@ -28,21 +28,29 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.j
 FORMAT = "comoe-jax-moe-lora/1"
 
 
+def _is_abandoned_read(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
 def _quiet_abandoned_reads() -> None:
     """After a failed restore, tensorstore completes the reads orbax abandoned and their callbacks hit the
-    closed asyncio loop: ``RuntimeError('Event loop is closed')`` reaches ``sys.unraisablehook`` as a
-    traceback per tensor, long after the error was handled. Drop exactly those; report anything else."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_comoe_quiet", False):
+    closed asyncio loop: ``RuntimeError('Event loop is closed')`` is reported, long after the error was
+    handled, through ``sys.unraisablehook`` or (tensorstore's ``PyErr_Print``) ``sys.excepthook``, as a
+    traceback per tensor. Drop exactly those; report anything else."""
+    if getattr(sys.unraisablehook, "_comoe_quiet", False):
         return
+    unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
 
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
+    def unraisable(report):
+        if not _is_abandoned_read(report.exc_value):
+            unraisable_hook(report)
 
-    hook._comoe_quiet = True
-    sys.unraisablehook = hook
+    def excepthook(kind, error, tb):
+        if not _is_abandoned_read(error):
+            except_hook(kind, error, tb)
+
+    unraisable._comoe_quiet = True
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
 
 
 def all_finite(tree) -> bool:
@@ -64,6 +72,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.say = say
+        _quiet_abandoned_reads()  # before any restore: the reports can come while orbax is still unwinding
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -119,7 +128,6 @@ class Checkpointer:
 
     def _set_aside(self, step: int, error: Exception) -> None:
         """Move a damaged checkpoint to ``damaged_checkpoints/<step>`` (kept, never deleted) and forget it."""
-        _quiet_abandoned_reads()
         target = self.run_dir / "damaged_checkpoints" / str(step)
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)

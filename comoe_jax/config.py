@@ -24,10 +24,12 @@ from comoe_jax.constants import (
     CONTRASTIVE_FORMS,
     DTYPES,
     EVAL_MODES,
+    EXPERT_COMPUTE,
     LAYER_PLACEMENTS,
     METHODS,
     MODEL_ALIASES,
     SINGLE_EXPERT_METHODS,
+    SOFT_ROUTED_METHODS,
     SOURCE_FORMATS,
     SPLITS,
     TARGET_MODULES,
@@ -120,6 +122,12 @@ class AdapterConfig(_Strict):
     layers: str = _f("all", "Decoder layers with adapters: all | low | middle | high (thirds of the depth, "
                      "the paper's placement study) | 'start:end' (Python range, end excluded).")
     router_init_std: float = _f(0.02, "Std of the normal init of the router weight G.")
+    experts: str = _f("auto", "How the experts run: dense (every expert for every token, vmapped over the expert "
+                      "axis; fastest at small n); sparse (only each token's k activated experts and, for the "
+                      "contrastive term, its negatives, on rows grouped by expert: the cost no longer grows with "
+                      "n; top-k routed methods only); auto: sparse for top-k routing with n >= 64 (and, when the "
+                      "contrastive term is on, sampled negatives: loss.num_negatives > 0), dense otherwise. "
+                      "Both give the same values and gradients.", resumable=True)
 
 
 @dataclass
@@ -229,6 +237,10 @@ class TrainConfig(_Strict):
     save_every: int = _f(20, "Steps between checkpoints (the last step is always saved).", resumable=True)
     keep_checkpoints: int = _f(3, "Checkpoints kept (the oldest are deleted).", resumable=True)
     log_every: int = _f(5, "Steps between progress lines.", resumable=True)
+    head_positions: int = _f(0, "The LM head and cross-entropy run only at the supervised (response) positions, "
+                             "gathered into this many slots per row; a batch with a row that has more falls "
+                             "back to every position (same loss). 0: data.seq_len // 4 rounded up to 8; -1: "
+                             "always every position.", resumable=True)
     max_skipped_steps: int = _f(5, "A step whose loss or gradient is not finite is skipped (parameters and "
                                 "optimizer state unchanged); after this many consecutive skips the run stops "
                                 "with exit code 3, its checkpoints intact.", resumable=True)
@@ -591,6 +603,10 @@ def validate(cfg: Config) -> Config:
         _require(0 <= value < 1, key, value, "0 <= beta < 1")
     _require(o.adam_eps > 0, "optim.adam_eps", o.adam_eps, "a positive number")
     _require(a.router_init_std >= 0, "adapter.router_init_std", a.router_init_std, ">= 0")
+    _require(a.experts in EXPERT_COMPUTE, "adapter.experts", a.experts, f"one of {', '.join(EXPERT_COMPUTE)}")
+    if a.experts == "sparse":
+        _require(a.num_experts > 1 and a.method not in SOFT_ROUTED_METHODS, "adapter.experts", a.experts,
+                 f"dense for adapter.method={a.method} (sparse experts need top-k routing over n >= 2 experts)")
     _require(d.template in TEMPLATES, "data.template", d.template, f"one of {', '.join(TEMPLATES)}")
     _require(d.seq_len >= 8, "data.seq_len", d.seq_len, ">= 8 tokens")
     _require(d.max_examples_per_task >= 0, "data.max_examples_per_task", d.max_examples_per_task, ">= 0 (0 = all)")
@@ -618,6 +634,8 @@ def validate(cfg: Config) -> Config:
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _require(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
     _require(t.max_skipped_steps >= 1, "train.max_skipped_steps", t.max_skipped_steps, ">= 1")
+    _require(t.head_positions >= -1, "train.head_positions", t.head_positions, "-1 (every position), 0 (auto) or "
+             "a number of slots per row")
     _require(bool(t.output_dir) and _url_ok("train.output_dir", t.output_dir, t.output_dir), "train.output_dir",
              t.output_dir, "a folder path")
     return cfg

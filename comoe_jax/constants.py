@@ -8,6 +8,8 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 LAYER_PLACEMENTS = ("all", "low", "middle", "high")
 ANCHOR_MODES = ("random", "all")
 CONTRASTIVE_FORMS = ("gram", "reference")
+EXPERT_COMPUTE = ("auto", "dense", "sparse")
+SPARSE_FROM_EXPERTS = 64  # adapter.experts=auto: sparse experts from this n on (benchmarks/bench_step.py, CPU)
 DTYPES = ("float32", "bfloat16")
 SPLITS = ("train", "validation", "test")
 EVAL_MODES = ("label", "loglik", "generate")

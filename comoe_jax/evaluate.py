@@ -8,7 +8,9 @@
 - ``generate``: greedy generation with a KV cache and LLM-Adapters-style answer extraction
   (the first option label mentioned; the last number for numeric answers; else exact match).
 
-Batches are right-padded to lengths rounded up to ``bucket`` so few shapes are compiled.
+Batches are padded to a few fixed lengths (``generate.LENGTH_BUCKETS``), so a model compiles a handful of
+times whatever the prompt lengths; in ``loglik`` mode (and ``label`` mode with multi-token labels) each
+context is encoded once and its options are scored from its KV cache.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,7 +34,7 @@ from comoe_jax.config import read_json
 from comoe_jax.data import DataError, Example, render, render_cloze
 from comoe_jax.data.templates import separator
 from comoe_jax.errors import RunFolderError
-from comoe_jax.generate import greedy_generate
+from comoe_jax.generate import LENGTH_BUCKETS, bucket, greedy_generate
 from comoe_jax.paths import as_path
 from comoe_jax.tables import markdown_table, percent
 
@@ -64,6 +67,9 @@ class EvalResult:
 # --------------------------------------------------------------------------- jitted forwards
 
 
+OPTION_BUCKETS = (4, 8, 16, 32, 64)
+
+
 @partial(jax.jit, static_argnums=0)
 def _next_token_logprobs(graphdef, state, ids, mask):
     """``[B, T-1]``: log p(ids[t+1] | ids[:t+1])."""
@@ -74,51 +80,114 @@ def _next_token_logprobs(graphdef, state, ids, mask):
 
 @partial(jax.jit, static_argnums=0)
 def _candidate_logprobs(graphdef, state, ids, mask, last, candidates):
-    """``[B, C]``: log p(candidate | sequence up to ``last``) for candidate token ids ``[B, C]``."""
-    logits = nnx.merge(graphdef, state).forward(ids, mask).logits
-    at = jax.nn.log_softmax(logits[jnp.arange(ids.shape[0]), last], axis=-1)
+    """``[B, C]``: log p(candidate | sequence up to ``last``) for candidate token ids ``[B, C]``; the LM head
+    runs at the ``last`` position of each row only."""
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.hidden(ids, mask)
+    at = jax.nn.log_softmax(model.head(hidden[jnp.arange(ids.shape[0]), last]), axis=-1)
     return jnp.take_along_axis(at, candidates, axis=-1)
 
 
-def padded_batches(seqs: list[list[int]], batch_size: int, pad_id: int, bucket: int = 32):
-    """Yield (indices, ids [batch_size, L], mask, lengths) over ``seqs`` sorted by length; L is bucketed."""
+@partial(jax.jit, static_argnums=0)
+def _option_logprobs(graphdef, state, ctx_ids, ctx_mask, options, option_mask):
+    """Summed log-probabilities ``[B, O]`` of each option's tokens after its context, the context encoded once.
+
+    ``ctx_ids [B, Lc]`` left-padded (every context ends at slot Lc - 1); ``options [B, O, Lo]``
+    right-padded with ``option_mask``. The context's keys and values are cached once, then each option
+    is run on that cache (it is written at slots Lc.. and overwritten by the next option).
+    """
+    model = nnx.merge(graphdef, state)
+    b, lc = ctx_ids.shape
+    lo = options.shape[-1]
+    valid = jnp.concatenate([ctx_mask, jnp.ones((b, lo), ctx_mask.dtype)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(ctx_mask, axis=1) - 1, 0).astype(jnp.int32)
+    hidden, cache = model.hidden(ctx_ids, valid, positions, cache=model.init_cache(b, lc + lo), cache_index=0)
+    first = jax.nn.log_softmax(model.head(hidden[:, -1]), axis=-1)  # predicts each option's first token
+    option_positions = positions[:, -1:] + 1 + jnp.arange(lo, dtype=jnp.int32)[None]
+
+    def score(option, mask):  # [B, Lo] -> [B]
+        h, _ = model.hidden(option, valid, option_positions, cache=cache, cache_index=lc)
+        logits = model.head(h[:, :-1])  # predicts tokens 1..Lo-1
+        rest = jnp.take_along_axis(logits, option[:, 1:, None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, -1)
+        head_token = jnp.take_along_axis(first, option[:, :1], axis=-1)[:, 0]
+        return head_token + jnp.sum(rest * mask[:, 1:], axis=-1)
+
+    return jax.lax.map(lambda xs: score(*xs), (options.swapaxes(0, 1), option_mask.swapaxes(0, 1))).T
+
+
+def padded_batches(seqs: list[list[int]], batch_size: int, pad_id: int, left: bool = False,
+                   buckets: tuple[int, ...] | int = LENGTH_BUCKETS):
+    """Yield (indices, ids [batch_size, L], mask, lengths) over ``seqs`` sorted by length; L is one of
+    ``buckets`` (see :func:`generate.bucket`). ``left``: pad on the left, so every row ends at the last slot."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        length = -(-max(len(seqs[i]) for i in idx) // bucket) * bucket
+        length = bucket(max(len(seqs[i]) for i in idx), buckets)
         ids = np.full((batch_size, length), pad_id, np.int32)
         mask = np.zeros((batch_size, length), np.int32)
         for row, i in enumerate(idx):
-            ids[row, :len(seqs[i])], mask[row, :len(seqs[i])] = seqs[i], 1
-        mask[len(idx):, 0] = 1  # filler rows
+            where = slice(length - len(seqs[i]), length) if left else slice(0, len(seqs[i]))
+            ids[row, where], mask[row, where] = seqs[i], 1
+        mask[len(idx):, -1 if left else 0] = 1  # filler rows: one real token so nothing is fully masked
         yield idx, ids, mask, np.array([len(seqs[i]) for i in idx] + [1] * (batch_size - len(idx)))
 
 
 class Scorer:
     """Log-probabilities of continuations after contexts, batched and jitted; rows are split over the
-    model's mesh (each device, and each host, scores its share) and the results gathered."""
+    model's mesh (each device, and each host, scores its share) and the results gathered. ``progress``
+    prints items/s and the ETA while it works; ``buckets``: the padded lengths (see :func:`generate.bucket`)."""
 
-    def __init__(self, model, pad_id: int, batch_size: int = 16):
+    def __init__(self, model, pad_id: int, batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
+                 buckets: tuple[int, ...] | int = LENGTH_BUCKETS):
         self.graphdef, self.state = nnx.split(model)
         self.mesh, self.batch_size = shd.eval_mesh(self.state, batch_size)
-        self.pad_id = pad_id
+        self.pad_id, self.buckets = pad_id, buckets
+        self.progress = progress or (lambda done, total: None)
+
+    def _batches(self, seqs: list[list[int]], left: bool = False):
+        return padded_batches(seqs, self.batch_size, self.pad_id, left, self.buckets)
 
     def continuation_logprobs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
-        """(sum of log-probabilities of the continuation's tokens, their number) for each pair."""
+        """(sum of log-probabilities of the continuation's tokens, their number) for each pair, each pair
+        encoded whole (the reference for :meth:`option_logprobs`)."""
         seqs = [ctx + cont for ctx, cont in pairs]
         out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-        for idx, ids, mask, _ in padded_batches(seqs, self.batch_size, self.pad_id):
+        for idx, ids, mask, _ in self._batches(seqs):
             lp = shd.to_host(_next_token_logprobs(self.graphdef, self.state, *shd.place_rows(self.mesh, ids, mask)))
             for row, i in enumerate(idx):
                 ctx_len, cont_len = len(pairs[i][0]), len(pairs[i][1])
                 out[i] = (float(lp[row, ctx_len - 1: ctx_len - 1 + cont_len].sum()), cont_len)
+            self.progress(len(idx), len(pairs))
+        return out
+
+    def option_logprobs(self, contexts: list[list[int]], options: list[list[list[int]]]) -> list[np.ndarray]:
+        """Summed log-probability of each option's tokens after its context (one array per item); each
+        context is encoded once and its options scored from its KV cache. Items are batched with items
+        of the same option count and option-length bucket, so little is padded."""
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(options):
+            shapes.setdefault((len(item), bucket(max(map(len, item)), OPTION_BUCKETS)), []).append(i)
+        out: list[np.ndarray] = [np.zeros(0)] * len(contexts)
+        for (width, length), members in sorted(shapes.items()):
+            for idx, ids, mask, _ in self._batches([contexts[i] for i in members], left=True):
+                items = [members[j] for j in idx]
+                opt = np.full((self.batch_size, width, length), self.pad_id, np.int32)
+                opt_mask = np.zeros((self.batch_size, width, length), np.int32)
+                for row, i in enumerate(items):
+                    for j, tokens in enumerate(options[i]):
+                        opt[row, j, :len(tokens)], opt_mask[row, j, :len(tokens)] = tokens, 1
+                lp = shd.to_host(_option_logprobs(self.graphdef, self.state,
+                                                  *shd.place_rows(self.mesh, ids, mask, opt, opt_mask)))
+                for row, i in enumerate(items):
+                    out[i] = lp[row, :width]
+                self.progress(len(items), len(contexts))
         return out
 
     def next_token_logprobs(self, contexts: list[list[int]], candidates: list[list[int]]) -> list[np.ndarray]:
         """log p(each candidate token | context), one forward per context."""
         width = max(len(c) for c in candidates)
         out: list[np.ndarray] = [np.zeros(0)] * len(contexts)
-        for idx, ids, mask, lengths in padded_batches(contexts, self.batch_size, self.pad_id):
+        for idx, ids, mask, lengths in self._batches(contexts):
             cand = np.zeros((self.batch_size, width), np.int32)
             for row, i in enumerate(idx):
                 cand[row, :len(candidates[i])] = candidates[i]
@@ -126,7 +195,25 @@ class Scorer:
                                                  *shd.place_rows(self.mesh, ids, mask, lengths - 1, cand)))
             for row, i in enumerate(idx):
                 out[i] = lp[row, :len(candidates[i])]
+            self.progress(len(idx), len(contexts))
         return out
+
+
+class EvalProgress:
+    """``progress(done, total)`` callback: a line with items/s and the ETA every ``every`` seconds."""
+
+    def __init__(self, label: str, every: float = 10.0, say=print):
+        self.label, self.every, self.say = label, every, say
+        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done += done
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done >= total:
+            rate = self.done / max(now - self.start, 1e-9)
+            self.say(f"{self.label}: {self.done}/{total} items | {rate:.1f} items/s | ETA "
+                     f"{max(total - self.done, 0) / max(rate, 1e-9):.0f}s")
+            self.last = now
 
 
 # --------------------------------------------------------------------------- the three modes
@@ -163,29 +250,25 @@ def label_predictions(scorer: Scorer, tokenizer, examples: list[Example], templa
         cut += was_cut
     if all(len(c) == 1 for options in conts for c in options):  # one forward per item
         scores = scorer.next_token_logprobs(contexts, [[c[0] for c in options] for options in conts])
-    else:
-        flat = scorer.continuation_logprobs([(ctx, c) for ctx, options in zip(contexts, conts) for c in options])
-        it = iter(flat)
-        scores = [np.array([next(it)[0] for _ in options]) for options in conts]
+    else:  # multi-token labels: the context once, each label from its KV cache
+        scores = scorer.option_logprobs(contexts, conts)
     return [ex.labels[int(np.argmax(s))] for ex, s in zip(examples, scores)], cut
 
 
 def loglik_predictions(scorer: Scorer, tokenizer, examples: list[Example], template: str) -> tuple[list[str], int]:
     """Predicted label per example by length-normalised option log-likelihood."""
     _require_choice(examples, "loglik", need_options=True)
-    pairs, sizes, cut = [], [], 0
+    contexts, options, cut = [], [], 0
     for ex in examples:
         prompt, continuations = render_cloze(ex, template)
         conts = [_ids(tokenizer, c, False) for c in continuations]
         context, was_cut = _fit(_ids(tokenizer, prompt, True), MAX_LEN - max(map(len, conts)))
-        pairs.extend((context, c) for c in conts)
-        sizes.append(len(conts))
+        contexts.append(context)
+        options.append(conts)
         cut += was_cut
-    flat = iter(scorer.continuation_logprobs(pairs))
-    preds = []
-    for ex, n in zip(examples, sizes):
-        scores = [total / max(count, 1) for total, count in (next(flat) for _ in range(n))]
-        preds.append(ex.labels[int(np.argmax(scores))])
+    scores = scorer.option_logprobs(contexts, options)  # each context encoded once
+    preds = [ex.labels[int(np.argmax(s / np.maximum([len(o) for o in opts], 1)))]
+             for ex, s, opts in zip(examples, scores, options)]
     return preds, cut
 
 
@@ -225,7 +308,7 @@ def is_correct(prediction: str, example: Example) -> bool:
 
 
 def generate_predictions(model, tokenizer, examples: list[Example], template: str, *, max_new_tokens: int,
-                         batch_size: int) -> tuple[list[str], int, list[str]]:
+                         batch_size: int, progress=None) -> tuple[list[str], int, list[str]]:
     """Extracted answers, cut prompts, and the raw generations."""
     prompts, cut = [], 0
     for ex in examples:
@@ -234,21 +317,24 @@ def generate_predictions(model, tokenizer, examples: list[Example], template: st
         prompts.append(ids)
         cut += was_cut
     tokens = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-                             pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+                             pad_id=tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return [extract_answer(text, ex) for text, ex in zip(texts, examples)], cut, texts
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, mode: str, template: str, batch_size: int = 16,
-             max_new_tokens: int = 16) -> EvalResult:
-    """Accuracy per task (and macro average) of ``model`` on ``examples``."""
+             max_new_tokens: int = 16, say=None) -> EvalResult:
+    """Accuracy per task (and macro average) of ``model`` on ``examples``; ``say`` prints progress lines
+    (items/s, ETA)."""
     start = time.perf_counter()
     generations = None
+    progress = EvalProgress(f"eval ({mode})", say=say) if say is not None else None
     if mode == "generate":
         preds, cut, generations = generate_predictions(model, tokenizer, examples, template,
-                                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                       progress=progress)
     else:
-        scorer = Scorer(model, tokenizer.pad_token_id, batch_size)
+        scorer = Scorer(model, tokenizer.pad_token_id, batch_size, progress)
         scorer_fn = label_predictions if mode == "label" else loglik_predictions
         preds, cut = scorer_fn(scorer, tokenizer, examples, template)
     per_task: dict[str, dict] = {}

@@ -16,6 +16,18 @@ from flax import nnx
 from comoe_jax import sharding as shd
 from comoe_jax.model import CausalLM
 
+LENGTH_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # padded lengths: a few compiles, <= 1.5x padding
+
+
+def bucket(length: int, buckets: tuple[int, ...] | int = LENGTH_BUCKETS) -> int:
+    """The smallest bucket >= ``length`` (multiples of the largest beyond it); an int: the next multiple of it."""
+    if isinstance(buckets, int):
+        return -(-length // buckets) * buckets
+    for size in buckets:
+        if length <= size:
+            return size
+    return -(-length // buckets[-1]) * buckets[-1]
+
 
 @partial(jax.jit, static_argnums=(0, 4, 5, 6))
 def _generate(graphdef, state, ids, mask, max_new_tokens: int, eos_id: int, pad_id: int):
@@ -40,14 +52,16 @@ def _generate(graphdef, state, ids, mask, max_new_tokens: int, eos_id: int, pad_
 
 
 def greedy_generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
-                    batch_size: int = 16, bucket: int = 32) -> list[list[int]]:
-    """Greedy continuations of token-id prompts (cut at EOS, which is not included)."""
+                    batch_size: int = 16, progress=None) -> list[list[int]]:
+    """Greedy continuations of token-id prompts (cut at EOS, which is not included). Prompt lengths are
+    padded to :data:`LENGTH_BUCKETS` (a few compiles); ``progress(done, total)`` is called per batch."""
+
     graphdef, state = nnx.split(model)
     mesh, batch_size = shd.eval_mesh(state, batch_size)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        length = -(-max(len(p) for p in chunk) // bucket) * bucket  # fewer distinct shapes to compile
+        length = bucket(max(len(p) for p in chunk))
         ids = np.full((batch_size, length), pad_id, np.int32)
         mask = np.zeros((batch_size, length), np.int32)
         for row, p in enumerate(chunk):
@@ -58,4 +72,6 @@ def greedy_generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens
         for row in range(len(chunk)):
             seq = tokens[row].tolist()
             out.append(seq[: seq.index(eos_id)] if eos_id in seq else seq)
+        if progress is not None:
+            progress(len(chunk), len(prompts))
     return out

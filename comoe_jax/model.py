@@ -355,6 +355,15 @@ class CausalLM(nnx.Module):
         ``[B, S]`` over the cache's slots. Returns logits ``[B, T, V]`` float32 and the updated
         cache. With ``ctx`` the adapters sow their statistics (see :meth:`stat`).
         """
+        hidden, cache = self.hidden(input_ids, attention_mask, positions, ctx, segment_ids, cache, cache_index)
+        return ModelOutput(self.head(hidden), cache)
+
+    def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None, ctx: ForwardContext | None = None,
+               segment_ids: jax.Array | None = None, cache: tuple | None = None,
+               cache_index: jax.Array | int = 0) -> tuple[jax.Array, tuple | None]:
+        """:meth:`forward` without the final norm and LM head: ``(hidden [B, T, d], cache)``, so the head
+        can be applied to only the positions a loss or a score needs (:meth:`head`)."""
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -368,7 +377,11 @@ class CausalLM(nnx.Module):
         for i, stack in enumerate(self.layers):
             x, stack_cache = stack(x, attention, ctx, None if cache is None else cache[i], cache_index)
             new_cache.append(stack_cache)
-        x = self.norm(x)
+        return x, None if cache is None else tuple(new_cache)
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Final norm and LM head: ``[..., d] -> [..., V]`` float32 logits (soft-capped where the model is)."""
+        x = self.norm(hidden)
         if self.lm_head is None:
             head = self.embed_tokens[...].astype(self.dtype).T
         else:
@@ -376,7 +389,7 @@ class CausalLM(nnx.Module):
         logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
         if self.spec.final_logit_softcap:
             logits = jnp.tanh(logits / self.spec.final_logit_softcap) * self.spec.final_logit_softcap
-        return ModelOutput(logits, None if cache is None else tuple(new_cache))
+        return logits
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:

@@ -12,6 +12,7 @@ Storage layout follows Flax kernels (``y = x @ W``): expert i has
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,99 @@ def mix_experts(h: jax.Array, weights: jax.Array, b: jax.Array) -> jax.Array:
     n, r, d_out = b.shape
     gh = (weights[..., None].astype(h.dtype) * h).reshape(*h.shape[:-2], n * r)
     return gh @ b.reshape(n * r, d_out)
+
+
+# --------------------------------------------------------------------------- sparse experts
+
+
+class ExpertDispatch(NamedTuple):
+    """Rows (one per token and selected expert) grouped by expert into blocks of ``block`` rows, every
+    block owned by one expert (MegaBlocks-style, dropless: no row is ever dropped).
+
+    ``source [P]``: the row each blocked slot holds (``R``, one past the last row: an empty slot);
+    ``dest [R]``: the blocked slot of each row; ``block_expert [P // block]``: each block's expert.
+    ``P = (ceil(R / block) + n) * block`` is a static bound on the padded row count.
+    """
+
+    source: jax.Array
+    dest: jax.Array
+    block_expert: jax.Array
+    block: int
+
+
+def dispatch_block(rows: int, n: int) -> int:
+    """A power-of-two block size for ``rows`` rows over ``n`` experts: padding (about ``n * block / 2``
+    rows) stays below about a quarter of the rows; 8 to 128 rows, so each block is a usable matmul."""
+    target = max(rows // (2 * n), 8)
+    return min(1 << (target.bit_length() - 1), 128)
+
+
+def dispatch(experts: jax.Array, n: int, block: int) -> ExpertDispatch:
+    """The plan that groups rows by their expert. ``experts [R]`` int in ``[0, n)`` -> :class:`ExpertDispatch`."""
+    rows = experts.shape[0]
+    num_blocks = -(-rows // block) + n
+    experts = experts.astype(jnp.int32)
+    counts = jnp.zeros(n, jnp.int32).at[experts].add(1)
+    padded = -(-counts // block) * block
+    start, padded_start = jnp.cumsum(counts) - counts, jnp.cumsum(padded) - padded
+    order = jnp.argsort(experts, stable=True)
+    rank = jnp.zeros(rows, jnp.int32).at[order].set(jnp.arange(rows, dtype=jnp.int32)) - start[experts]
+    dest = padded_start[experts] + rank
+    source = jnp.full(num_blocks * block, rows, jnp.int32).at[dest].set(jnp.arange(rows, dtype=jnp.int32),
+                                                                       unique_indices=True)
+    owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks, dtype=jnp.int32) * block, side="right")
+    return ExpertDispatch(source, dest, jnp.minimum(owner, n - 1).astype(jnp.int32), block)
+
+
+def _selected_lora(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array, block: int):
+    """One group of tokens: ``x [T, d_in], experts [T, s]`` -> codes ``[T, s, r]``, outputs ``[T, s, d_out]``."""
+    t, s = experts.shape
+    plan = dispatch(experts.reshape(t * s), a.shape[0], block)
+    token = jnp.minimum(plan.source // s, t)  # row -> its token; empty slots read the zero row t
+    x_blocks = jnp.concatenate([x, jnp.zeros((1, x.shape[-1]), x.dtype)])[token]
+    x_blocks = x_blocks.reshape(-1, block, x.shape[-1])
+    h_blocks = jnp.einsum("gbd,gdr->gbr", x_blocks, jnp.take(a, plan.block_expert, axis=0))
+    e_blocks = jnp.einsum("gbr,gro->gbo", h_blocks, jnp.take(b, plan.block_expert, axis=0))
+
+    def rows(blocks):  # blocked [G, block, w] -> [T, s, w]
+        return blocks.reshape(-1, blocks.shape[-1])[plan.dest].reshape(t, s, blocks.shape[-1])
+
+    return rows(h_blocks), rows(e_blocks)
+
+
+def selected_expert_outputs(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
+                            block: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Codes and outputs of only the experts each token selects (sparse experts).
+
+    Rows are grouped by expert into blocks (:func:`dispatch`) and each block runs one expert's
+    matmuls, so the cost is ``2 (T s + n block) r (d_in + d_out)`` instead of the dense
+    ``2 T n r (d_in + d_out)``. Each leading index is one group dispatched on its own: give every
+    device's share of the batch as one group (bigger groups waste less padding), so a batch sharded
+    over devices is never sorted across them.
+
+    Args:
+      x: ``[..., T, d_in]`` tokens (dropout already applied), ``T`` tokens per group.
+      a, b: ``[n, d_in, r]`` and ``[n, r, d_out]``.
+      experts: ``[..., T, s]`` int, the experts each token needs (distinct per token).
+      block: rows per block (default :func:`dispatch_block`).
+    Returns:
+      codes ``[..., T, s, r]`` (``h_j = A_j x``) and outputs ``[..., T, s, d_out]`` (``E_j(x) = B_j h_j``).
+    """
+    t, s = experts.shape[-2:]
+    block = block or dispatch_block(t * s, a.shape[0])
+    lead = x.shape[:-2]
+    xs, es = x.reshape(-1, t, x.shape[-1]), experts.reshape(-1, t, s)
+    # Recomputed in the backward pass: saving the per-block weight copies ([blocks, d_in, r] and
+    # [blocks, r, d_out], several times the experts themselves) for every layer would cost more.
+    lora = jax.checkpoint(_selected_lora, static_argnums=(4,), policy=jax.checkpoint_policies.nothing_saveable)
+    codes, outputs = jax.vmap(lora, in_axes=(0, None, None, 0, None))(xs, a, b, es, block)
+    return codes.reshape(*lead, t, s, -1), outputs.reshape(*lead, t, s, -1)
+
+
+def inactive_experts(topk_indices: jax.Array, n: int) -> jax.Array:
+    """Every expert a token did not activate, in index order. ``[..., k] -> [..., n - k]`` int32."""
+    k = topk_indices.shape[-1]
+    return jnp.argsort(active_mask(topk_indices, n), axis=-1, stable=True)[..., : n - k].astype(jnp.int32)
 
 
 def gram_matrix(b: jax.Array) -> jax.Array:
@@ -358,6 +452,31 @@ def contrastive_loss_gram_all_anchors(
 ) -> jax.Array:
     """Eq. 12 form of :func:`contrastive_loss_gram` (summed over every activated anchor). -> ``[...]``."""
     return _gram(h, gram, topk_indices, None, temperature, eps, negative_indices)
+
+
+def contrastive_loss_selected(
+    outputs: jax.Array,
+    k: int,
+    anchor_slot: jax.Array | None,
+    *,
+    temperature: float,
+    eps: float = 1e-3,
+) -> jax.Array:
+    """Algorithm 1 on the outputs of only the experts a token selected (sparse experts).
+
+    Args:
+      outputs: ``[..., s, d_out]``: slots ``0..k-1`` the activated experts, slots ``k..s-1`` its
+        negatives (sampled, or every inactive expert), from :func:`selected_expert_outputs`.
+      k: activated experts per token.
+      anchor_slot: ``[...]`` int in ``[0, k)``; None sums over every activated anchor (Eq. 12).
+      temperature, eps: as in :func:`contrastive_loss`.
+    Returns:
+      ``[...]`` float32, equal to :func:`contrastive_loss` on every expert's output with the same
+      activated experts and negatives.
+    """
+    lead, s = outputs.shape[:-2], outputs.shape[-2]
+    slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), lead + (s,))
+    return _reference(outputs, slots[..., :k], anchor_slot, temperature, eps, slots[..., k:])
 
 
 def mi_gap_estimate(loss_per_anchor: jax.Array, num_negatives: int) -> jax.Array:

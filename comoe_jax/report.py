@@ -26,10 +26,10 @@ def evaluation_examples(cfg: Config) -> list[Example]:
                         max_per_task=cfg.eval.max_per_task, tasks_key="eval.tasks")
 
 
-def evaluate_and_save(cfg: Config, model, tokenizer, examples: list[Example], stem: Path) -> EvalResult:
-    """Evaluate with ``cfg.eval`` settings; write ``<stem>.json`` and ``<stem>.md``."""
+def evaluate_and_save(cfg: Config, model, tokenizer, examples: list[Example], stem: Path, say=None) -> EvalResult:
+    """Evaluate with ``cfg.eval`` settings (``say``: progress lines); write ``<stem>.json`` and ``<stem>.md``."""
     result = evaluate(model, tokenizer, examples, mode=cfg.eval.mode, template=cfg.data.template,
-                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, say=say)
     if jax.process_index() == 0:
         result.write(stem)
     return result

@@ -118,8 +118,28 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: dic
     return PartitionSpec(*spec)
 
 
-def named_sharding(axes, shape, rules: dict, mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(axes, shape, rules, mesh))
+def named_sharding(axes, shape, rules: dict, mesh: Mesh, spread: str | None = None) -> NamedSharding:
+    """The sharding of an array with logical ``axes``; ``spread``: also split it over that mesh axis
+    (see :func:`spread_over`)."""
+    spec = logical_to_spec(axes, shape, rules, mesh)
+    return NamedSharding(mesh, spread_over(spec, shape, mesh, spread) if spread else spec)
+
+
+def spread_over(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, axis: str) -> PartitionSpec:
+    """``spec`` with mesh ``axis`` added on the largest dimension it divides, when no dimension uses it yet.
+
+    ZeRO-style: trainable parameters and their optimizer state are split over the ``fsdp`` axis even
+    where their logical axes leave them replicated (a ``lora_b`` whose output axis is ``heads`` would
+    otherwise be whole on every chip). Gradients are then reduce-scattered instead of all-reduced.
+    """
+    size = mesh.shape[axis]
+    parts = list(spec) + [None] * (len(shape) - len(spec))
+    used = {a for p in parts if p for a in ((p,) if isinstance(p, str) else p)}
+    free = [i for i, (p, d) in enumerate(zip(parts, shape)) if p is None and d % size == 0]
+    if size == 1 or axis in used or not free:
+        return spec
+    parts[max(free, key=lambda i: shape[i])] = axis
+    return PartitionSpec(*parts)
 
 
 @contextlib.contextmanager
@@ -139,6 +159,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, rules, mesh))
+
+
+def active_batch_shards(batch: int) -> int:
+    """Into how many shards the active rules split a batch of ``batch`` rows (1 outside
+    :func:`activation_rules`, or when the batch axes do not divide it)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    size = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+    return size if batch % size == 0 else 1
 
 
 def batch_sharding(mesh: Mesh, rules: dict, ndim: int, batch_axis: int = 0) -> NamedSharding:

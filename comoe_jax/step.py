@@ -74,7 +74,7 @@ class TrainStep:
 
     def __post_init__(self):
         self.tx, self.schedule = make_optimizer(self.cfg)
-        self.param_shardings = self._shardings(self.adapters_template)
+        self.param_shardings = self._shardings(self.adapters_template, spread="fsdp")  # ZeRO: never whole
         self.frozen_shardings = self._shardings(self.frozen_template)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         abstract = jax.eval_shape(self.tx.init, self._abstract(self.adapters_template))
@@ -91,9 +91,9 @@ class TrainStep:
 
     # ------------------------------------------------------------------ set-up helpers
 
-    def _shardings(self, template: nnx.State) -> dict:
+    def _shardings(self, template: nnx.State, spread: str | None = None) -> dict:
         shapes = {k: v.shape for k, v in flat_values(template).items()}
-        return {k: shd.named_sharding(axes, shapes[k], self.rules, self.mesh)
+        return {k: shd.named_sharding(axes, shapes[k], self.rules, self.mesh, spread)
                 for k, axes in flat_axes(template).items()}
 
     @staticmethod
@@ -108,6 +108,7 @@ class TrainStep:
             return TrainState(step=zero, params=params, opt_state=self.tx.init(params), rng=rng, skipped=zero,
                               skipped_total=zero)
 
+        params = jax.device_put(params, self.param_shardings)  # the model holds them as its logical axes say
         return jax.jit(init, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)(params)
 
     def abstract_state(self) -> TrainState:
@@ -126,6 +127,32 @@ class TrainStep:
 
     # ------------------------------------------------------------------ the step
 
+    @property
+    def head_positions(self) -> int:
+        """Slots per row the LM head runs at (``train.head_positions``; the row length: every position)."""
+        t, seq_len = self.cfg.train.head_positions, self.cfg.data.seq_len
+        slots = -(-(seq_len // 4) // 8) * 8 if t == 0 else seq_len if t == -1 else t
+        return min(max(slots, 1), seq_len)
+
+    def cross_entropy(self, model, hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+        """Summed CE over the supervised positions. The head runs at ``head_positions`` gathered slots per
+        row (most tokens are prompt); a batch with a longer response falls back to every position."""
+        def full(h):
+            return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(model.head(h), targets) * loss_mask)
+
+        slots = self.head_positions
+        if slots >= hidden.shape[1]:
+            return full(hidden)
+
+        def gathered(h):
+            order = jnp.argsort(-loss_mask, axis=1, stable=True)[:, :slots]  # supervised positions first
+            take = lambda v: jnp.take_along_axis(v, order, axis=1)  # noqa: E731
+            logits = model.head(jnp.take_along_axis(h, order[..., None], axis=1))
+            return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, take(targets)) * take(loss_mask))
+
+        fits = jnp.max(jnp.sum(loss_mask, axis=1)) <= slots
+        return jax.lax.cond(fits, gathered, full, hidden)
+
     def loss(self, params: dict, frozen: dict, batch: dict, key, counts: dict):
         """Loss of one micro-batch (normalised by whole-batch counts) and its metrics."""
         lo = self.cfg.loss
@@ -133,10 +160,10 @@ class TrainStep:
                           state_from_flat(self.frozen_template, frozen))
         ctx = ForwardContext(token_mask=batch["attention_mask"].astype(jnp.float32),
                              token_count=counts["tokens"], key=key)
-        out, stats = nnx.capture(model.forward, AdapterStat)(
+        (hidden, _), stats = nnx.capture(model.hidden, AdapterStat)(
             batch["input_ids"], batch["attention_mask"], batch["positions"], ctx=ctx, segment_ids=batch["segment_ids"])
-        ce_tokens = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
-        ce = jnp.sum(ce_tokens * batch["loss_mask"]) / counts["response"]
+        ce = self.cross_entropy(model, hidden, batch["targets"], batch["loss_mask"].astype(jnp.float32))
+        ce = ce / counts["response"]
         metrics = {"ce": ce, "response_tokens": jnp.sum(batch["loss_mask"]).astype(jnp.float32),
                    "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
         loss = ce

@@ -204,7 +204,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     eval_items = evaluation_examples(cfg) if cfg.eval.before_training or cfg.eval.after_training else []
     if resume_from is None and cfg.eval.before_training:
         # adapters at initialisation: this is the base model
-        before = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_before")
+        before = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_before", say)
         say(f"eval before training ({cfg.eval.mode}): " + _accuracies(before))
     if jax.process_index() == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
@@ -259,7 +259,7 @@ def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batc
 
 
 def _evaluate_after(cfg: Config, model, tokenizer, eval_items, history: list[dict], out: Path, say) -> None:
-    after = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_after")
+    after = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_after", say)
     say(f"eval after training ({cfg.eval.mode}): " + _accuracies(after))
     routing = analyse_and_save(cfg, model, tokenizer, eval_items, out)
     if routing:

@@ -6,6 +6,7 @@ from comoe_jax.config import Config
 def get_config() -> Config:
     cfg = Config()
     cfg.model.path = "random"
+    cfg.adapter.target_modules = ("q_proj", "v_proj")  # fewer adapters: a faster compile
     cfg.data.train = ("builtin",)
     cfg.data.template = "plain"
     cfg.data.seq_len = 64

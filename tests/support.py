@@ -19,13 +19,14 @@ SHARDED = dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2, mesh__num_devices=8) 
 
 
 def tiny_config(tmp_path=None, **overrides) -> Config:
-    """A random 2-layer Llama (hidden 32) with CoMoE adapters (r 4) on three built-in tasks, 6 steps of
-    batch 4, no evaluation. ``section__key=value`` overrides; ``tmp_path`` sets ``<tmp_path>/run``."""
+    """A random 2-layer Llama (hidden 32) with CoMoE adapters (r 4, on q_proj and down_proj) on three built-in
+    tasks, 6 steps of batch 4, no evaluation. ``section__key=value`` overrides; ``tmp_path`` sets ``<tmp_path>/run``."""
     cfg = Config()
     cfg.model.path = "random"
     cfg.model.random_arch = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)
     cfg.adapter.rank = 4
+    cfg.adapter.target_modules = ("q_proj", "down_proj")  # one attention and one MLP projection: half the compile
     cfg.data.train = ("builtin:add+reverse+antonym",)
     cfg.data.template = "plain"
     cfg.data.seq_len = 56

@@ -9,7 +9,7 @@ from absl.testing import parameterized
 from flax import nnx
 
 from comoe_jax import ops
-from comoe_jax.adapters import AdapterStat, ForwardContext, MoESpec, MoLoRALinear
+from comoe_jax.adapters import AdapterStat, ForwardContext, MoESpec, MoLoRALinear, RoutingTrace
 from comoe_jax.config import AdapterConfig, Config, parse_layer_range
 from comoe_jax.loading import build_model
 from comoe_jax.model import flat_values, split_model
@@ -94,6 +94,49 @@ class MoLoRALinearTest(parameterized.TestCase):
             spec = MoESpec(num_experts=6, top_k=2, rank=2, dropout=0.2, num_negatives=2, form=form)
             out[form] = _call(_layer(6, 5, spec, seed=9), x, ctx)[1]
         np.testing.assert_allclose(out["gram"]["contrastive"], out["reference"]["contrastive"], rtol=1e-5)
+
+
+class SparseExpertsTest(parameterized.TestCase):
+    @parameterized.parameters(
+        dict(n=6, k=2, m=2, anchor="random", dora=False, grad=True),
+        dict(n=7, k=3, m=0, anchor="all", dora=False, grad=True),  # every inactive expert a negative
+        dict(n=5, k=2, m=1, anchor="random", dora=True, grad=True),
+        dict(n=6, k=2, m=3, anchor="random", dora=False, grad=False),  # the term monitored only
+    )
+    def test_sparse_experts_equal_the_dense_path(self, n, k, m, anchor, dora, grad):
+        rng = np.random.default_rng(n + k + m)
+        x = jnp.asarray(rng.normal(size=(2, 7, 6)), jnp.float32)
+        mask = jnp.asarray(np.array([[1] * 7, [1] * 4 + [0] * 3]), jnp.float32)
+        ctx = ForwardContext(mask, jnp.sum(mask), jax.random.key(3))
+        cot = jnp.asarray(rng.normal(size=(2, 7, 5)), jnp.float32)
+
+        def run(experts):
+            spec = MoESpec(num_experts=n, top_k=k, rank=3, dropout=0.2, num_negatives=m, anchor=anchor, dora=dora,
+                           temperature=0.5, contrastive_grad=grad, experts=experts)
+            graphdef, params, rest = nnx.split(_layer(6, 5, spec, seed=11), nnx.Param, ...)
+
+            def loss(params):
+                y, stats = nnx.capture(nnx.merge(graphdef, params, rest), AdapterStat)(x, ctx)
+                stats = {path[-1]: v.get_value() for path, v in nnx.to_flat_state(stats)}
+                return jnp.sum(y * cot) + stats["contrastive"], (y, stats)
+
+            (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+            inference = nnx.merge(graphdef, params, rest)(x)
+            return y, stats, {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(grads)}, inference
+
+        dense, sparse = run("dense"), run("sparse")
+        for got, want in zip(jax.tree.leaves(sparse), jax.tree.leaves(dense)):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+        assert set(sparse[1]) == {"load", "load_balance", "contrastive", "mi_gap"}
+
+    def test_sparse_experts_sow_every_expert_code_for_the_analyses(self):
+        spec = MoESpec(num_experts=5, top_k=2, rank=3, num_negatives=1, experts="sparse")
+        layer = _layer(6, 4, spec, seed=2)
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 6)), jnp.float32)
+        ctx = ForwardContext(jnp.ones((1, 3)), jnp.float32(3), None)
+        _, trace = nnx.capture(nnx.merge(*nnx.split(layer)), RoutingTrace)(x, ctx)
+        codes = {path[-1]: v.get_value() for path, v in nnx.to_flat_state(trace)}["codes"]
+        np.testing.assert_allclose(codes, ops.expert_hidden(x, layer.lora_a[...]), rtol=1e-6)
 
 
 class PlacementTest(parameterized.TestCase):

@@ -506,3 +506,16 @@ def test_a_grid_cell_is_reused_only_when_its_run_really_finished(finished_run, t
     assert not finished(cfg)  # a damaged result is redone
     (run / "eval_after.json").unlink()
     assert not finished(cfg)
+
+
+def test_reports_of_reads_abandoned_by_a_failed_restore_are_dropped_and_nothing_else(tmp_path, capsys):
+    from comoe_jax.checkpoint import Checkpointer
+
+    Checkpointer(tmp_path / "run", keep=1)  # installs the filter before any restore can fail
+    closed = RuntimeError("Event loop is closed")
+    sys.excepthook(RuntimeError, closed, None)  # tensorstore reports a failed callback with PyErr_Print
+    sys.unraisablehook(type("Report", (), {"exc_value": closed, "exc_type": RuntimeError, "exc_traceback": None,
+                                           "err_msg": None, "object": None})())
+    assert capsys.readouterr().err == ""
+    sys.excepthook(ValueError, ValueError("a real error"), None)
+    assert "ValueError: a real error" in capsys.readouterr().err

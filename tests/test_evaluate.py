@@ -46,8 +46,17 @@ def _items():
     ]
 
 
+@nnx.jit
+def _forward(model, ids):
+    return model(ids)
+
+
 def _logprobs(model, ids):
-    logits = np.asarray(model(jnp.asarray([ids], jnp.int32)))[0].astype(np.float64)
+    """float64 log-probabilities ``[len(ids), V]`` of a plain causal forward over ``ids``, right-padded to a
+    multiple of 128 so a few shapes compile (later tokens do not change earlier logits)."""
+    padded = np.zeros((1, -(-len(ids) // 128) * 128), np.int32)
+    padded[0, :len(ids)] = ids
+    logits = np.asarray(_forward(model, jnp.asarray(padded)))[0, :len(ids)].astype(np.float64)
     return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
         -1, keepdims=True)
 
@@ -200,3 +209,16 @@ def test_evaluation_sharded_over_four_devices_gives_the_same_predictions(model, 
     usage_one = collect_routing(model, tok, items, "choice", batch_size=3)
     usage_four = collect_routing(sharded, tok, items, "choice", batch_size=3)
     np.testing.assert_array_equal(usage_four.expert_counts, usage_one.expert_counts)
+
+
+def test_options_scored_from_the_context_cache_equal_whole_sequences(model, tok):
+    rng = np.random.default_rng(3)
+    contexts = [list(rng.integers(3, 250, size=n)) for n in (5, 17, 9, 33, 2, 12, 40)]
+    options = [[list(rng.integers(3, 250, size=m)) for m in sizes]
+               for sizes in ([1, 3], [2, 2, 5], [4], [1, 1, 1, 6], [3, 2], [7, 1], [2, 9, 3])]
+    scorer = Scorer(model, tok.pad_token_id, batch_size=3)
+    cached = scorer.option_logprobs(contexts, options)
+    whole = scorer.continuation_logprobs([(c, o) for c, opts in zip(contexts, options) for o in opts])
+    flat = np.concatenate(cached)
+    np.testing.assert_allclose(flat, [total for total, _ in whole], rtol=1e-4, atol=1e-4)
+    assert [len(s) for s in cached] == [len(o) for o in options]

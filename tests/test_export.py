@@ -10,7 +10,7 @@ from comoe_jax.model import flat_values, split_model
 
 
 def test_adapter_export_round_trip(tmp_path, tiny_config):
-    cfg = tiny_config(adapter__layers="1:2")
+    cfg = tiny_config(adapter__layers="1:2", adapter__target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     model = build_model(cfg)
     _, adapters, _ = split_model(model)
     rng = np.random.default_rng(0)
@@ -22,7 +22,8 @@ def test_adapter_export_round_trip(tmp_path, tiny_config):
                             for w in ("lora_a", "lora_b", "router")}
     assert tensors["layers.1.self_attn.q_proj.lora_a"].shape == (4, 32, 4)
 
-    fresh = build_model(tiny_config(adapter__layers="1:2", train__seed=7))
+    fresh = build_model(tiny_config(adapter__layers="1:2", adapter__target_modules=cfg.adapter.target_modules,
+                                    train__seed=7))
     ids = jnp.asarray(rng.integers(0, 300, size=(2, 9)), jnp.int32)
     before = np.asarray(fresh(ids))
     set_adapters(fresh, tensors)

@@ -217,10 +217,11 @@ def test_mixture_export_import_round_trip_and_inference_api(hf_folder, tmp_path)
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_trainable_parameter_counts_match_a_hand_count(method, tiny_config):
-    cfg = tiny_config()  # hidden 32, 2 layers, 4 heads / 2 kv heads (head_dim 8), q/k/v/o, r 4
+    # hidden 32, MLP 64, 2 layers, 4 heads / 2 kv heads (head_dim 8), r 4
+    cfg = tiny_config(adapter__target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
     apply_overrides(cfg, [f"adapter.method={method}"])
     n, r = cfg.adapter.num_experts, cfg.adapter.rank
-    shapes = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32)}
+    shapes = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32), "down_proj": (64, 32)}
     lora = sum(n * r * (d_in + d_out) for d_in, d_out in shapes.values())
     router = 0 if n == 1 else sum(d_in * n for d_in, _ in shapes.values())
     magnitude = sum(n * d_out for _, d_out in shapes.values()) if method in ("dora", "comoe-dora") else 0

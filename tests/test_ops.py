@@ -105,6 +105,91 @@ CASES = [
 ]
 
 
+def _distinct_choices(rng, lead, n, s):
+    """``[*lead, s]`` distinct expert indices per token (the top-k and the negatives of a token)."""
+    flat = [rng.permutation(n)[:s] for _ in range(int(np.prod(lead)))]
+    return np.array(flat, np.int32).reshape(*lead, s)
+
+
+class SparseExpertTest(parameterized.TestCase):
+    @parameterized.parameters((13, 5, 4), (1, 3, 8), (40, 9, 16), (7, 64, 8))
+    def test_dispatch_groups_rows_by_expert_into_owned_blocks(self, rows, n, block):
+        experts = np.random.default_rng(rows + n).integers(0, n, size=rows).astype(np.int32)
+        plan = jax.jit(ops.dispatch, static_argnums=(1, 2))(experts, n, block)
+        source, dest, owner = (np.asarray(v) for v in (plan.source, plan.dest, plan.block_expert))
+        assert source.shape == ((-(-rows // block) + n) * block,) and owner.shape == (source.size // block,)
+        assert sorted(dest.tolist()) == sorted(set(dest.tolist()))  # every row has its own slot
+        for row in range(rows):  # a row sits in a block of its expert, and the slot points back to it
+            assert source[dest[row]] == row and owner[dest[row] // block] == experts[row]
+        empty = [slot for slot in range(source.size) if slot not in set(dest.tolist())]
+        assert all(source[slot] == rows for slot in empty)
+        for e in range(n):  # an expert's rows keep their order
+            slots = [dest[row] for row in range(rows) if experts[row] == e]
+            assert slots == sorted(slots)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(((2, 7), 6, 3, 3, 5, 4, None), ((11,), 9, 4, 2, 3, 7, 8),
+                              ((3, 1, 5), 4, 2, 6, 2, 3, None))
+    def test_selected_expert_outputs_against_loops(self, lead, n, s, r, d_in, d_out, block):
+        rng = np.random.default_rng(sum(lead) + n)
+        x = rng.normal(size=(*lead, d_in)).astype(np.float32)
+        a = rng.normal(size=(n, d_in, r)).astype(np.float32)
+        b = rng.normal(size=(n, r, d_out)).astype(np.float32)
+        experts = _distinct_choices(rng, lead, n, s)
+        codes, outputs = self.variant(ops.selected_expert_outputs, static_argnums=4)(x, a, b, experts, block)
+        chex.assert_shape([codes, outputs], [(*lead, s, r), (*lead, s, d_out)])
+        chex.assert_type([codes, outputs], jnp.float32)
+        a_m, b_m = _math_layout(a, b)
+        for t in np.ndindex(*lead):
+            for slot, e in enumerate(experts[t]):
+                h = np.asarray(a_m[e], np.float64) @ x[t].astype(np.float64)
+                np.testing.assert_allclose(codes[t][slot], h, rtol=1e-4, atol=1e-4)
+                np.testing.assert_allclose(outputs[t][slot], ref.expert_output(x[t], a_m[e], b_m[e]), rtol=1e-4,
+                                           atol=1e-4)
+
+    def test_selected_expert_gradients_equal_the_dense_path(self):
+        rng = np.random.default_rng(7)
+        x = rng.normal(size=(2, 9, 5)).astype(np.float32)
+        a = rng.normal(size=(6, 5, 3)).astype(np.float32)
+        b = rng.normal(size=(6, 3, 4)).astype(np.float32)
+        experts = jnp.asarray(_distinct_choices(rng, (2, 9), 6, 3))
+        cot = rng.normal(size=(2, 9, 3, 4)).astype(np.float32)
+
+        def sparse(x, a, b):
+            return jnp.sum(ops.selected_expert_outputs(x, a, b, experts, 8)[1] * cot)
+
+        def dense(x, a, b):
+            every = ops.expert_outputs(x, a, b)
+            return jnp.sum(jnp.take_along_axis(every, experts[..., None], axis=-2) * cot)
+
+        for got, want in zip(jax.grad(sparse, (0, 1, 2))(x, a, b), jax.grad(dense, (0, 1, 2))(x, a, b)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        check_grads(lambda x, a, b: ops.selected_expert_outputs(x, a, b, experts, 8)[1], (x, a, b), order=1,
+                    modes=["rev"], atol=5e-2, rtol=5e-2)
+
+    def test_inactive_experts(self):
+        topk = np.array([[3, 0], [1, 4], [2, 1]], np.int32)
+        got = np.asarray(ops.inactive_experts(jnp.asarray(topk), 5))
+        want = [[i for i in range(5) if i not in row] for row in topk.tolist()]
+        np.testing.assert_array_equal(got, want)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((5, 6, 2, 2, True), (4, 7, 3, 4, False), (6, 5, 2, 0, True))
+    def test_contrastive_on_selected_outputs_equals_the_reference(self, tokens, n, k, m, one_anchor):
+        rng = np.random.default_rng(tokens * n + k)
+        e = rng.normal(size=(tokens, n, 8)).astype(np.float32)
+        choice = _distinct_choices(rng, (tokens,), n, k + (m or n - k))
+        topk, negatives = choice[:, :k], choice[:, k:]
+        if not m:  # every inactive expert
+            negatives = np.array([[i for i in range(n) if i not in row] for row in topk.tolist()], np.int32)
+        slot = rng.integers(0, k, size=tokens).astype(np.int32) if one_anchor else None
+        selected = np.take_along_axis(e, np.concatenate([topk, negatives], 1)[..., None], axis=1)
+        got = self.variant(ops.contrastive_loss_selected, static_argnums=1)(selected, k, slot, temperature=0.3)
+        chex.assert_shape(got, (tokens,))
+        want = ref.contrastive(e, topk, slot, 0.3, 1e-3, negatives)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 class ContrastiveTest(parameterized.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(*CASES)
@@ -185,10 +270,11 @@ class ContrastiveTest(parameterized.TestCase):
             def f_gram_all(h, g):
                 return ops.contrastive_loss_gram_all_anchors(h, g, topk, temperature=0.5)
 
-            check_grads(f_ref, (ops.expert_outputs(x, a, b),), order=2, modes=("rev",))
+            # jitted: check_grads evaluates each function many times, op by op it takes half a minute
+            check_grads(jax.jit(f_ref), (ops.expert_outputs(x, a, b),), order=2, modes=("rev",))
             h, g = ops.expert_hidden(x, a), ops.gram_matrix(b)
-            check_grads(f_gram, (h, g), order=2, modes=("rev",))
-            check_grads(f_gram_all, (h, g), order=1, modes=("rev", "fwd"))
+            check_grads(jax.jit(f_gram), (h, g), order=2, modes=("rev",))
+            check_grads(jax.jit(f_gram_all), (h, g), order=1, modes=("rev", "fwd"))
 
     def test_zero_experts_give_finite_loss_and_gradients(self):
         # B = 0 at initialisation: every expert output is 0.

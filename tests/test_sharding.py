@@ -24,9 +24,21 @@ def test_eight_devices_equal_one(single_device_losses, tiny_config, setup_step, 
     step_fn, state, frozen, *_ = setup_step(tiny_config(**sharded), jax.devices()[:8])
     kernel = frozen["layers.0.layer.self_attn.q_proj.kernel"]  # [layers, embed, heads]
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
-    assert state.params["layers.0.layer.self_attn.q_proj.lora_b"].sharding.spec == P(None, None, None, "tensor")
+    # lora_b [layers, n, r, heads]: heads on tensor; no logical axis maps to fsdp, so the largest dimension
+    # fsdp divides (the expert axis) takes it: no trainable array is whole on every chip
+    assert state.params["layers.0.layer.self_attn.q_proj.lora_b"].sharding.spec == P(None, "fsdp", None, "tensor")
     mu = state.opt_state[1][0].mu["layers.0.layer.self_attn.q_proj.lora_a"]  # AdamW moments follow the params
     assert mu.sharding.spec == P(None, None, "fsdp", None)
+    down = state.opt_state[1][0].nu["layers.0.layer.mlp.down_proj.lora_a"]  # [layers, n, mlp, rank]: mlp on tensor
+    assert down.sharding.spec == P(None, "fsdp", "tensor", None)
+
+
+def test_spreading_over_an_axis_takes_the_largest_free_dimension_it_divides():
+    mesh = shd.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices()[:8])
+    assert shd.spread_over(P(None, None, "tensor"), (2, 8, 12, 6), mesh, "fsdp") == P(None, "fsdp", "tensor", None)
+    assert shd.spread_over(P("fsdp"), (8, 16), mesh, "fsdp") == P("fsdp")  # already used
+    assert shd.spread_over(P(), (3, 6), mesh, "fsdp") == P()  # 4 divides nothing
+    assert shd.spread_over(P(), (3, 6), mesh, "data") == P()  # a mesh axis of size 1
 
 
 def test_rules_drop_mesh_axes_that_do_not_divide():

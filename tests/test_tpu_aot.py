@@ -43,9 +43,10 @@ def test_train_step_compiles_for_two_v5e_slices_over_the_dcn_axis():
 
     devices = tpu_devices("v5e:2x2", num_slices=2)
     assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
-    cfg = _config()
-    cfg.model.random_arch = dict(cfg.model.random_arch, num_hidden_layers=2, intermediate_size=128)
+    cfg = _config()  # one layer, no accumulation: what is new here is the dcn axis (the 4x4 test covers the rest)
+    cfg.model.random_arch = dict(cfg.model.random_arch, num_hidden_layers=1, intermediate_size=128)
     cfg.adapter.layers = "all"
+    cfg.optim.grad_accum_steps, cfg.train.batch_size = 1, 8
     cfg.mesh.dcn, cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 1, 2, 2
     result = compile_train_step(cfg, devices, seq_len=32)
     assert dict(result.mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 2, "tensor": 2}
