@@ -36,6 +36,7 @@ from comoe_jax.data.templates import separator
 from comoe_jax.errors import RunFolderError
 from comoe_jax.generate import LENGTH_BUCKETS, bucket, greedy_generate
 from comoe_jax.paths import as_path
+from comoe_jax.progress import ItemProgress
 from comoe_jax.tables import markdown_table, percent
 
 MAX_LEN = 1024  # prompts longer than this are cut from the left (the question's end is kept)
@@ -199,23 +200,6 @@ class Scorer:
         return out
 
 
-class EvalProgress:
-    """``progress(done, total)`` callback: a line with items/s and the ETA every ``every`` seconds."""
-
-    def __init__(self, label: str, every: float = 10.0, say=print):
-        self.label, self.every, self.say = label, every, say
-        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
-
-    def __call__(self, done: int, total: int) -> None:
-        self.done += done
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done >= total:
-            rate = self.done / max(now - self.start, 1e-9)
-            self.say(f"{self.label}: {self.done}/{total} items | {rate:.1f} items/s | ETA "
-                     f"{max(total - self.done, 0) / max(rate, 1e-9):.0f}s")
-            self.last = now
-
-
 # --------------------------------------------------------------------------- the three modes
 
 
@@ -328,7 +312,7 @@ def evaluate(model, tokenizer, examples: list[Example], *, mode: str, template: 
     (items/s, ETA)."""
     start = time.perf_counter()
     generations = None
-    progress = EvalProgress(f"eval ({mode})", say=say) if say is not None else None
+    progress = ItemProgress(f"eval ({mode})", say=say) if say is not None else None
     if mode == "generate":
         preds, cut, generations = generate_predictions(model, tokenizer, examples, template,
                                                        max_new_tokens=max_new_tokens, batch_size=batch_size,

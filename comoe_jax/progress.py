@@ -24,6 +24,24 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class ItemProgress:
+    """``progress(done, total)`` callback for work over items (evaluation): a line with items/s and the ETA
+    every ``every`` seconds and at the end."""
+
+    def __init__(self, label: str, every: float = 10.0, say=print):
+        self.label, self.every, self.say = label, every, say
+        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done += done
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done >= total:
+            rate = self.done / max(now - self.start, 1e-9)
+            self.say(f"{self.label}: {self.done}/{total} items | {rate:.1f} items/s | "
+                     f"ETA {_duration((total - self.done) / max(rate, 1e-9))}")
+            self.last = now
+
+
 def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     """The JSON objects of a JSONL file, and the numbers of the lines that are not (e.g. a write cut short)."""
     rows, bad = [], []

@@ -137,21 +137,20 @@ class TrainStep:
     def cross_entropy(self, model, hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
         """Summed CE over the supervised positions. The head runs at ``head_positions`` gathered slots per
         row (most tokens are prompt); a batch with a longer response falls back to every position."""
-        def full(h):
-            return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(model.head(h), targets) * loss_mask)
+        def summed(h, t, m):
+            return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(model.head(h), t) * m)
 
         slots = self.head_positions
         if slots >= hidden.shape[1]:
-            return full(hidden)
+            return summed(hidden, targets, loss_mask)
 
         def gathered(h):
             order = jnp.argsort(-loss_mask, axis=1, stable=True)[:, :slots]  # supervised positions first
-            take = lambda v: jnp.take_along_axis(v, order, axis=1)  # noqa: E731
-            logits = model.head(jnp.take_along_axis(h, order[..., None], axis=1))
-            return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, take(targets)) * take(loss_mask))
+            take = lambda v: jnp.take_along_axis(v, order.reshape(order.shape + (1,) * (v.ndim - 2)), axis=1)  # noqa: E731
+            return summed(take(h), take(targets), take(loss_mask))
 
         fits = jnp.max(jnp.sum(loss_mask, axis=1)) <= slots
-        return jax.lax.cond(fits, gathered, full, hidden)
+        return jax.lax.cond(fits, gathered, lambda h: summed(h, targets, loss_mask), hidden)
 
     def loss(self, params: dict, frozen: dict, batch: dict, key, counts: dict):
         """Loss of one micro-batch (normalised by whole-batch counts) and its metrics."""
