@@ -1,52 +1,11 @@
 """Score the base model or a trained run on any loader's test set, per task; write JSON and markdown.
 
-    python evaluate.py --run runs/default                         # the run's adapters, its own eval settings
-    python evaluate.py --run runs/default eval.mode=loglik eval.max_per_task=0
-    python evaluate.py --config configs/default.py                # the base model (adapters at initialisation)
-    python evaluate.py --run runs/default eval.sources=llm_adapters:/data/ARC-Easy/test.json eval.mode=generate
-
-Results go to ``<run>/eval_<split>_<mode>.{json,md}`` (or ``--out STEM``) and the table is printed.
+`python evaluate.py --help` (also installed as `comoe-eval`).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from comoe_jax.cli import command
-from comoe_jax.config import apply_overrides, load_config_file, load_run_config, validate
-
-
-@command
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--run", help="a run folder (its config.json and adapter/)")
-    source.add_argument("--config", default="configs/default.py", help="a configs/*.py file (base model)")
-    parser.add_argument("--out", help="output path stem (default: <run>/eval_<split>_<mode>)")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_run_config(args.run) if args.run else load_config_file(args.config)
-    validate(apply_overrides(cfg, overrides))
-    import jax
-
-    from comoe_jax import sharding as shd
-    from comoe_jax.checkpoint import load_run_model
-    from comoe_jax.loading import load_tokenizer
-    from comoe_jax.paths import as_path
-    from comoe_jax.report import evaluate_and_save, evaluation_examples
-
-    shd.init_distributed(cfg.mesh)  # a multi-host evaluation: every host runs this script with its process id
-    tokenizer = load_tokenizer(cfg.model.path)
-    model = load_run_model(cfg, args.run)  # on the run's mesh; each device scores its share of the items
-    stem = f"eval_{cfg.eval.split}_{cfg.eval.mode}"
-    out = as_path(args.out) if args.out else as_path(args.run or "runs/base") / stem
-    say = print if jax.process_index() == 0 else (lambda text: None)
-    result = evaluate_and_save(cfg, model, tokenizer, evaluation_examples(cfg), out, say)
-    if jax.process_index() == 0:
-        print(result.to_markdown(f"{args.run or 'base model'}: {cfg.eval.split} split"))
-        print(f"written to {out}.json and {out}.md ({result.seconds:.0f}s)")
-    return 0
-
+from comoe_jax.commands.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

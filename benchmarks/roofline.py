@@ -7,7 +7,7 @@ the roofline fraction against a jitted matmul measured in the same process (and 
 
 The SmolLM2 rows use SmolLM2-135M's exact architecture with random weights (FLOPs do not depend on the
 weights) and real batches of the default mix, tokenised with its tokenizer, so the share of supervised
-(response) tokens is the main job's. FLOPs are counted analytically (benchmarks/flops.py, the work the
+(response) tokens is the main job's. FLOPs are counted analytically (comoe_jax/flops.py, the work the
 step performs); XLA's ``cost_analysis()`` is printed as a cross-check only: it counts a scanned layer
 body once. Prints a table and writes benchmarks/results/roofline.json.
 """
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flops import step_flops  # noqa: E402
 
 from comoe_jax import sharding as shd  # noqa: E402
 from comoe_jax.config import Config  # noqa: E402
+from comoe_jax.flops import device_peak, step_flops  # noqa: E402
 from comoe_jax.loading import build_model, load_tokenizer  # noqa: E402
 from comoe_jax.model import flat_values, split_model, trainable_parameters  # noqa: E402
 from comoe_jax.step import TrainStep  # noqa: E402
@@ -46,13 +46,6 @@ SETTINGS = {  # name -> (architecture, batch, seq_len, data)
     "smollm2-8x512": (SMOLLM2, 8, 512, "mix"),
     "llama7b-2layers-1x256": (LLAMA7B_STACK, 1, 256, "mix"),
 }
-# Dense peak FLOP/s per chip (vendor figures) for MFU on accelerators.
-PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 494.7}, "H200": {"bfloat16": 989.0, "float32": 494.7},
-               "A100": {"bfloat16": 312.0, "float32": 156.0}, "TPU v4": {"bfloat16": 275.0},
-               "TPU v5 lite": {"bfloat16": 197.0}, "TPU v5e": {"bfloat16": 197.0}, "TPU v5p": {"bfloat16": 459.0},
-               "TPU v6 lite": {"bfloat16": 918.0}, "TPU v6e": {"bfloat16": 918.0}}
-
-
 def matmul_flops_per_second(dtype, size: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of a jitted ``size^3`` matmul in this process (the roofline the step is held against)."""
     a = jax.random.normal(jax.random.key(0), (size, size), dtype)
@@ -117,14 +110,6 @@ def measure(name: str, cfg: Config, steps: int) -> dict:
             "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len / median, "flops": flops.total,
             "flops_breakdown": vars(flops), "achieved_flops_per_s": flops.total / median,
             "xla_cost_analysis_flops": xla_flops}
-
-
-def device_peak(dtype: str) -> float | None:
-    kind = jax.devices()[0].device_kind
-    for name, peaks in PEAK_TFLOPS.items():
-        if name.lower() in kind.lower() and dtype in peaks:
-            return peaks[dtype] * 1e12
-    return None
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from flax import nnx
 from comoe_jax import sharding as shd
 from comoe_jax.adapters import ForwardContext, RoutingTrace
 from comoe_jax.data import Example, render
+from comoe_jax.data.templates import prompt_special_tokens
 from comoe_jax.evaluate import padded_batches
 from comoe_jax.model import flat_values, split_model, unstack
 from comoe_jax.paths import as_path
@@ -94,7 +95,8 @@ def collect_routing(model, tokenizer, examples: list[Example], template: str, ba
     shape = (len(tasks), len(modules))
     usage = RoutingUsage(tasks, modules, spec.num_experts, spec.top_k, np.zeros((*shape, spec.num_experts)),
                          np.zeros((*shape, len(sets))), np.zeros(shape), np.zeros(len(tasks)))
-    prompts = [tokenizer(render(ex, template)[0])["input_ids"] for ex in examples]
+    prompts = [tokenizer(render(ex, template, tokenizer)[0], add_special_tokens=prompt_special_tokens(template))
+               ["input_ids"] for ex in examples]
     graphdef, state = nnx.split(model)
     code_rows = tuple(modules.index(m) for m in code_modules)
     codes = {m: [] for m in code_modules}

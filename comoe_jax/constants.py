@@ -14,7 +14,8 @@ DTYPES = ("float32", "bfloat16")
 SPLITS = ("train", "validation", "test")
 EVAL_MODES = ("label", "loglik", "generate")
 SOURCE_FORMATS = ("jsonl", "llm_adapters", "bigbench", "hf")
-TEMPLATES = ("alpaca", "choice", "plain")
+TEMPLATES = ("alpaca", "choice", "plain", "chat")
+CHAT_ROLES = ("system", "user", "assistant")
 MODEL_ALIASES = ("smollm2-135m", "gemma3-270m", "random")
 MESH_AXES = ("dcn", "data", "fsdp", "tensor")  # dcn: TPU slices (data-center network); the rest: within one
 

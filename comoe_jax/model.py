@@ -1,7 +1,9 @@
-"""Flax NNX decoder for the Llama and Gemma 3 families, with mixture-of-LoRA adapters on chosen projections.
+"""Flax NNX decoder for the Llama, Mistral, Qwen2/3 and Gemma 3 families, with mixture-of-LoRA adapters.
 
 Llama: RMSNorm, RoPE (every transformers rope_type), grouped-query attention, SwiGLU,
-tied or untied embeddings, causal + padding mask. Gemma 3 adds (``spec.family``):
+tied or untied embeddings, causal + padding mask. Mistral adds a sliding window on every
+layer, Qwen2 biases on q/k/v (not o), Qwen3 RMSNorm on queries and keys (``spec.qkv_bias``,
+``spec.qk_norm``, ``spec.sliding_layers``). Gemma 3 adds (``spec.family``):
 norms scaled by ``1 + w``, RMSNorm on queries and keys, norms after attention and MLP
 as well as before, embeddings scaled by ``sqrt(hidden)``, GeGLU, and local attention
 over a sliding window (with its own RoPE) on most layers. Frozen weights are ``Frozen``
@@ -53,13 +55,15 @@ class DecoderSpec:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
-    family: str = "llama"  # "llama" | "gemma3"
+    family: str = "llama"  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3"
     hidden_act: str = "silu"
     query_scale: float | None = None  # attention logit scale; None: head_dim ** -0.5
     sliding_window: int | None = None  # local layers see keys at distance < sliding_window
     sliding_layers: tuple[bool, ...] = ()  # per layer: local (sliding-window) attention
     local_rope: RopeSpec | None = None  # RoPE of the local layers
     final_logit_softcap: float | None = None
+    qkv_bias: bool = False  # biases on q/k/v even without attention_bias (which biases all four): Qwen2
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE: Qwen3 (Gemma 3 always)
 
     @property
     def gemma(self) -> bool:
@@ -122,17 +126,18 @@ class AttentionInputs(NamedTuple):
 class Attention(nnx.Module):
     def __init__(self, spec: DecoderSpec, build: _Builder):
         d, hd = spec.hidden_size, spec.head_dim
-        bias = spec.attention_bias
+        bias = spec.attention_bias or spec.qkv_bias
         self.q_proj = build.linear("q_proj", d, spec.num_heads * hd, ("embed", "heads"), bias)
         self.k_proj = build.linear("k_proj", d, spec.num_kv_heads * hd, ("embed", "kv_heads"), bias)
         self.v_proj = build.linear("v_proj", d, spec.num_kv_heads * hd, ("embed", "kv_heads"), bias)
-        self.o_proj = build.linear("o_proj", spec.num_heads * hd, d, ("heads", "embed"), bias)
-        if spec.gemma:
-            norm = dict(dtype=build.dtype, param_dtype=build.param_dtype, gemma=True)
+        self.o_proj = build.linear("o_proj", spec.num_heads * hd, d, ("heads", "embed"), spec.attention_bias)
+        self.qk_norm = spec.qk_norm or spec.gemma
+        if self.qk_norm:
+            norm = dict(dtype=build.dtype, param_dtype=build.param_dtype, gemma=spec.gemma)
             self.q_norm = RMSNorm(hd, spec.rms_norm_eps, **norm)
             self.k_norm = RMSNorm(hd, spec.rms_norm_eps, **norm)
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
-        self.qk_norm, self.scale = spec.gemma, spec.query_scale
+        self.scale = spec.query_scale
 
     def __call__(self, x, inputs: AttentionInputs, ctx, kv=None):
         """``kv = (k_cache, v_cache, index)`` (``[B, S, K, hd]`` each): write this call's keys and
@@ -333,14 +338,20 @@ class CausalLM(nnx.Module):
         return local if mask is None else mask & local
 
     def _attention_inputs(self, positions, rope_len, *mask_args) -> tuple[AttentionInputs, AttentionInputs | None]:
-        """(global, local) attention inputs; local is None for models without sliding-window layers."""
+        """(global, local) attention inputs; local is None for models without sliding-window layers
+        (or with one on every layer and no RoPE of its own, as Mistral: then global is windowed)."""
         spec, t = self.spec, positions.shape[-1]
+        if spec.sliding_layers and all(spec.sliding_layers) and spec.local_rope in (None, spec.rope):
+            cached = mask_args[2] is not None  # a window no shorter than the batch (and no cache) masks nothing
+            window = spec.sliding_window if cached or spec.sliding_window < t else None
+            rope = rope_cos_sin(spec.rope, positions, rope_len)
+            return AttentionInputs(*rope, self._mask(t, *mask_args, window=window)), None
         full = AttentionInputs(*rope_cos_sin(spec.rope, positions, rope_len), self._mask(t, *mask_args))
         if not any(spec.sliding_layers):
             return full, None
         if full.mask is None:  # both masks explicit: a layer selects one with jnp.where
             full = full._replace(mask=self._mask(t, *mask_args, window=t))
-        return full, AttentionInputs(*rope_cos_sin(spec.local_rope, positions, rope_len),
+        return full, AttentionInputs(*rope_cos_sin(spec.local_rope or spec.rope, positions, rope_len),
                                      self._mask(t, *mask_args, window=spec.sliding_window))
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 from etils import epath
 
 from comoe_jax.errors import ConfigError
 
 URL_SCHEMES = ("gs://", "s3://", "az://", "hf://")
+
+
+# A Hugging Face hub model id, "org/name" or "org/name@revision" (model.path, when no such local path exists).
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+
+
+def hub_id(path) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``path`` names a hub model rather than an existing local path."""
+    text = os.fspath(path)
+    match = HUB_ID.match(text)
+    if match is None or text.startswith((".", "~")) or os.path.exists(text):
+        return None
+    return match["repo"], match["revision"]
 
 
 def is_local(path) -> bool:

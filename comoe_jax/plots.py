@@ -123,6 +123,23 @@ def plot_representations(panels: dict[str, tuple[np.ndarray, np.ndarray]], path:
     return as_path(path)
 
 
+def plot_validation(rows: list[dict], path: Path) -> Path:
+    """``validation.png``: response loss and accuracy on the validation items over training steps."""
+    plt = _plt()
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), layout="constrained")
+    axes[0].plot(steps, [r["loss"] for r in rows], marker="o")
+    axes[0].set(title="validation loss (response CE)", xlabel="step")
+    for key in [k for k in rows[-1] if k.startswith("accuracy_") and k != "accuracy_average"]:
+        axes[1].plot(steps, [r.get(key, math.nan) for r in rows], marker=".", alpha=0.6, label=key[9:])
+    axes[1].plot(steps, [r["accuracy_average"] for r in rows], marker="o", color="black", label="average")
+    axes[1].set(title="validation accuracy", xlabel="step", ylim=(0, 1))
+    axes[1].legend(fontsize=7)
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return as_path(path)
+
+
 def plot_mi_gap(runs: dict[str, list[dict]], path: Path, log_n: float | None = None) -> Path:
     """MI-gap estimate log(N) - L_con over training steps, one line per run (from metrics.jsonl rows)."""
     plt = _plt()

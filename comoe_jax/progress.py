@@ -1,7 +1,8 @@
-"""Progress lines (step, loss terms, tokens/s, ETA), metrics.jsonl and TensorBoard; skipped-step accounting."""
+"""Progress lines (step, loss terms, tokens/s, ETA, MFU), metrics.jsonl, TensorBoard and W&B; skipped steps."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from comoe_jax.errors import TrainingDiverged
+from comoe_jax.errors import ConfigError, TrainingDiverged
 from comoe_jax.paths import append_text, as_path, is_local, replace
 
 SHOWN = (("loss", "loss", ".4f"), ("ce", "ce", ".4f"), ("contrastive", "con", ".4f"), ("mi_gap", "mi_gap", ".3f"),
@@ -85,8 +86,23 @@ def _importable(module: str) -> bool:
         return False
 
 
-def _tensorboard(folder):
-    """A tensorboardX writer, or None (with a warning) where it cannot write, e.g. a URL without its client."""
+class TensorBoardSink:
+    """Scalars to TensorBoard event files (tensorboardX)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_sink(folder) -> TensorBoardSink | None:
+    """A TensorBoard sink, or None (with a warning) where it cannot write, e.g. a URL without its client."""
     from tensorboardX import SummaryWriter
 
     text = str(folder)
@@ -94,13 +110,79 @@ def _tensorboard(folder):
     missing = not is_local(text) and (needs is None or not _importable(needs))
     try:
         if not missing:
-            return SummaryWriter(text)
+            return TensorBoardSink(SummaryWriter(text))
         reason = f"tensorboardX needs {needs} for this URL" if needs else "tensorboardX cannot write to this URL"
     except Exception as e:  # noqa: BLE001  (a writer that cannot start must not stop the run)
         reason = f"{type(e).__name__}: {e}"
     print(f"warning: TensorBoard events not written to {folder} ({reason}); metrics.jsonl has every value",
           flush=True)
     return None
+
+
+class WandbSink:
+    """Scalars to a Weights & Biases run; the run id is the run folder's, so a resumed run continues it."""
+
+    def __init__(self, log_cfg, out, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("log.wandb=true needs the wandb package: pip install wandb (or log.wandb=false)") \
+                from None
+        name = log_cfg.wandb_run_name or as_path(out).name
+        run_id = hashlib.sha1(str(out).encode()).hexdigest()[:16]
+        self.run = wandb.init(project=log_cfg.wandb_project, entity=log_cfg.wandb_entity or None, name=name,
+                              id=run_id, resume="allow", config=config, dir=_wandb_dir(out))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _wandb_dir(out) -> str | None:
+    """W&B's local files beside the run when it is local (``<run>/wandb``); W&B's default otherwise."""
+    if not is_local(str(out)):
+        return None
+    as_path(out).mkdir(parents=True, exist_ok=True)
+    return str(as_path(out))
+
+
+class MetricSinks:
+    """The scalar writers of a run (a context manager that closes them)."""
+
+    def __init__(self, sinks: list):
+        self.sinks = [s for s in sinks if s is not None]
+
+    def log(self, prefix: str, values: dict, step: int) -> None:
+        """The float values of ``values`` to every writer as ``<prefix>/<key>``."""
+        scalars = {f"{prefix}/{k}": v for k, v in values.items() if k != "step" and isinstance(v, float)}
+        for sink in self.sinks:
+            sink.log(scalars, step)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def metric_sinks(cfg, out) -> MetricSinks:
+    """The writers ``log.*`` asks for (process 0 only): TensorBoard, W&B."""
+    if jax.process_index() != 0:
+        return MetricSinks([])
+    sinks = [tensorboard_sink(as_path(out) / "tensorboard")] if cfg.log.tensorboard else []
+    if cfg.log.wandb:
+        sinks.append(WandbSink(cfg.log, out, cfg.to_dict()))
+    return MetricSinks(sinks)
+
+
+def device_memory_gib() -> float | None:
+    """Device memory in use, GiB, the largest over this process's devices; None where not reported (CPU)."""
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    used = [s["bytes_in_use"] for s in stats if s and "bytes_in_use" in s]
+    return max(used) / 2**30 if used else None
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -117,7 +199,8 @@ class Progress:
     """
 
     def __init__(self, total_steps: int, start_step: int, every: int, jsonl: Path | None, stream=sys.stdout,
-                 tensorboard: Path | None = None, max_skipped: int = 5):
+                 sinks: MetricSinks | None = None, max_skipped: int = 5, flops_per_step: float | None = None,
+                 peak_flops: float | None = None):
         self.total, self.start, self.every, self.stream = total_steps, start_step, every, stream
         self.max_skipped = max_skipped
         self.jsonl = jsonl
@@ -127,9 +210,8 @@ class Progress:
         self.first_step_seconds: float | None = None
         self.is_main = jax.process_index() == 0
         self.healthy = True
-        self.writer = None
-        if tensorboard is not None and self.is_main:
-            self.writer = _tensorboard(tensorboard)
+        self.sinks = sinks or MetricSinks([])
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
 
     def update(self, step: int, metrics: dict) -> None:
         """Record the metrics of the step that just ran (``step`` = steps done so far)."""
@@ -138,8 +220,7 @@ class Progress:
             jax.block_until_ready(metrics)
             self.first_step_seconds = time.perf_counter() - self.started
             self._say(f"step {step} done in {self.first_step_seconds:.1f}s (includes compilation)")
-            self.last_time = time.perf_counter()
-            self.flush(print_line=False)
+            self.flush(print_line=False)  # its rates include the compilation
         elif step % self.every == 0 or step == self.total:
             self.flush(print_line=True)
 
@@ -157,20 +238,19 @@ class Progress:
         now = time.perf_counter()
         rate = sum(r.get("tokens", 0.0) for r in rows) / max(now - self.last_time, 1e-9)
         rows[-1]["tokens_per_second"] = rate
+        rows[-1] |= self._hardware(len(rows), now - self.last_time)
         self.last_time = now
         self.history.extend(rows)
         if self.jsonl is not None and self.is_main:
             append_text(self.jsonl, "".join(json.dumps(row) + "\n" for row in rows))
-        if self.writer is not None:
-            for row in rows:
-                for key, value in row.items():
-                    if key != "step" and isinstance(value, float):
-                        self.writer.add_scalar(f"train/{key}", value, row["step"])
-            self.writer.flush()
+        for row in rows:
+            self.sinks.log("train", row, row["step"])
         self._report_skips(rows)
         if print_line:
             means = {k: _finite_mean([r[k] for r in rows]) for k, _, _ in SHOWN if k in rows[-1]}
-            self._say(self.line(rows[-1]["step"], means, rate))
+            hardware = [f"MFU {rows[-1]['mfu']:.1%}"] if "mfu" in rows[-1] else []
+            hardware += [f"{rows[-1]['memory_gib']:.2f} GiB"] if "memory_gib" in rows[-1] else []
+            self._say(" | ".join([self.line(rows[-1]["step"], means, rate), *hardware]))
 
     def _report_skips(self, rows: list[dict]) -> None:
         for r in rows:
@@ -196,9 +276,19 @@ class Progress:
         return (f"step {step}/{self.total} | {terms} | {tokens_per_second:,.0f} tok/s | "
                 f"elapsed {_duration(elapsed)} ETA {_duration(eta)}")
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def _hardware(self, steps: int, seconds: float) -> dict:
+        """Achieved TFLOP/s (analytic FLOPs of the step), MFU against the devices' peak, device memory."""
+        out = {}
+        if self.flops_per_step:
+            achieved = self.flops_per_step * steps / max(seconds, 1e-9)
+            out["tflops_per_second"] = achieved / 1e12
+            if self.peak_flops:
+                out["mfu"] = achieved / self.peak_flops
+        memory = device_memory_gib()
+        if memory is not None:
+            out["memory_gib"] = memory
+        return out
+
 
     def _say(self, text: str) -> None:
         if self.is_main:

@@ -26,6 +26,14 @@ def evaluation_examples(cfg: Config) -> list[Example]:
                         max_per_task=cfg.eval.max_per_task, tasks_key="eval.tasks")
 
 
+def validation_examples(cfg: Config) -> list[Example]:
+    """The items validated during training: ``eval.validation_sources``, else ``eval.sources`` at the
+    validation split (``eval.tasks`` and ``eval.max_per_task`` apply)."""
+    sources = cfg.eval.validation_sources or cfg.eval.sources
+    return load_sources(sources, "validation", seed=cfg.train.seed, tasks=cfg.eval.tasks,
+                        max_per_task=cfg.eval.max_per_task, tasks_key="eval.tasks")
+
+
 def evaluate_and_save(cfg: Config, model, tokenizer, examples: list[Example], stem: Path, say=None) -> EvalResult:
     """Evaluate with ``cfg.eval`` settings (``say``: progress lines); write ``<stem>.json`` and ``<stem>.md``."""
     result = evaluate(model, tokenizer, examples, mode=cfg.eval.mode, template=cfg.data.template,

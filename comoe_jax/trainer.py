@@ -25,17 +25,20 @@ from comoe_jax.checkpoint import Checkpointer, config_changes, save_adapters
 from comoe_jax.config import Config, ConfigError, negatives_per_anchor, parse_layer_range, validate
 from comoe_jax.data import BATCH_ARRAYS, TrainStream, assign_rows, check_tokenizer, load_sources, tokenize_rows
 from comoe_jax.errors import RunFolderError
-from comoe_jax.evaluate import EvalResult, load_eval
+from comoe_jax.evaluate import EvalResult, evaluate, load_eval, response_loss
+from comoe_jax.flops import device_peak, train_step_flops
+from comoe_jax.interop import export_peft
 from comoe_jax.loading import build_model, load_tokenizer, model_spec
 from comoe_jax.model import flat_values, split_model, state_from_flat, trainable_parameters
 from comoe_jax.paths import as_path
-from comoe_jax.plots import plot_run
-from comoe_jax.progress import Progress, repair_jsonl
+from comoe_jax.plots import plot_run, plot_validation
+from comoe_jax.progress import MetricSinks, Progress, metric_sinks, read_jsonl, repair_jsonl
 from comoe_jax.report import (
     analyse_and_save,
     evaluate_and_save,
     evaluation_examples,
     load_history,
+    validation_examples,
     write_report,
 )
 from comoe_jax.step import TrainState, TrainStep
@@ -201,32 +204,42 @@ def train(cfg: Config, *, stream=None) -> RunResult:
         say(f"resumed from step {resume_from} of {out}")
     else:
         state = step_fn.init_state(flat_values(adapters))
-    eval_items = evaluation_examples(cfg) if cfg.eval.before_training or cfg.eval.after_training else []
-    if resume_from is None and cfg.eval.before_training:
-        # adapters at initialisation: this is the base model
-        before = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_before", say)
-        say(f"eval before training ({cfg.eval.mode}): " + _accuracies(before))
-    if jax.process_index() == 0:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
-    state, interrupted = _loop(cfg, step_fn, state, flat_values(frozen_state), batches, ckpt, stream, say)
-    save_adapters(out / "adapter", state.params, model.groups, cfg)
-    history = load_history(out)  # the whole run, earlier sessions included
-    if jax.process_index() == 0:
-        plot_run(history, out, model.adapter_modules(), f"lambda = {cfg.loss.contrastive_weight}",
-                 negatives_per_anchor(cfg))
-    say(f"checkpoint step {int(jax.device_get(state.step))} and adapter export written to {out}")
-    if not interrupted and cfg.eval.after_training:
+    with metric_sinks(cfg, out) as sinks:
+        eval_items = evaluation_examples(cfg) if cfg.eval.before_training or cfg.eval.after_training else []
+        if resume_from is None and cfg.eval.before_training:
+            # adapters at initialisation: this is the base model
+            before = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_before", say)
+            say(f"eval before training ({cfg.eval.mode}): " + _accuracies(before))
+            sinks.log("eval_before", _accuracy_scalars(before), 0)
+        if jax.process_index() == 0:
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+        flops = train_step_flops(cfg, model, step_fn.head_positions, counts["total"])
+        validator = Validator(cfg, model, tokenizer, out, say, sinks) if cfg.eval.every else None
+        state, interrupted = _loop(cfg, step_fn, state, flat_values(frozen_state), batches, ckpt, stream, say, sinks,
+                                   flops, validator)
+        save_adapters(out / "adapter", state.params, model.groups, cfg)
         trained = nnx.merge(graphdef, state_from_flat(adapters, state.params), frozen_state)
-        _evaluate_after(cfg, trained, tokenizer, eval_items, history, out, say)
+        if cfg.adapter.method in ("lora", "dora") and jax.process_index() == 0:
+            export_peft(trained, cfg, out / "peft")  # one LoRA per layer: peft users load it as is
+        history = load_history(out)  # the whole run, earlier sessions included
+        if jax.process_index() == 0:
+            plot_run(history, out, model.adapter_modules(), f"lambda = {cfg.loss.contrastive_weight}",
+                     negatives_per_anchor(cfg))
+        say(f"checkpoint step {int(jax.device_get(state.step))} and adapter export written to {out}")
+        if not interrupted and cfg.eval.after_training:
+            after = _evaluate_after(cfg, trained, tokenizer, eval_items, history, out, say)
+            sinks.log("eval_after", _accuracy_scalars(after), int(jax.device_get(state.step)))
     return RunResult(state, history, out, interrupted)
 
 
 def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batches: TrainStream,
-          ckpt: Checkpointer, stream, say) -> tuple[TrainState, bool]:
+          ckpt: Checkpointer, stream, say, sinks: MetricSinks, flops_per_step: float,
+          validator: Validator | None = None) -> tuple[TrainState, bool]:
     """Steps from ``state.step`` to ``train.steps``; checkpoints; stops cleanly on Ctrl-C / SIGTERM."""
     out = as_path(cfg.train.output_dir)
     progress = Progress(cfg.train.steps, int(jax.device_get(state.step)), cfg.train.log_every, out / "metrics.jsonl",
-                        stream=stream, tensorboard=out / "tensorboard", max_skipped=cfg.train.max_skipped_steps)
+                        stream=stream, sinks=sinks, max_skipped=cfg.train.max_skipped_steps,
+                        flops_per_step=flops_per_step, peak_flops=_peak_flops(cfg))
     interrupted = False
     data_state = batches.get_state()  # the stream position that goes with ``state``
     try:
@@ -238,6 +251,9 @@ def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batc
                 data_state = batches.get_state()
                 done = step + 1
                 progress.update(done, metrics)
+                if validator is not None and validator.due(done):
+                    progress.flush(print_line=False)  # never validate a diverged state
+                    validator(done, state.params)
                 stopping = stop.reached(done)
                 if done % cfg.train.save_every == 0 or done == cfg.train.steps or stopping:
                     progress.flush(print_line=False)  # never checkpoint a diverged state
@@ -253,12 +269,52 @@ def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batc
         say("interrupted: saving the last completed step")
         progress.flush(print_line=False)
     finally:
-        progress.close()
         _final_save(ckpt, state, cfg, data_state, progress, say)
     return state, interrupted
 
 
-def _evaluate_after(cfg: Config, model, tokenizer, eval_items, history: list[dict], out: Path, say) -> None:
+class Validator:
+    """Validation during training (``eval.every``): the response loss and the accuracy (``eval.mode``) on the
+    validation items, to ``validation.jsonl``, the metric writers (``val/*``) and ``validation.png``; with
+    ``eval.keep_best`` the adapters of the best step so far go to ``best_adapter/`` (``best.json``)."""
+
+    def __init__(self, cfg: Config, model, tokenizer, out: Path, say, sinks: MetricSinks):
+        self.cfg, self.tokenizer, self.out, self.say, self.sinks = cfg, tokenizer, out, say, sinks
+        self.graphdef, self.adapters, self.frozen = split_model(model)
+        self.groups = model.groups
+        self.items = validation_examples(cfg)
+        self.rows = read_jsonl(out / "validation.jsonl")[0]  # earlier sessions of a resumed run
+        best = out / "best.json"
+        self.best = json.loads(best.read_text())["accuracy_average"] if best.exists() else -1.0
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.eval.every == 0
+
+    def __call__(self, step: int, params: dict) -> dict:
+        e, template = self.cfg.eval, self.cfg.data.template
+        model = nnx.merge(self.graphdef, state_from_flat(self.adapters, params), self.frozen)
+        loss = response_loss(model, self.tokenizer, self.items, template=template, seq_len=self.cfg.data.seq_len,
+                             batch_size=e.batch_size)
+        result = evaluate(model, self.tokenizer, self.items, mode=e.mode, template=template, batch_size=e.batch_size,
+                          max_new_tokens=e.max_new_tokens)
+        row = {"step": step, "loss": loss} | _accuracy_scalars(result)
+        self.say(f"validation at step {step}: loss {loss:.4f} | " + _accuracies(result))
+        self.sinks.log("val", row, step)
+        self.rows = [r for r in self.rows if r["step"] < step] + [row]
+        if jax.process_index() == 0:
+            (self.out / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            plot_validation(self.rows, self.out / "validation.png")
+        if e.keep_best and result.average > self.best:
+            self.best = result.average
+            save_adapters(self.out / "best_adapter", params, self.groups, self.cfg)
+            if jax.process_index() == 0:
+                (self.out / "best.json").write_text(json.dumps({"step": step, "accuracy_average": result.average,
+                                                                 "loss": loss}))
+            self.say(f"best validation accuracy so far: adapters of step {step} in {self.out / 'best_adapter'}")
+        return row
+
+
+def _evaluate_after(cfg: Config, model, tokenizer, eval_items, history: list[dict], out: Path, say) -> EvalResult:
     after = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_after", say)
     say(f"eval after training ({cfg.eval.mode}): " + _accuracies(after))
     routing = analyse_and_save(cfg, model, tokenizer, eval_items, out)
@@ -266,6 +322,18 @@ def _evaluate_after(cfg: Config, model, tokenizer, eval_items, history: list[dic
         say(f"MI(task; expert set) {routing['mi_task_expert_set_bits']:.3f} bits, router entropy "
             f"{routing['router_entropy_bits']:.3f} bits")
     say(f"report: {write_report(out, cfg, load_eval(out / 'eval_before.json'), after, routing, history)}")
+    return after
+
+
+def _accuracy_scalars(result: EvalResult) -> dict[str, float]:
+    return {f"accuracy_{task}": float(r["accuracy"]) for task, r in result.per_task.items()} | \
+        {"accuracy_average": float(result.average)}
+
+
+def _peak_flops(cfg: Config) -> float | None:
+    """Peak FLOP/s of every device of the run (None on CPUs and unknown chips: no MFU)."""
+    peak = device_peak(cfg.model.dtype)
+    return peak * jax.device_count() if peak else None
 
 
 def _accuracies(result: EvalResult) -> str:

@@ -1,7 +1,7 @@
 """The main job: CoMoE-LoRA on the real SmolLM2-135M, fine-tuned on the BIG-bench multi-task mix, on a CPU.
 
 The paper's adapter (4 experts, top-2, r 16, alpha 32, q/k/v/o, lambda 0.01) trained on
-data/comoe_mix (social_iqa, strategyqa, math_qa, winowhy) with the Alpaca template, evaluated
+comoe_jax/data/comoe_mix (social_iqa, strategyqa, math_qa, winowhy) with the Alpaca template, evaluated
 before and after on the mix's test split (restricted-label scoring). Every value not set here
 is the documented default of comoe_jax/config.py (python train.py --help lists them).
 """

@@ -1,4 +1,4 @@
-"""Build the committed multi-task mix (data/comoe_mix) from BIG-bench task files.
+"""Build the committed multi-task mix (comoe_jax/data/comoe_mix) from BIG-bench task files.
 
     python scripts/build_mix.py                        # fetches bigbench==1.0.0 from PyPI (pip download)
     python scripts/build_mix.py --tarball bigbench-1.0.0.tar.gz
@@ -88,7 +88,7 @@ def build(tarball: Path, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tarball", type=Path, help="bigbench-1.0.0.tar.gz (default: pip download it)")
-    parser.add_argument("--out", type=Path, default=ROOT / "data" / "comoe_mix")
+    parser.add_argument("--out", type=Path, default=ROOT / "comoe_jax" / "data" / "comoe_mix")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tarball = args.tarball or fetch_tarball(Path(tmp))

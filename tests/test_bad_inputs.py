@@ -213,6 +213,11 @@ CASES = [
     ("model-missing", _override("model.path=/no/such/model"), 2, r"model\.path='/no/such/model' is not allowed: no "),
     ("random-arch", _override('model.random_arch={"hidden_size": "big"}'), 2, r"model\.random_arch=.* not a transf"),
     ("template", _override("data.template=chatml"), 2, r"data\.template='chatml' is not allowed: one of alpaca"),
+    ("template-chat-without-one", _override("data.template=chat"), 2,
+     r"data\.template=chat needs a tokenizer with a chat template"),
+    ("eval-every", _override("eval.every=-2"), 2, r"eval\.every=-2 is not allowed: >= 0"),
+    ("keep-best-alone", _override("eval.keep_best=true"), 2,
+     r"eval\.keep_best=True is not allowed: only with eval\.every > 0"),
     ("seq-len", _override("data.seq_len=4"), 2, r"data\.seq_len=4 is not allowed: >= 8 tokens"),
     ("source-format", _override("data.train=csv:/x.csv"), 2, r"data\.train='csv:/x\.csv' is not allowed: mix, "),
     ("source-missing", _override("data.train=jsonl:/no/such.jsonl"), 2, r"/no/such\.jsonl does not exist"),
@@ -258,6 +263,11 @@ CASES = [
     ("jsonl-malformed", _jsonl("d.jsonl", '{"instruction": "a", "answer": "b"}\n{"instruction": \n'), 2,
      r"d\.jsonl:2: malformed JSON"),
     ("jsonl-missing-answer", _jsonl("d.jsonl", '{"instruction": "a"}\n'), 2, r"d\.jsonl:1: missing field 'answer'"),
+    ("jsonl-chat-ends-with-user", _jsonl("d.jsonl", '{"messages": [{"role": "user", "content": "a"}]}\n'), 2,
+     r"d\.jsonl:1: the last message is from 'user'; a conversation must end with the assistant's reply"),
+    ("jsonl-chat-role", _jsonl("d.jsonl", '{"messages": [{"role": "human", "content": "a"}, '
+                                          '{"role": "assistant", "content": "b"}]}\n'), 2,
+     r"d\.jsonl:1: messages\[0\] should be an object with 'role' \(system, user, assistant\)"),
     ("jsonl-missing-instruction", _jsonl("d.jsonl", '{"answer": "a"}\n'), 2,
      r"d\.jsonl:1: missing field 'instruction' \(or 'question'\)"),
     ("jsonl-not-utf8", _jsonl("d.jsonl", b'{"instruction": "a", "answer": "b"}\n'

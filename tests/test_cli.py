@@ -8,6 +8,7 @@ import compare
 import evaluate
 import sweep
 import train
+from comoe_jax.commands import compare as compare_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(ROOT / "configs" / "tiny.py")]
@@ -77,7 +78,7 @@ def test_compare_table_takes_the_median_over_seeds_per_cell_and_marks_settings_n
     rows = [row("lora", "mt", s, acc) for s, acc in [(0, 0.2), (1, 0.9), (2, 0.4)]]
     rows += [row("lora", "st-a", 0, 0.6), row("lora", "st-b", 0, 0.3)]
     rows += [row("mixlora", "mt", s, acc) for s, acc in [(0, 0.5), (1, 0.7)]]
-    markdown, out = compare.table(rows, ["lora", "mixlora"], ["a", "b"], base_params=10_000)
+    markdown, out = compare_command.table(rows, ["lora", "mixlora"], ["a", "b"], base_params=10_000)
     lora, mixlora = out
     assert lora["mt"] == {"a": 0.4, "b": 0.6} and lora["seeds"] == 3 and abs(lora["mi_bits"] - 0.1) < 1e-12
     assert lora["st"] == {"a": 0.6, "b": 0.7} and lora["st_seeds"] == 1

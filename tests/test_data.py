@@ -155,6 +155,87 @@ def test_hf_dataset_loader(tmp_path):
         load_hf_dataset(tmp_path, "test")
 
 
+def test_sft_records_alpaca_and_chat_messages(tmp_path):
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            {"instruction": "Translate", "input": "chat", "output": "cat", "task": "fr"},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello!"}]},
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                          {"role": "user", "content": "times 3?"}, {"role": "assistant", "content": "12"}]}]
+    alpaca, with_input, chat, multi = load_jsonl(_write(tmp_path / "sft.jsonl", "\n".join(map(json.dumps, rows))))
+    assert (alpaca.response, alpaca.answer, alpaca.labels, alpaca.task) == ("Blue.", "Blue.", (), "sft")
+    assert (with_input.context, with_input.task) == ("chat", "fr")
+    assert chat.messages == (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"))
+    assert (chat.instruction, chat.context, chat.response) == ("Hi", "Be brief.", "Hello!")
+    assert multi.instruction == "User: 2+2?\nAssistant: 4\nUser: times 3?" and multi.answer == "12"
+    bad = {"ends-with-user": ([{"role": "user", "content": "x"}], r"last message is from 'user'"),
+           "bad-role": ([{"role": "bot", "content": "x"}], r"messages\[0\] should be an object with 'role'"),
+           "no-user": ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+                       "no user message"),
+           "empty": ([], "non-empty list")}
+    for name, (messages, message) in bad.items():
+        path = _write(tmp_path / f"{name}.jsonl", json.dumps({"messages": messages}))
+        with pytest.raises(DataError, match=rf"{name}\.jsonl:1: .*{message}"):
+            load_jsonl(path)
+
+
+def test_chat_template_masks_exactly_the_assistant_reply():
+    from comoe_jax.loading import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                    {"role": "assistant", "content": "Paris."}]
+    from comoe_jax.data.records import Example
+
+    ex = Example(task="t", instruction="Capital of France?", answer="Paris.", output="Paris.", context="Be brief.",
+                 messages=tuple((m["role"], m["content"]) for m in conversation))
+    prompt, response = render(ex, "chat", tok)
+    assert prompt == tok.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=False)
+    assert response == "Paris."  # the template's end of turn is the EOS the encoder appends
+    ids, mask, cut = encode(tok, prompt, response, 64, special_tokens=False)
+    whole = tok.apply_chat_template(conversation, tokenize=False).rstrip("\n")
+    assert ids.tolist() == tok(whole, add_special_tokens=False)["input_ids"] and not cut
+    assert tok.decode(ids[mask.astype(bool)]) == "Paris.<|im_end|>"
+    # a plain instruction item becomes the user's turn; options listed as in the other templates
+    item = Example(task="t", instruction="Pick one", answer="B", options=("x", "y"), labels=("A", "B"))
+    prompt, response = render(item, "chat", tok)
+    assert "<|im_start|>user\nPlease choose the correct answer to the question: Pick one\n(A) x\n(B) y<|im_end|>" \
+        in prompt and prompt.endswith("<|im_start|>assistant\n") and response == "B"
+    with pytest.raises(DataError, match="data.template=chat needs a tokenizer with a chat template"):
+        render(item, "chat", byte_tokenizer())
+
+
+def test_hub_datasets_by_name_load_and_stream_through_datasets(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub import constants
+
+    repo = tmp_path / "acme-sft"  # the repository's files, as the hub would serve them
+    repo.mkdir()
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    _write(repo / "train.jsonl", "\n".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(5)))
+    _write(repo / "validation.jsonl", json.dumps(chat))
+    calls, real = [], datasets.load_dataset
+
+    def hub(name, subset=None, *, split, streaming=False):
+        calls.append((name, subset, split, streaming))
+        assert name == "acme/sft"
+        return real("json", data_files=str(repo / f"{split}.jsonl"), split="train", streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    train = load_source("hf:acme/sft", "train")
+    assert [ex.response for ex in train] == [f"a{i}" for i in range(5)] and train[0].task == "sft"
+    assert [ex.instruction for ex in load_sources(["hf:acme/sft"], "train", max_per_task=2)] == ["q0", "q1"]
+    (val,) = load_source("hf:acme/sft:chat", "validation")
+    assert val.messages[-1] == ("assistant", "Hello") and val.task == "sft_chat"
+    assert calls == [("acme/sft", None, "train", False), ("acme/sft", None, "train", True),
+                     ("acme/sft", "chat", "validation", False)]
+    monkeypatch.setattr(datasets, "load_dataset", real)  # the real loader, offline, on a dataset never loaded
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"hf:acme/never-loaded: the hub dataset cannot be loaded for split 'train'"):
+        load_source("hf:acme/never-loaded", "train")
+
+
 def test_source_strings_and_task_filters(tmp_path):
     with pytest.raises(DataError, match="unknown built-in task\\(s\\) poetry"):
         load_source("builtin:add+poetry", "train")

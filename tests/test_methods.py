@@ -212,6 +212,61 @@ def test_mixture_export_import_round_trip_and_inference_api(hf_folder, tmp_path)
     assert len(texts) == 2 and texts == generate_text(model, tokenizer, prompts, max_new_tokens=4)
 
 
+def _run_folder(folder, cfg, model):
+    import json
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict(), default=list))
+    save_adapters(folder / "adapter", flat_values(split_model(model)[1]), model.groups, cfg)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_export_command_peft_and_merged_load_in_transformers(hf_folder, tmp_path, method, capsys):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from comoe_jax.commands import export
+
+    cfg = Config()
+    cfg.model.path = str(hf_folder)
+    apply_overrides(cfg, [f"adapter.method={method}", "adapter.rank=4", "adapter.alpha=12", "adapter.layers=1:3",
+                          "adapter.target_modules=q_proj,o_proj,up_proj"])
+    model = _perturbed(build_model(cfg), 7)
+    run = _run_folder(tmp_path / "run", cfg, model)
+    ids = np.random.default_rng(4).integers(0, 96, size=(2, 9))
+    ours = np.asarray(model(jnp.asarray(ids, jnp.int32)))
+
+    assert export.main(["--run", str(run), "--format", "peft"]) == 0
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(run / "peft")  # base found from adapter_config.json
+    with torch.no_grad():
+        np.testing.assert_allclose(peft_model(torch.as_tensor(ids)).logits.numpy(), ours, atol=1e-4, rtol=0)
+    assert export.main(["--run", str(run), "--format", "merged"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    assert AutoTokenizer.from_pretrained(run / "merged")("ab")["input_ids"]
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.as_tensor(ids)).logits.numpy(), ours, atol=1e-4, rtol=0)
+    before = (run / "merged" / "model.safetensors").read_bytes()
+    assert export.main(["--run", str(run), "--format", "merged"]) == 2  # never overwritten without asking
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (run / "merged" / "model.safetensors").read_bytes() == before
+
+
+def test_export_command_refuses_a_mixture_for_peft(hf_folder, tmp_path, capsys):
+    from comoe_jax.commands import export
+
+    cfg = Config()
+    cfg.model.path = str(hf_folder)
+    apply_overrides(cfg, ["adapter.rank=2", "adapter.layers=0:1", "adapter.target_modules=q_proj"])
+    run = _run_folder(tmp_path / "run", cfg, build_model(cfg))
+    assert export.main(["--run", str(run), "--format", "merged"]) == 2
+    assert "adapter.method=comoe-lora cannot export as merged" in capsys.readouterr().err
+    assert not (run / "merged").exists()
+    assert export.main(["--run", str(run), "--format", "comoe", "--out", str(tmp_path / "copy")]) == 0
+    assert load_adapted(tmp_path / "copy")[0].placement.spec.num_experts == 4
+
+
 # --------------------------------------------------------------------------- parameter counts and training
 
 

@@ -110,13 +110,26 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, s
         np.testing.assert_allclose(_params(resumed)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
-def test_end_to_end_run_writes_every_artefact(tmp_path, tiny_config):
+def test_end_to_end_run_writes_every_artefact(tmp_path, tiny_config, monkeypatch):
+    from comoe_jax.progress import WandbSink
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logged = []
+    original = WandbSink.log
+    monkeypatch.setattr(WandbSink, "log", lambda self, scalars, step: (logged.append((step, scalars)),
+                                                                       original(self, scalars, step)))
     cfg = tiny_config(tmp_path, train__steps=8, eval__before_training=True, eval__after_training=True,
-                      eval__sources=("mix",), eval__max_per_task=3, eval__mode="label")
+                      eval__sources=("mix",), eval__max_per_task=3, eval__mode="label", log__wandb=True)
     cfg.data.train = ("mix", "builtin:add")
     cfg.data.max_examples_per_task, cfg.data.seq_len = 40, 384  # byte tokens: the mix's prompts are long
     trainer.train(cfg)
     run = tmp_path / "run"
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))  # W&B's own offline record, beside the run
+    assert [step for step, scalars in logged if "train/loss" in scalars] == list(range(1, 9))
+    assert "eval_before/accuracy_average" in logged[0][1] and "eval_after/accuracy_winowhy" in logged[-1][1]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["tflops_per_second"] > 0 for r in rows if "tokens_per_second" in r)
     for name in ("metrics.jsonl", "config.json", "losses.png", "expert_load.png", "mi_gap.png", "workload.png",
                  "representations.png", "routing.json", "eval_before.json", "eval_before.md", "eval_after.json",
                  "eval_after.md", "report.md", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
@@ -130,6 +143,71 @@ def test_end_to_end_run_writes_every_artefact(tmp_path, tiny_config):
     after = json.loads((run / "eval_after.json").read_text())
     assert set(after["per_task"]) == {"social_iqa", "strategyqa", "math_qa", "winowhy"}
     assert sum(r["total"] for r in after["per_task"].values()) == 12
+
+
+def test_progress_logs_achieved_flops_and_mfu_against_the_peak(tmp_path, monkeypatch):
+    import io
+
+    from comoe_jax import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    out = io.StringIO()
+    p = progress.Progress(4, 0, 2, tmp_path / "m.jsonl", stream=out, flops_per_step=3e12, peak_flops=8e12)
+    metrics = {"loss": jnp.float32(1.5), "tokens": jnp.float32(100.0)}
+    clock[0] = 4.0
+    p.update(1, metrics)  # the first step: 4 s with compilation
+    clock[0] = 7.0
+    p.update(2, metrics)
+    clock[0] = 8.0
+    p.update(3, metrics)
+    clock[0] = 10.0
+    p.update(4, metrics)  # steps 3 and 4 in 3 s
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    np.testing.assert_allclose([rows[0]["tokens_per_second"], rows[1]["tokens_per_second"],
+                                rows[3]["tokens_per_second"]], [25.0, 100 / 3, 200 / 3])
+    np.testing.assert_allclose([rows[1]["tflops_per_second"], rows[1]["mfu"]], [1.0, 1 / 8])
+    np.testing.assert_allclose([rows[3]["tflops_per_second"], rows[3]["mfu"]], [2.0, 0.25])
+    assert "MFU 25.0%" in out.getvalue().splitlines()[-1]
+
+
+def test_validation_during_training_logs_plots_and_keeps_the_best_adapter(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path, eval__every=2, eval__keep_best=True, eval__sources=("builtin:add+antonym",),
+                      eval__mode="generate", eval__max_per_task=3, eval__max_new_tokens=4)
+    trainer.train(cfg)
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy_average"] <= 1 for r in rows)
+    assert {"accuracy_add", "accuracy_antonym"} <= set(rows[0])
+    assert rows[0]["loss"] > rows[-1]["loss"]  # training on the same tasks lowers the validation loss
+    best = json.loads((run / "best.json").read_text())
+    accuracies = [r["accuracy_average"] for r in rows]
+    assert best["step"] == rows[accuracies.index(max(accuracies))]["step"]
+    assert (run / "best_adapter" / "adapter_model.safetensors").exists() and (run / "validation.png").exists()
+
+
+def test_response_loss_is_the_mean_response_token_cross_entropy(tiny_config):
+    from comoe_jax.data import encode, load_source, render
+    from comoe_jax.evaluate import response_loss
+    from comoe_jax.loading import build_model, byte_tokenizer
+
+    cfg = tiny_config()
+    model, tok = build_model(cfg), byte_tokenizer()
+    items = load_source("builtin:add+reverse", "validation")[:5]
+    total, count = 0.0, 0
+    for ex in items:  # each item alone, float64 log-softmax over the full vocabulary
+        ids, is_response, _ = encode(tok, *render(ex, "plain"), seq_len=40)
+        logits = np.asarray(model(jnp.asarray(ids[None, :-1], jnp.int32))[0], np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        for t in range(1, len(ids)):
+            if is_response[t]:
+                total -= logp[t - 1, ids[t]]
+                count += 1
+    got = response_loss(model, tok, items, template="plain", seq_len=40, batch_size=3)
+    np.testing.assert_allclose(got, total / count, rtol=1e-5)
 
 
 def test_changed_config_is_not_resumed(tmp_path, tiny_config):

@@ -5,33 +5,39 @@ Every loader returns a list of :class:`Example` and refuses bad data with a
 
 Source strings (``data.train`` / ``data.eval`` in the config):
 
-- ``mix``: ``data/comoe_mix/<split>.jsonl`` (built by ``scripts/build_mix.py``);
+- ``mix``: ``comoe_jax/data/comoe_mix/<split>.jsonl`` (built by ``scripts/build_mix.py``);
 - ``builtin`` or ``builtin:add+reverse``: the small procedural tasks of ``comoe_jax.data.builtin``;
 - ``jsonl:PATH``: one JSON object a line, fields ``instruction`` (or ``question``), ``answer``,
-  optional ``options``, ``task``, ``input``, ``output``, ``labels``;
+  optional ``options``, ``task``, ``input``, ``output``, ``labels``; Alpaca SFT records
+  (``instruction``, ``input``, ``output``: the output is the answer); chat records
+  ``{"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]}`` ending with the
+  assistant's reply;
 - ``llm_adapters:PATH``: a JSON list of ``{instruction, input, output, answer}`` (the LLM-Adapters
   commonsense and math files; option labels come from the ``Answer format: a/b/c`` line);
 - ``bigbench:PATH``: a BIG-bench ``task.json`` (or its folder);
 - ``hf:PATH``: a ``datasets`` folder saved with ``save_to_disk`` (ARC, OBQA, CommonsenseQA, BoolQ,
-  PIQA, SIQA, HellaSwag, WinoGrande columns, or the JSONL field names).
+  PIQA, SIQA, HellaSwag, WinoGrande columns, or the JSONL field names, chat ``messages`` included);
+  ``hf:org/name[:subset]``: a hub dataset by name (``datasets.load_dataset``, its cache, streaming
+  the first rows when a per-task cap is set).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
 
+from comoe_jax.constants import CHAT_ROLES, SPLITS
 from comoe_jax.constants import SOURCE_FORMATS as FORMATS
-from comoe_jax.constants import SPLITS
 from comoe_jax.data.records import DataError, Example, multiple_choice
 
-ROOT = Path(__file__).resolve().parents[2]
-MIX_DIR = ROOT / "data" / "comoe_mix"
+MIX_DIR = Path(__file__).resolve().parent / "comoe_mix"  # package data: ships in the wheel
 
 
-def load_source(spec: str, split: str, *, seed: int = 0) -> list[Example]:
-    """Examples of one source string (see the module docstring) for ``split``."""
+def load_source(spec: str, split: str, *, seed: int = 0, limit: int = 0) -> list[Example]:
+    """Examples of one source string (see the module docstring) for ``split``; ``limit``: a hub dataset
+    streams only its first ``limit`` rows."""
     if spec == "mix":
         if split not in SPLITS:
             raise DataError(f"mix: split {split!r} does not exist; splits are {', '.join(SPLITS)}")
@@ -51,6 +57,8 @@ def load_source(spec: str, split: str, *, seed: int = 0) -> list[Example]:
                         f"{', '.join(FORMATS)}")
     loader = {"jsonl": load_jsonl, "llm_adapters": load_llm_adapters, "bigbench": load_bigbench}.get(fmt)
     if loader is None:
+        if not Path(path).exists() and HUB_DATASET.match(path):
+            return load_hub_dataset(path, split, limit)
         return load_hf_dataset(Path(path), split)
     return loader(Path(path))
 
@@ -98,15 +106,43 @@ def _checked(examples: list[Example], path: Path) -> list[Example]:
 # --------------------------------------------------------------------------- JSONL (the mix's own format)
 
 
+def _from_messages(record: dict, task: str, where: str) -> Example:
+    """A chat record ``{"messages": [{"role", "content"}, ...]}`` ending with the assistant's reply."""
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' should be a non-empty list of {{role, content}} objects")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] should be an object with 'role' ({', '.join(CHAT_ROLES)}) and "
+                            f"text 'content', got {str(m)[:80]}")
+        turns.append((m["role"], m["content"]))
+    if turns[-1][0] != "assistant":
+        raise DataError(f"{where}: the last message is from {turns[-1][0]!r}; a conversation must end with the "
+                        "assistant's reply (the loss is taken on it)")
+    dialogue = [(role, text) for role, text in turns[:-1] if role != "system"]
+    if not any(role == "user" for role, _ in dialogue):
+        raise DataError(f"{where}: field 'messages' has no user message before the assistant's reply")
+    instruction = dialogue[-1][1] if len(dialogue) == 1 else \
+        "\n".join(f"{role.capitalize()}: {text}" for role, text in dialogue)
+    system = "\n".join(text for role, text in turns if role == "system")
+    reply = turns[-1][1]
+    return Example(task=_text(record, "task", where, required=False) or task, instruction=instruction.strip(),
+                   answer=reply.strip(), output=reply, context=system.strip(), source=where, messages=tuple(turns))
+
+
 def _from_fields(record: dict, task: str, where: str) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return _from_messages(record, task, where)
     field = "instruction" if "instruction" in record else "question"
     if record.get(field) is None:
         raise DataError(f"{where}: missing field 'instruction' (or 'question')")
     instruction = _text(record, field, where)
     task = _text(record, "task", where, required=False) or task
-    answer = _text(record, "answer", where)
+    # Alpaca-style SFT records have only an output: it is the reference answer too
+    answer = _text(record, "answer", where, required="output" not in record) or _text(record, "output", where)
     context = _text(record, "input", where, required=False) or _text(record, "context", where, required=False)
     options = record.get("options")
     if options is not None:
@@ -248,6 +284,41 @@ def _hf_record(row: dict, task: str, where: str) -> Example:
     return _from_fields(row, task, where)
 
 
+def _hf_records(rows, task: str, where: str) -> list[Example]:
+    examples = []
+    for i, row in enumerate(rows):
+        at = f"{where} row {i}"
+        try:
+            examples.append(_hf_record(row, task, at))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{at}: unexpected value ({type(e).__name__}: {e})") from None
+    if not examples:
+        raise DataError(f"{where}: no examples")
+    return examples
+
+
+# hf:org/name or hf:org/name:subset, when no such local folder exists
+HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+
+
+def load_hub_dataset(name: str, split: str, limit: int = 0) -> list[Example]:
+    """A Hugging Face hub dataset (``org/name[:subset]``) through ``datasets.load_dataset`` and its cache
+    (``HF_DATASETS_OFFLINE=1`` reads only datasets loaded before); ``limit`` > 0 streams the first rows only."""
+    import datasets
+
+    repo, _, subset = name.partition(":")
+    try:
+        data = datasets.load_dataset(repo, subset or None, split=split, streaming=limit > 0)
+    except (ConnectionError, FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise DataError(f"hf:{name}: the hub dataset cannot be loaded for split {split!r} ({reason}); offline "
+                        "(HF_DATASETS_OFFLINE=1 or no network) only datasets loaded once before are cached") from None
+    rows = itertools.islice(data, limit) if limit else data
+    return _hf_records(rows, repo.split("/")[-1] + (f"_{subset}" if subset else ""), f"hf:{name} ({split})")
+
+
 def load_hf_dataset(path: Path, split: str) -> list[Example]:
     """A folder written by ``datasets`` ``save_to_disk`` (a Dataset, or a DatasetDict holding ``split``)."""
     try:
@@ -263,23 +334,14 @@ def load_hf_dataset(path: Path, split: str) -> list[Example]:
         if split not in data:
             raise DataError(f"{path}: split {split!r} not found; the dataset has {', '.join(data)}")
         data = data[split]
-    task = Path(path).name
-    examples = []
-    for i, row in enumerate(data):
-        where = f"{path} row {i}"
-        try:
-            examples.append(_hf_record(row, task, where))
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"{where}: unexpected value ({type(e).__name__}: {e})") from None
-    return _checked(examples, Path(path))
+    return _hf_records(data, Path(path).name, str(path))
 
 
 def load_sources(specs, split: str, *, seed: int = 0, tasks=(), max_per_task: int = 0,
                  tasks_key: str = "data.tasks") -> list[Example]:
     """Examples of several sources for ``split``, optionally only ``tasks`` and at most ``max_per_task`` each."""
-    examples = [ex for spec in specs for ex in load_source(spec, split, seed=seed)]
+    limit = max_per_task if not tasks else 0  # a hub dataset then streams only the rows that are used
+    examples = [ex for spec in specs for ex in load_source(spec, split, seed=seed, limit=limit)]
     if tasks:
         found = {ex.task for ex in examples}
         missing = [t for t in tasks if t not in found]

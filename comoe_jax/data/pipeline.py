@@ -27,7 +27,7 @@ import grain
 import numpy as np
 
 from comoe_jax.data.records import DataError, Example
-from comoe_jax.data.templates import render
+from comoe_jax.data.templates import prompt_special_tokens, render
 
 PACKING_BINS = 8  # first-fit packing keeps this many rows of each row stream open at a time
 BATCH_ARRAYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions", "segment_ids")
@@ -55,14 +55,16 @@ def check_tokenizer(tokenizer) -> None:
         raise DataError("the tokenizer has no EOS token, so responses cannot be terminated")
 
 
-def encode(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def encode(tokenizer, prompt: str, response: str, seq_len: int,
+           special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
     """Token ids (at most ``seq_len + 1``), the response mask over them, and whether they were cut.
 
-    The prompt takes the tokenizer's special tokens (BOS where it adds one); the response is
-    followed by EOS and is the only part the loss sees.
+    The prompt takes the tokenizer's special tokens (BOS where it adds one) unless ``special_tokens``
+    is False (a chat template writes its own); the response is followed by EOS and is the only part
+    the loss sees.
     """
     check_tokenizer(tokenizer)
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    p = tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"]
     r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids, is_response = (p + r)[: seq_len + 1], ([0] * len(p) + [1] * len(r))[: seq_len + 1]
     return np.array(ids, np.int32), np.array(is_response, np.int32), len(p) + len(r) > seq_len + 1
@@ -92,8 +94,8 @@ def tokenize_rows(tokenizer, examples: list[Example], rows: list[int], template:
     out: dict[int, dict[str, list[dict]]] = {r: {t: [] for t in tasks} for r in dict.fromkeys(rows)}
     counts = TokenCounts()
     for ex, row in zip(examples, rows):
-        prompt, response = render(ex, template)
-        ids, is_response, cut = encode(tokenizer, prompt, response, seq_len)
+        prompt, response = render(ex, template, tokenizer)
+        ids, is_response, cut = encode(tokenizer, prompt, response, seq_len, prompt_special_tokens(template))
         if not is_response[1:].any():
             counts.dropped[ex.task] += 1
             continue

@@ -20,8 +20,10 @@ class Example:
       "answer1", ... or "true", "false"); empty for free-form tasks.
     answer: the correct label (multiple choice) or the reference answer (free-form).
     output: the training response; empty means the answer itself.
-    context: an extra input paragraph (LLM-Adapters' ``input``).
+    context: an extra input paragraph (LLM-Adapters' ``input``; a chat's system message).
     source: "file:line" (or "file#index"), for messages.
+    messages: a chat record's ``(role, content)`` turns, ending with the assistant reply the loss is
+      taken on (``data.template=chat`` renders them with the tokenizer's chat template); empty otherwise.
     """
 
     task: str
@@ -32,6 +34,7 @@ class Example:
     output: str = ""
     context: str = ""
     source: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_choice(self) -> bool:

@@ -4,7 +4,9 @@
   ``### Input:`` section when the example has a context);
 - ``choice``: MoE-PEFT's plain multiple-choice prompt ("Please choose the correct answer to the
   question: ... (A) ... (B) ...\\nAnswer:" -> " A"), the form its restricted-label evaluator scores;
-- ``plain``: "Q: ...\\nA: ", short, for byte-level tokenizers and tiny test models.
+- ``plain``: "Q: ...\\nA: ", short, for byte-level tokenizers and tiny test models;
+- ``chat``: the tokenizer's own chat template (``apply_chat_template``): a chat record's turns, or
+  the instruction as the user's message; the response is the assistant's reply and its end of turn.
 
 Multiple-choice examples list their options as ``(A) text`` lines and are answered with the label.
 """
@@ -12,7 +14,7 @@ Multiple-choice examples list their options as ``(A) text`` lines and are answer
 from __future__ import annotations
 
 from comoe_jax.constants import TEMPLATES
-from comoe_jax.data.records import Example
+from comoe_jax.data.records import DataError, Example
 
 _ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
            "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -44,16 +46,53 @@ def _prompt(example: Example, template: str, with_options: bool) -> str:
     raise ValueError(f"data.template={template!r} is not allowed: one of {', '.join(TEMPLATES)}")
 
 
+def chat_messages(example: Example, with_options: bool = True) -> list[dict]:
+    """The conversation of ``example``: its own turns, or the instruction (with any context before it) as
+    the user's message and the response as the assistant's."""
+    if example.messages:
+        return [{"role": role, "content": text} for role, text in example.messages]
+    user = _question(example, with_options)
+    if example.context:
+        user = f"{example.context}\n\n{user}"
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": example.response}]
+
+
+def _chat(example: Example, tokenizer, with_options: bool) -> tuple[str, str]:
+    """(generation prompt, reply + end of turn) with the tokenizer's chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError("data.template=chat needs a tokenizer with a chat template (chat_template.jinja or "
+                        "tokenizer_config.json's chat_template); this one has none: use alpaca, choice or plain")
+    messages = chat_messages(example, with_options)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise DataError(f"{example.source}: the chat template renders the conversation before the reply differently "
+                        "from its generation prompt, so the reply cannot be told apart; use another data.template")
+    response = full[len(prompt):].rstrip()
+    eos = tokenizer.eos_token
+    if eos and response.endswith(eos):  # the encoder appends EOS itself
+        response = response[: -len(eos)]
+    return prompt, response
+
+
+def prompt_special_tokens(template: str) -> bool:
+    """Whether the tokenizer adds its special tokens (BOS) to a prompt: a chat template writes its own."""
+    return template != "chat"
+
+
 def separator(template: str) -> str:
     """What goes between the prompt and the response (the choice template answers ' A')."""
     return " " if template == "choice" else ""
 
 
-def render(example: Example, template: str) -> tuple[str, str]:
-    """(prompt, response) for training and for label scoring."""
+def render(example: Example, template: str, tokenizer=None) -> tuple[str, str]:
+    """(prompt, response) for training and for label scoring (``tokenizer``: for ``chat`` only)."""
+    if template == "chat":
+        return _chat(example, tokenizer, True)
     return _prompt(example, template, True), separator(template) + example.response
 
 
-def render_cloze(example: Example, template: str) -> tuple[str, list[str]]:
+def render_cloze(example: Example, template: str, tokenizer=None) -> tuple[str, list[str]]:
     """(prompt without the options listed, one continuation per option) for option log-likelihood."""
-    return _prompt(example, template, False), [separator(template) + option for option in example.options]
+    prompt = _chat(example, tokenizer, False)[0] if template == "chat" else _prompt(example, template, False)
+    return prompt, [separator(template) + option for option in example.options]

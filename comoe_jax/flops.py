@@ -1,4 +1,4 @@
-"""Analytic FLOPs of one CoMoE train step (the work the step performs), for the roofline benchmark.
+"""Analytic FLOPs of one CoMoE train step (the work the step performs), and accelerator peaks for MFU.
 
 Counted (multiply-add = 2 FLOPs): the frozen projections forward and their activation gradients in the
 backward pass (no weight gradients: the base is frozen), attention scores and values over the full
@@ -11,6 +11,8 @@ trainable parameter). Norms, activations, softmaxes and RoPE are elementwise and
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import jax
 
 from comoe_jax.config import Config, negatives_per_anchor, parse_layer_range
 from comoe_jax.model import DecoderSpec
@@ -76,3 +78,29 @@ def step_flops(cfg: Config, spec: DecoderSpec, tokens: int, seq_len: int, head_p
                     per_token = 2 * anchors * (candidates + 1) * r * r * 2
                 contrastive += 3 * (gram + tokens * per_token) * len(adapted_layers)
     return StepFlops(base, attention, head, adapters, contrastive, 12.0 * trainable)
+
+
+# Dense peak FLOP/s per chip (vendor figures) for MFU on accelerators.
+PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 494.7}, "H200": {"bfloat16": 989.0, "float32": 494.7},
+               "A100": {"bfloat16": 312.0, "float32": 156.0}, "TPU v4": {"bfloat16": 275.0},
+               "TPU v5 lite": {"bfloat16": 197.0}, "TPU v5e": {"bfloat16": 197.0}, "TPU v5p": {"bfloat16": 459.0},
+               "TPU v6 lite": {"bfloat16": 918.0}, "TPU v6e": {"bfloat16": 918.0}}
+
+
+def device_peak(dtype: str) -> float | None:
+    """Dense peak FLOP/s of one local device for ``dtype``; None where unknown (CPUs, other chips)."""
+    kind = jax.devices()[0].device_kind
+    for name, peaks in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower() and dtype in peaks:
+            return peaks[dtype] * 1e12
+    return None
+
+
+def train_step_flops(cfg: Config, model, head_positions: int, trainable: int) -> float:
+    """Analytic FLOPs of one optimizer step of a run (every micro-batch; the LM head at ``head_positions``
+    slots per row), for the logged TFLOP/s and MFU."""
+    rows, spec = cfg.train.batch_size * cfg.optim.grad_accum_steps, model.placement.spec
+    selected = spec.top_k + (spec.negatives_per_anchor if spec.contrastive else 0)
+    return step_flops(cfg, model.spec, tokens=rows * cfg.data.seq_len, seq_len=cfg.data.seq_len,
+                      head_positions=rows * head_positions, trainable=trainable,
+                      sparse_experts=selected if spec.experts == "sparse" else None).total

@@ -1,0 +1,81 @@
+"""Compare trained runs the way the paper does: expert representations in 2-D (Fig. 5), per-task expert
+workload (Fig. 4), MI(task; expert set), router entropy and the MI-gap estimate over training.
+
+    python analyze.py runs/lambda0.01 runs/lambda0                 # writes runs/compare/
+    python analyze.py runs/a runs/b --out runs/ab eval.max_per_task=100 --module layers.20.self_attn.v_proj
+
+Each run is rebuilt from its config.json and adapter/ folder and probed on the evaluation items of
+the first run's config (``eval.*`` overrides apply). Writes ``compare.md``, ``compare.json``,
+``representations.png``, ``workload_<run>.png`` and ``mi_gap.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from comoe_jax.cli import command
+from comoe_jax.config import apply_overrides, load_run_config, negatives_per_anchor, validate
+from comoe_jax.paths import as_path
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders (config.json + adapter/)")
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--module", help="adapted module for the 2-D projection (default: a middle one)")
+    args, overrides = parser.parse_known_args(argv)
+    configs = [load_run_config(run) for run in args.runs]
+    probe_cfg = validate(apply_overrides(load_run_config(args.runs[0]), overrides))
+    from comoe_jax import sharding as shd
+    from comoe_jax.analysis import collect_routing, expert_outputs_2d, summary
+    from comoe_jax.checkpoint import load_run_model
+    from comoe_jax.evaluate import load_eval
+    from comoe_jax.loading import load_tokenizer
+    from comoe_jax.plots import plot_mi_gap, plot_representations, plot_workload
+    from comoe_jax.report import evaluation_examples, load_history
+    from comoe_jax.tables import markdown_table, number, percent
+
+    shd.init_distributed(probe_cfg.mesh)
+    out = as_path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    examples = evaluation_examples(probe_cfg)
+    panels, rows, histories = {}, [], {}
+    for run, cfg in zip(args.runs, configs):
+        name = as_path(run).name
+        tokenizer = load_tokenizer(cfg.model.path)
+        cfg.mesh = probe_cfg.mesh  # every run on the mesh this invocation uses
+        model = load_run_model(cfg, run)
+        module = args.module or model.adapter_modules()[len(model.adapter_modules()) // 2]
+        usage = collect_routing(model, tokenizer, examples, probe_cfg.data.template, probe_cfg.eval.batch_size,
+                                code_modules=(module,))
+        plot_workload(usage, out / f"workload_{name}.png")
+        panels[f"{name} (lambda = {cfg.loss.contrastive_weight})"] = expert_outputs_2d(model, usage, module)
+        result = load_eval(as_path(run) / "eval_after.json")
+        rows.append({"run": name, "lambda": cfg.loss.contrastive_weight, "experts": cfg.adapter.num_experts,
+                     "accuracy": None if result is None else result.average, **summary(usage)})
+        histories[name] = load_history(as_path(run))
+        print(f"{name}: MI(task; expert set) {rows[-1]['mi_task_expert_set_bits']:.3f} bits", flush=True)
+    plot_representations(panels, out / "representations.png", f"expert outputs at the answer position, {module} (PCA)")
+    first = configs[0]
+    plot_mi_gap(histories, out / "mi_gap.png", math.log(negatives_per_anchor(first)))
+    table = markdown_table(
+        ["run", "lambda", "experts", "accuracy % (eval_after)", "MI(task; expert set) bits", "router entropy bits"],
+        [[r["run"], r["lambda"], r["experts"], percent(r["accuracy"]), number(r["mi_task_expert_set_bits"]),
+          number(r["router_entropy_bits"])] for r in rows])
+    text = (f"# Runs compared on {len(examples)} items ({', '.join(probe_cfg.eval.sources)}, {probe_cfg.eval.split})"
+            "\n\n" + table + "\n![representations](representations.png)\n\n![MI gap](mi_gap.png)\n\n"
+            + "\n\n".join(f"![{r['run']}](workload_{r['run']}.png)" for r in rows) + "\n")
+    (out / "compare.md").write_text(text)
+    (out / "compare.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "per_module"} for r in rows],
+                                                 indent=1))
+    print(table, end="")
+    print(f"written to {out}/compare.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Mistral, Qwen2 and Qwen3: logits parity with transformers' PyTorch models, adapters, training; refusals."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+from transformers import (  # noqa: E402
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from comoe_jax import AdapterConfig, from_pretrained  # noqa: E402
+from comoe_jax.config import ModelConfig  # noqa: E402
+from comoe_jax.generate import greedy_generate  # noqa: E402
+from comoe_jax.loading import LoadError, model_factory, model_spec  # noqa: E402
+from comoe_jax.model import flat_values, split_model  # noqa: E402
+from tests.support import padded_inputs, randomised  # noqa: E402
+
+LENGTH = 14  # longer than the windows below
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+CLASSES = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+# name -> (model_type, config fields, expected spec fields)
+CONFIGS = {
+    "mistral_window5_gqa": ("mistral", dict(sliding_window=5),
+                            dict(sliding_window=5, sliding_layers=(True, True), qkv_bias=False, qk_norm=False)),
+    "mistral_no_window_mha_tied": ("mistral", dict(sliding_window=None, num_key_value_heads=4, tie_word_embeddings=True,
+                                                   rope_parameters=dict(rope_type="default", rope_theta=500.0)),
+                                   dict(sliding_window=None, sliding_layers=())),
+    "qwen2_qkv_biases_gqa": ("qwen2", dict(), dict(qkv_bias=True, attention_bias=False, sliding_layers=())),
+    "qwen2_window4_on_layer1": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                              num_key_value_heads=1),
+                                dict(qkv_bias=True, sliding_window=4, sliding_layers=(False, True))),
+    "qwen3_qk_norm_gqa": ("qwen3", dict(head_dim=16), dict(qk_norm=True, qkv_bias=False, attention_bias=False,
+                                                           head_dim=16, sliding_layers=())),
+    "qwen3_attention_bias_tied": ("qwen3", dict(head_dim=8, attention_bias=True, tie_word_embeddings=True),
+                                  dict(qk_norm=True, attention_bias=True, head_dim=8)),
+}
+
+
+class Saved(NamedTuple):
+    folder: str  # save_pretrained of the reference
+    ids: np.ndarray  # padded_inputs [3, LENGTH]
+    mask: np.ndarray
+    want: np.ndarray  # transformers' logits
+    got: np.ndarray  # ours (no adapters)
+
+
+def _hf_model(name):
+    model_type, fields, _ = CONFIGS[name]
+    config_class, model_class = CLASSES[model_type]
+    return randomised(model_class, config_class(**(BASE | fields)))
+
+
+def _logits(hf_model, ids, mask):
+    with torch.no_grad():
+        return hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float().numpy()
+
+
+def _ours(model, ids, mask):
+    return np.asarray(model(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``saved(name)``: the random transformers model of ``CONFIGS[name]`` saved once, with both logits."""
+    cache = {}
+
+    def get(name) -> Saved:
+        if name not in cache:
+            hf_model, folder = _hf_model(name), tmp_path_factory.mktemp(name)
+            hf_model.save_pretrained(folder)
+            ids, mask = padded_inputs(hf_model.config.vocab_size, length=LENGTH)
+            got = _ours(from_pretrained(str(folder)), ids, mask)
+            cache[name] = Saved(str(folder), ids, mask, _logits(hf_model, ids, mask), got)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(name, saved):
+    ref = saved(name)
+    model_type, _, expected = CONFIGS[name]
+    spec = model_spec(ref.folder)
+    assert spec.family == model_type
+    assert {k: getattr(spec, k) for k in expected} == expected
+    assert ref.got.shape == ref.want.shape and ref.got.dtype == np.float32
+    real = ref.mask.astype(bool)
+    np.testing.assert_allclose(ref.got[real], ref.want[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1"])
+def test_the_sliding_window_is_what_makes_parity(name, saved):
+    """Without its window the reference differs past it: the parity above is not that of full attention."""
+    ref, hf_model = saved(name), _hf_model(name)  # the same seed: the same weights
+    window = hf_model.config.sliding_window
+    if name.startswith("qwen2"):  # the mask of each layer follows layer_types
+        hf_model.config.layer_types = ["full_attention"] * 2
+        for layer in hf_model.model.layers:
+            layer.self_attn.sliding_window = None
+    else:
+        hf_model.config.sliding_window = None
+    full = _logits(hf_model, ref.ids, ref.mask)
+    np.testing.assert_allclose(ref.got[0, :window], full[0, :window], atol=1e-4)  # inside the window
+    assert np.abs(ref.got[0, window + 2:] - full[0, window + 2:]).max() > 1e-2
+
+
+def test_cached_generation_under_mistrals_window_equals_full_recompute(saved):
+    model = from_pretrained(saved("mistral_window5_gqa").folder)
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(3, 97, size=n)) for n in (7, 2)]  # 7 + 4 tokens: past the window of 5
+    got = greedy_generate(model, prompts, max_new_tokens=4, eos_id=-1, pad_id=0, batch_size=2)
+    ids, mask = np.zeros((2, 11), np.int32), np.zeros((2, 11), np.int32)
+    for row, (p, g) in enumerate(zip(prompts, got)):
+        ids[row, :len(p) + len(g)], mask[row, :len(p) + len(g)] = p + g, 1
+    logits = _ours(model, ids, mask)  # each new token: the argmax of a full (windowed) forward of what precedes it
+    for row, (p, g) in enumerate(zip(prompts, got)):
+        assert len(g) == 4 and g == [int(i) for i in logits[row, len(p) - 1:len(p) + 3].argmax(-1)]
+
+
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_qkv_biases_gqa", "qwen3_qk_norm_gqa"])
+def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
+    """CoMoE experts attach to all seven projections by name; on q_proj and o_proj (biased and not in Qwen2,
+    after / before the q/k norms in Qwen3) the logits at initialisation are the base model's, and gradient
+    steps on the next-token loss (through Mistral's window) lower it and move only the adapters."""
+    ref = saved(name)
+    every = model_factory(ModelConfig(path=ref.folder), AdapterConfig(target_modules=ALL_PROJECTIONS), None, 0)
+    assert [m.rsplit(".", 1)[-1] for m in nnx.eval_shape(every).adapter_modules()] == list(ALL_PROJECTIONS) * 2
+    adapted = from_pretrained(ref.folder, adapter=AdapterConfig(target_modules=("q_proj", "o_proj")))
+    assert adapted.num_adapters == 4
+    attn = adapted.layers[0].layer.self_attn
+    assert (attn.q_proj.bias is not None, attn.o_proj.bias is not None) == (name.startswith("qwen2"), False)
+    assert hasattr(attn, "q_norm") == name.startswith("qwen3")
+    ids, mask, bare = jnp.asarray(ref.ids, jnp.int32), jnp.asarray(ref.mask), ref.got
+    graphdef, params, frozen = split_model(adapted)
+
+    @jax.jit
+    def step(params, frozen):
+        def loss(params):
+            logits = nnx.merge(graphdef, params, frozen)(ids, mask)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+            return (ce * mask[:, 1:]).sum() / mask[:, 1:].sum(), logits
+
+        (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.tree.map(lambda p, g: p - 2.0 * g, params, grads), value, logits
+
+    start, frozen_before = flat_values(params), flat_values(frozen)
+    losses = []
+    for _ in range(3):
+        params, value, logits = step(params, frozen)
+        losses.append(float(value))
+        if len(losses) == 1:
+            np.testing.assert_allclose(np.asarray(logits), bare, atol=1e-5, rtol=0)
+    assert np.isfinite(losses).all() and losses[0] > losses[1] > losses[2], losses
+    moved = {k for k, v in flat_values(params).items() if not np.array_equal(np.asarray(v), np.asarray(start[k]))}
+    assert {k.rsplit(".", 1)[-1] for k in moved} >= {"lora_a", "lora_b"}
+    assert all(k in moved for k in start if k.endswith("lora_b"))
+    assert all(np.array_equal(np.asarray(v), np.asarray(frozen_before[k])) for k, v in flat_values(frozen).items())
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "phi3"])
+def test_unsupported_model_types_are_refused_with_the_supported_list(model_type, tmp_path):
+    (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}", "num_hidden_layers": 2}}')
+    with pytest.raises(LoadError, match=rf"model_type '{model_type}' is not supported; comoe-jax implements "
+                                        r"llama, mistral, qwen2, qwen3, gemma3_text, gemma3"):
+        from_pretrained(str(tmp_path))
+    with pytest.raises(LoadError, match="model_type 'phi3' is not supported"):
+        model_spec("random", dict(model_type="phi3"))
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path):
+    import gguf
+
+    path = tmp_path / "qwen2.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_block_count(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(LoadError, match=r"GGUF architecture 'qwen2' is not supported.*Hugging Face folders"):
+        from_pretrained(str(path))
