@@ -15,4 +15,4 @@ __all__ = [
     "RoutingTrace", "TrainingDiverged", "evaluate", "from_pretrained", "load_sources", "load_tokenizer", "ops",
     "validate",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

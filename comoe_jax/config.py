@@ -653,6 +653,9 @@ def validate(cfg: Config) -> Config:
     if a.experts == "sparse":
         _require(a.num_experts > 1 and a.method not in SOFT_ROUTED_METHODS, "adapter.experts", a.experts,
                  f"dense for adapter.method={a.method} (sparse experts need top-k routing over n >= 2 experts)")
+    if cfg.log.wandb:
+        _require(importlib.util.find_spec("wandb") is not None, "log.wandb", True,
+                 "only with the wandb package installed (pip install wandb)")
     _require(cfg.eval.every >= 0, "eval.every", cfg.eval.every, ">= 0 (0: no validation during training)")
     _require(not cfg.eval.keep_best or cfg.eval.every > 0, "eval.keep_best", cfg.eval.keep_best,
              "only with eval.every > 0 (the best step is chosen among the validation steps)")

@@ -211,7 +211,8 @@ def _fit(context: list[int], room: int) -> tuple[list[int], bool]:
     return (context[-room:], True) if len(context) > room else (context, False)
 
 
-def _require_choice(examples: list[Example], mode: str, need_options: bool = False) -> None:
+def require_choice(examples: list[Example], mode: str, need_options: bool = False) -> None:
+    """Refuse items that scoring mode ``mode`` (label / loglik) cannot score, naming the item."""
     for ex in examples:
         if not ex.labels:
             raise DataError(f"{ex.source}: eval.mode={mode} needs multiple-choice items, but task {ex.task!r} has "
@@ -223,7 +224,7 @@ def _require_choice(examples: list[Example], mode: str, need_options: bool = Fal
 
 def label_predictions(scorer: Scorer, tokenizer, examples: list[Example], template: str) -> tuple[list[str], int]:
     """Predicted label per example (restricted-label scoring) and the number of cut prompts."""
-    _require_choice(examples, "label")
+    require_choice(examples, "label")
     contexts, conts, cut = [], [], 0
     for ex in examples:
         prompt, _ = render(ex, template, tokenizer)
@@ -242,7 +243,7 @@ def label_predictions(scorer: Scorer, tokenizer, examples: list[Example], templa
 
 def loglik_predictions(scorer: Scorer, tokenizer, examples: list[Example], template: str) -> tuple[list[str], int]:
     """Predicted label per example by length-normalised option log-likelihood."""
-    _require_choice(examples, "loglik", need_options=True)
+    require_choice(examples, "loglik", need_options=True)
     contexts, options, cut = [], [], 0
     for ex in examples:
         prompt, continuations = render_cloze(ex, template, tokenizer)

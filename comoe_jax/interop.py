@@ -13,7 +13,9 @@ import json
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from comoe_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, load_adapters, read_safetensors, set_adapters
 from comoe_jax.config import AdapterConfig, Config, LossConfig, config_from_dict, read_json
@@ -22,7 +24,7 @@ from comoe_jax.errors import AdapterFormatError, ConfigError
 from comoe_jax.generate import greedy_generate
 from comoe_jax.loading import _hf_name, from_pretrained, hf_config, load_tokenizer, model_spec, resolve_model_path
 from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, unstack
-from comoe_jax.paths import as_path
+from comoe_jax.paths import as_path, hub_id
 
 PEFT_PREFIX = "base_model.model."
 # Our per-layer leaf -> (peft suffix, transpose?)
@@ -42,6 +44,7 @@ def export_peft(model, cfg: Config, directory: str | Path) -> Path:
     """Write a single-expert (lora / dora) model's adapters in peft's format.
 
     ``PeftModel.from_pretrained(LlamaForCausalLM(...), directory)`` then gives the same logits.
+    Multi-host safe: every process joins the gather of the (possibly sharded) adapters, process 0 writes.
     """
     from safetensors.numpy import save
 
@@ -49,7 +52,11 @@ def export_peft(model, cfg: Config, directory: str | Path) -> Path:
     if a.num_experts != 1:
         raise ValueError(f"adapter.method={a.method} has {a.num_experts} experts: peft's format holds one LoRA / "
                          "DoRA per layer; mixtures export with comoe_jax.checkpoint.save_adapters")
-    per_layer = unstack({k: np.asarray(v) for k, v in flat_values(split_model(model)[1]).items()}, model.groups)
+    gathered = multihost_utils.process_allgather(flat_values(split_model(model)[1]), tiled=True)
+    per_layer = unstack({k: np.asarray(v) for k, v in gathered.items()}, model.groups)
+    directory = as_path(directory)
+    if jax.process_index() != 0:
+        return directory
     tensors = {}
     for name, value in per_layer.items():
         module, leaf = name.rsplit(".", 1)
@@ -58,26 +65,42 @@ def export_peft(model, cfg: Config, directory: str | Path) -> Path:
         tensors[f"{PEFT_PREFIX}model.{module}.{suffix}"] = np.ascontiguousarray(value.T if transpose else value)
     layers = sorted(int(k.split(".")[1]) for k in per_layer if k.endswith(".lora_a"))
     peft_config = _PEFT_REQUIRED | {
-        "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_reference(cfg.model.path), "r": a.rank,
+        **base_model_fields(cfg.model.path), "task_type": "CAUSAL_LM", "r": a.rank,
         "lora_alpha": a.alpha, "lora_dropout": a.dropout, "target_modules": sorted(a.target_modules),
         "use_dora": a.method == "dora", "layers_to_transform": sorted(set(layers)), "init_lora_weights": True,
         "inference_mode": True,
     }
-    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / ADAPTER_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
     (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
     return directory
 
 
-def base_model_reference(path: str) -> str:
-    """What peft's ``base_model_name_or_path`` holds: a local model as an absolute path (so
-    ``AutoPeftModelForCausalLM`` finds it from any folder), a hub id as given."""
+def base_model_fields(path: str) -> dict:
+    """peft's ``base_model_name_or_path`` and ``revision`` for ``model.path``: a hub id as its repository and
+    revision, a local model as an absolute path (so ``AutoPeftModelForCausalLM`` finds it from any folder).
+    A GGUF base (the default ``smollm2-135m``) is recorded as its file, which transformers reads only with
+    ``gguf_file=``: export such runs with ``comoe-export --format merged``."""
+    hub = hub_id(path)
+    if hub:
+        return {"base_model_name_or_path": hub[0], "revision": hub[1]}
     if path == "random":
-        return path
-    local = Path(path)
-    return str(local.resolve()) if local.exists() else str(resolve_model_path(path).resolve() if "/" not in path
-                                                           else path)
+        return {"base_model_name_or_path": path, "revision": None}
+    local = Path(path) if Path(path).exists() else resolve_model_path(path)
+    return {"base_model_name_or_path": str(local.resolve()), "revision": None}
+
+
+def recorded_base(directory: str | Path) -> str | None:
+    """The base model an adapter folder records, as ``model.path`` takes it (comoe-jax's ``base_model``;
+    peft's ``base_model_name_or_path`` with its ``revision``)."""
+    meta = read_json(as_path(directory) / ADAPTER_CONFIG, AdapterFormatError)
+    if not isinstance(meta, dict):
+        raise AdapterFormatError(f"{as_path(directory) / ADAPTER_CONFIG}: expected a JSON object, got "
+                                 f"{type(meta).__name__}")
+    if meta.get("format") == FORMAT:
+        return meta.get("base_model")
+    base, revision = meta.get("base_model_name_or_path"), meta.get("revision")
+    return f"{base}@{revision}" if base and revision and hub_id(base) else base
 
 
 def merged_weights(model, adapter: AdapterConfig) -> dict[str, np.ndarray]:
@@ -110,7 +133,8 @@ def export_merged(model, cfg: Config, directory: str | Path) -> Path:
     directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as local:  # transformers writes local files; the run may be on gs://
-        hf_config(cfg.model).save_pretrained(local)
+        config = hf_config(cfg.model)
+        (config.text_config if config.model_type == "gemma3" else config).save_pretrained(local)  # text weights
         load_tokenizer(cfg.model.path).save_pretrained(local)
         for file in Path(local).iterdir():
             (directory / file.name).write_bytes(file.read_bytes())
@@ -193,7 +217,7 @@ def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str =
     """
     kind = adapter_format(directory)
     meta = read_json(Path(directory) / ADAPTER_CONFIG, AdapterFormatError)
-    base = base or (meta.get("base_model") if kind == "comoe" else meta.get("base_model_name_or_path"))
+    base = base or recorded_base(directory)
     if not base:
         raise AdapterFormatError(f"{Path(directory) / ADAPTER_CONFIG}: no base model recorded; pass base=")
     if kind == "comoe":

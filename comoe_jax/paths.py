@@ -73,6 +73,14 @@ def replace(src, dst) -> None:
         src.rename(dst)
 
 
+def write_atomic(path, text: str) -> None:
+    """Write a text file so that a reader (or a crash) never sees it half written."""
+    path = as_path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    replace(tmp, path)
+
+
 def remove_tree(path) -> None:
     path = as_path(path)
     if path.exists():

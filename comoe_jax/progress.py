@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import jax
@@ -120,7 +120,8 @@ def tensorboard_sink(folder) -> TensorBoardSink | None:
 
 
 class WandbSink:
-    """Scalars to a Weights & Biases run; the run id is the run folder's, so a resumed run continues it."""
+    """Scalars to a Weights & Biases run. Its id is kept in ``<run>/wandb_id``, so a resumed run continues
+    the same W&B run and a new run (even in a reused folder name elsewhere) starts its own."""
 
     def __init__(self, log_cfg, out, config: dict):
         try:
@@ -128,10 +129,17 @@ class WandbSink:
         except ImportError:
             raise ConfigError("log.wandb=true needs the wandb package: pip install wandb (or log.wandb=false)") \
                 from None
-        name = log_cfg.wandb_run_name or as_path(out).name
-        run_id = hashlib.sha1(str(out).encode()).hexdigest()[:16]
-        self.run = wandb.init(project=log_cfg.wandb_project, entity=log_cfg.wandb_entity or None, name=name,
-                              id=run_id, resume="allow", config=config, dir=_wandb_dir(out))
+        id_file = as_path(out) / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:16]
+        id_file.write_text(run_id)
+        try:
+            self.run = wandb.init(project=log_cfg.wandb_project, entity=log_cfg.wandb_entity or None,
+                                  name=log_cfg.wandb_run_name or as_path(out).name, id=run_id, resume="allow",
+                                  config=config, dir=_wandb_dir(out))
+        except Exception as e:  # noqa: BLE001  (no API key, no network, a bad entity: wandb's own error types)
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise ConfigError(f"log.wandb=true: Weights & Biases could not start a run ({reason}); run `wandb "
+                              "login`, set WANDB_API_KEY, or WANDB_MODE=offline") from None
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
@@ -275,6 +283,11 @@ class Progress:
         eta = per_step * (self.total - step)
         return (f"step {step}/{self.total} | {terms} | {tokens_per_second:,.0f} tok/s | "
                 f"elapsed {_duration(elapsed)} ETA {_duration(eta)}")
+
+    def skip_time(self, seconds: float) -> None:
+        """Leave ``seconds`` spent outside training (validation) out of tokens/s, MFU and the ETA."""
+        self.last_time += seconds
+        self.started += seconds
 
     def _hardware(self, steps: int, seconds: float) -> dict:
         """Achieved TFLOP/s (analytic FLOPs of the step), MFU against the devices' peak, device memory."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +23,15 @@ from jax.experimental import multihost_utils
 
 from comoe_jax import sharding as shd
 from comoe_jax.checkpoint import Checkpointer, config_changes, save_adapters
-from comoe_jax.config import Config, ConfigError, negatives_per_anchor, parse_layer_range, validate
+from comoe_jax.config import Config, ConfigError, negatives_per_anchor, parse_layer_range, read_json, validate
 from comoe_jax.data import BATCH_ARRAYS, TrainStream, assign_rows, check_tokenizer, load_sources, tokenize_rows
 from comoe_jax.errors import RunFolderError
-from comoe_jax.evaluate import EvalResult, evaluate, load_eval, response_loss
+from comoe_jax.evaluate import EvalResult, evaluate, load_eval, require_choice, response_loss
 from comoe_jax.flops import device_peak, train_step_flops
 from comoe_jax.interop import export_peft
 from comoe_jax.loading import build_model, load_tokenizer, model_spec
 from comoe_jax.model import flat_values, split_model, state_from_flat, trainable_parameters
-from comoe_jax.paths import as_path
+from comoe_jax.paths import as_path, write_atomic
 from comoe_jax.plots import plot_run, plot_validation
 from comoe_jax.progress import MetricSinks, Progress, metric_sinks, read_jsonl, repair_jsonl
 from comoe_jax.report import (
@@ -219,8 +220,8 @@ def train(cfg: Config, *, stream=None) -> RunResult:
                                    flops, validator)
         save_adapters(out / "adapter", state.params, model.groups, cfg)
         trained = nnx.merge(graphdef, state_from_flat(adapters, state.params), frozen_state)
-        if cfg.adapter.method in ("lora", "dora") and jax.process_index() == 0:
-            export_peft(trained, cfg, out / "peft")  # one LoRA per layer: peft users load it as is
+        if cfg.adapter.method in ("lora", "dora"):  # one LoRA per layer: peft users load it as is
+            export_peft(trained, cfg, out / "peft")
         history = load_history(out)  # the whole run, earlier sessions included
         if jax.process_index() == 0:
             plot_run(history, out, model.adapter_modules(), f"lambda = {cfg.loss.contrastive_weight}",
@@ -239,7 +240,7 @@ def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batc
     out = as_path(cfg.train.output_dir)
     progress = Progress(cfg.train.steps, int(jax.device_get(state.step)), cfg.train.log_every, out / "metrics.jsonl",
                         stream=stream, sinks=sinks, max_skipped=cfg.train.max_skipped_steps,
-                        flops_per_step=flops_per_step, peak_flops=_peak_flops(cfg))
+                        flops_per_step=flops_per_step, peak_flops=_peak_flops(cfg, step_fn.mesh.devices.size))
     interrupted = False
     data_state = batches.get_state()  # the stream position that goes with ``state``
     try:
@@ -253,7 +254,9 @@ def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batc
                 progress.update(done, metrics)
                 if validator is not None and validator.due(done):
                     progress.flush(print_line=False)  # never validate a diverged state
+                    started = time.perf_counter()
                     validator(done, state.params)
+                    progress.skip_time(time.perf_counter() - started)
                 stopping = stop.reached(done)
                 if done % cfg.train.save_every == 0 or done == cfg.train.steps or stopping:
                     progress.flush(print_line=False)  # never checkpoint a diverged state
@@ -283,9 +286,12 @@ class Validator:
         self.graphdef, self.adapters, self.frozen = split_model(model)
         self.groups = model.groups
         self.items = validation_examples(cfg)
+        if cfg.eval.mode != "generate":  # refused now, not at step eval.every
+            require_choice(self.items, cfg.eval.mode, need_options=cfg.eval.mode == "loglik")
         self.rows = read_jsonl(out / "validation.jsonl")[0]  # earlier sessions of a resumed run
         best = out / "best.json"
-        self.best = json.loads(best.read_text())["accuracy_average"] if best.exists() else -1.0
+        meta = read_json(best, RunFolderError) if best.exists() else {}
+        self.best = meta.get("accuracy_average", -1.0) if isinstance(meta, dict) else -1.0
 
     def due(self, step: int) -> bool:
         return step % self.cfg.eval.every == 0
@@ -302,14 +308,14 @@ class Validator:
         self.sinks.log("val", row, step)
         self.rows = [r for r in self.rows if r["step"] < step] + [row]
         if jax.process_index() == 0:
-            (self.out / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            write_atomic(self.out / "validation.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
             plot_validation(self.rows, self.out / "validation.png")
         if e.keep_best and result.average > self.best:
             self.best = result.average
             save_adapters(self.out / "best_adapter", params, self.groups, self.cfg)
             if jax.process_index() == 0:
-                (self.out / "best.json").write_text(json.dumps({"step": step, "accuracy_average": result.average,
-                                                                 "loss": loss}))
+                write_atomic(self.out / "best.json", json.dumps({"step": step, "accuracy_average": result.average,
+                                                                  "loss": loss}))
             self.say(f"best validation accuracy so far: adapters of step {step} in {self.out / 'best_adapter'}")
         return row
 
@@ -330,10 +336,10 @@ def _accuracy_scalars(result: EvalResult) -> dict[str, float]:
         {"accuracy_average": float(result.average)}
 
 
-def _peak_flops(cfg: Config) -> float | None:
-    """Peak FLOP/s of every device of the run (None on CPUs and unknown chips: no MFU)."""
+def _peak_flops(cfg: Config, devices: int) -> float | None:
+    """Peak FLOP/s of the run's ``devices`` (None on CPUs and unknown chips: no MFU)."""
     peak = device_peak(cfg.model.dtype)
-    return peak * jax.device_count() if peak else None
+    return peak * devices if peak else None
 
 
 def _accuracies(result: EvalResult) -> str:

@@ -216,6 +216,8 @@ CASES = [
     ("template-chat-without-one", _override("data.template=chat"), 2,
      r"data\.template=chat needs a tokenizer with a chat template"),
     ("eval-every", _override("eval.every=-2"), 2, r"eval\.every=-2 is not allowed: >= 0"),
+    ("eval-every-free-form", _override("eval.every=2", "eval.mode=label", "eval.sources=builtin:add"), 2,
+     r"eval\.mode=label needs multiple-choice items, but task 'add' has free-form answers"),
     ("keep-best-alone", _override("eval.keep_best=true"), 2,
      r"eval\.keep_best=True is not allowed: only with eval\.every > 0"),
     ("seq-len", _override("data.seq_len=4"), 2, r"data\.seq_len=4 is not allowed: >= 8 tokens"),

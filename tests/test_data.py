@@ -232,7 +232,8 @@ def test_hub_datasets_by_name_load_and_stream_through_datasets(tmp_path, monkeyp
     monkeypatch.setattr(datasets, "load_dataset", real)  # the real loader, offline, on a dataset never loaded
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    with pytest.raises(DataError, match=r"hf:acme/never-loaded: the hub dataset cannot be loaded for split 'train'"):
+    with pytest.raises(DataError, match=r"hf:acme/never-loaded: no such local folder, and the hub dataset cannot be "
+                                        r"loaded for split 'train'"):
         load_source("hf:acme/never-loaded", "train")
 
 

@@ -68,6 +68,34 @@ def test_a_hub_model_missing_from_the_cache_offline_is_a_clear_error(hub_cache):
         load_tokenizer("acme/tiny-llama@v9")
 
 
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(hub_cache, tmp_path):
+    _, source = hub_cache
+    folder = tmp_path / "nopad"
+    shutil.copytree(source, folder)
+    tok = byte_tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    loaded = load_tokenizer(str(folder))
+    assert loaded.pad_token == loaded.eos_token and loaded.pad_token_id == loaded.eos_token_id is not None
+
+
+def test_peft_records_hub_bases_with_their_revision_and_local_bases_absolute(hub_cache, tmp_path, monkeypatch):
+    import json
+
+    from comoe_jax.interop import base_model_fields, recorded_base
+
+    _, source = hub_cache
+    assert base_model_fields(f"acme/tiny-llama@{COMMIT}") == {"base_model_name_or_path": "acme/tiny-llama",
+                                                              "revision": COMMIT}
+    monkeypatch.chdir(source.parent)
+    assert base_model_fields("source") == {"base_model_name_or_path": str(source.resolve()), "revision": None}
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", **base_model_fields(f"acme/tiny-llama@{COMMIT}")}))
+    assert recorded_base(folder) == f"acme/tiny-llama@{COMMIT}"
+
+
 def test_train_command_on_a_hub_id(hub_cache, tmp_path):
     import train
 

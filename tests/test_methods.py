@@ -251,6 +251,9 @@ def test_export_command_peft_and_merged_load_in_transformers(hf_folder, tmp_path
     assert export.main(["--run", str(run), "--format", "merged"]) == 2  # never overwritten without asking
     assert "pass --overwrite" in capsys.readouterr().err
     assert (run / "merged" / "model.safetensors").read_bytes() == before
+    (run / "merged" / "stale.txt").write_text("from before")
+    assert export.main(["--run", str(run), "--format", "merged", "--overwrite"]) == 0
+    assert not (run / "merged" / "stale.txt").exists() and (run / "merged" / "model.safetensors").exists()
 
 
 def test_export_command_refuses_a_mixture_for_peft(hf_folder, tmp_path, capsys):

@@ -126,6 +126,8 @@ def test_end_to_end_run_writes_every_artefact(tmp_path, tiny_config, monkeypatch
     trainer.train(cfg)
     run = tmp_path / "run"
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))  # W&B's own offline record, beside the run
+    run_id = (run / "wandb_id").read_text()
+    assert list((run / "wandb").glob(f"offline-run-*-{run_id}"))  # the id a resumed run continues
     assert [step for step, scalars in logged if "train/loss" in scalars] == list(range(1, 9))
     assert "eval_before/accuracy_average" in logged[0][1] and "eval_after/accuracy_winowhy" in logged[-1][1]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,13 +1,14 @@
 """Export a trained run's adapter for Hugging Face users.
 
-    comoe-export --run runs/lora --format peft      # runs/lora/peft: PeftModel / AutoPeftModelForCausalLM
     comoe-export --run runs/lora --format merged    # runs/lora/merged: AutoModelForCausalLM, no peft needed
+    comoe-export --run runs/lora --format peft --out /models/lora   # PeftModel / AutoPeftModelForCausalLM
     comoe-export --run runs/x --format comoe --out /models/x   # any method, comoe-jax's own adapter layout
 
 (``python -m comoe_jax.commands.export`` from a checkout.) ``peft`` and ``merged`` take ``lora`` / ``dora``
-runs (one expert per layer: a routed mixture has no peft equivalent); ``comoe`` copies the run's
-adapter folder, which ``comoe_jax.interop.load_adapted`` reads. An existing output folder is
-refused unless ``--overwrite`` is given.
+runs (one expert per layer: a routed mixture has no peft equivalent; such runs already hold
+``<run>/peft`` from training); ``comoe`` copies the run's adapter folder, which
+``comoe_jax.interop.load_adapted`` reads. An existing output folder is refused unless ``--overwrite``
+is given (it is then replaced).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 from comoe_jax.cli import command
 from comoe_jax.config import ConfigError, load_run_config
-from comoe_jax.paths import as_path
+from comoe_jax.paths import as_path, remove_tree
 
 FORMATS = ("peft", "merged", "comoe")
 
@@ -36,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it, or --out elsewhere")
     adapter_dir = as_path(args.run) / "adapter"
+    remove_tree(out)
     if args.format == "comoe":
-        if out.exists():
-            shutil.rmtree(out)
         shutil.copytree(adapter_dir, out)
         print(f"comoe-jax adapter copied to {out}")
         return 0

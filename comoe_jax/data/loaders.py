@@ -23,7 +23,6 @@ Source strings (``data.train`` / ``data.eval`` in the config):
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 from pathlib import Path
@@ -303,6 +302,16 @@ def _hf_records(rows, task: str, where: str) -> list[Example]:
 HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 
 
+def _first_rows(rows, limit: int) -> list:
+    """The first ``limit`` rows of a stream; all of them when rows name their task (each task needs its own)."""
+    out = []
+    for row in rows:
+        out.append(row)
+        if len(out) >= limit and "task" not in row:
+            break
+    return out
+
+
 def load_hub_dataset(name: str, split: str, limit: int = 0) -> list[Example]:
     """A Hugging Face hub dataset (``org/name[:subset]``) through ``datasets.load_dataset`` and its cache
     (``HF_DATASETS_OFFLINE=1`` reads only datasets loaded before); ``limit`` > 0 streams the first rows only."""
@@ -313,10 +322,11 @@ def load_hub_dataset(name: str, split: str, limit: int = 0) -> list[Example]:
         data = datasets.load_dataset(repo, subset or None, split=split, streaming=limit > 0)
     except (ConnectionError, FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise DataError(f"hf:{name}: the hub dataset cannot be loaded for split {split!r} ({reason}); offline "
+        raise DataError(f"hf:{name}: no such local folder, and the hub dataset cannot be loaded for split "
+                        f"{split!r} ({reason}); offline "
                         "(HF_DATASETS_OFFLINE=1 or no network) only datasets loaded once before are cached") from None
-    rows = itertools.islice(data, limit) if limit else data
-    return _hf_records(rows, repo.split("/")[-1] + (f"_{subset}" if subset else ""), f"hf:{name} ({split})")
+    task = repo.split("/")[-1] + (f"_{subset}" if subset else "")
+    return _hf_records(_first_rows(data, limit) if limit else data, task, f"hf:{name} ({split})")
 
 
 def load_hf_dataset(path: Path, split: str) -> list[Example]:

@@ -63,8 +63,15 @@ def _chat(example: Example, tokenizer, with_options: bool) -> tuple[str, str]:
         raise DataError("data.template=chat needs a tokenizer with a chat template (chat_template.jinja or "
                         "tokenizer_config.json's chat_template); this one has none: use alpaca, choice or plain")
     messages = chat_messages(example, with_options)
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    try:
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+    except ImportError as e:  # transformers renders chat templates with jinja2
+        raise DataError(f"data.template=chat needs jinja2 to render the chat template: pip install jinja2 ({e})") \
+            from None
+    except Exception as e:  # noqa: BLE001  (a template that raises on this conversation: jinja's error types)
+        raise DataError(f"{example.source}: the tokenizer's chat template cannot render this conversation "
+                        f"({type(e).__name__}: {e})") from None
     if not full.startswith(prompt):
         raise DataError(f"{example.source}: the chat template renders the conversation before the reply differently "
                         "from its generation prompt, so the reply cannot be told apart; use another data.template")
