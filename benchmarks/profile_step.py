@@ -1,0 +1,118 @@
+"""Where one train step's time goes: the step split into stages, each jitted and timed on the same batch.
+
+    python benchmarks/profile_step.py                 # SmolLM2-135M's shapes, batch 4 x 160 (the main job)
+    python benchmarks/profile_step.py --arch small --hidden 1024 --layers 8 --seq-len 256 --batch 8
+
+Stages (lambda 0.01 and lambda 0, n = 4, top-2, q/k/v/o): the forward pass with the loss; forward +
+backward (``value_and_grad`` of the loss); the whole step (+ AdamW, clipping and the non-finite guard).
+Differences give the backward pass, the optimizer and the contrastive term (lambda 0.01 - lambda 0);
+the forward is further split by the analytic FLOPs of ``comoe_jax/flops.py`` (frozen base matmuls,
+attention, adapters and router, LM head). Stages are timed in interleaved rounds (noise hits them
+alike). Prints a table and writes benchmarks/results/profile_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from bench_step import architecture, make_step  # noqa: E402
+
+from comoe_jax import sharding as shd  # noqa: E402
+from comoe_jax.flops import step_flops  # noqa: E402
+from comoe_jax.loading import model_spec  # noqa: E402
+
+
+def stages(step, state, frozen, batch) -> dict:
+    """name -> zero-argument callable running that stage once (compiled on first call)."""
+    micro = {k: v[0] for k, v in batch.items()}
+    counts = {"tokens": jnp.sum(micro["attention_mask"]).astype(jnp.float32),
+              "response": jnp.sum(micro["loss_mask"]).astype(jnp.float32)}
+    key = jax.random.key(0)
+
+    def ruled(fn):
+        def run(params, frozen, micro):
+            with shd.activation_rules(step.mesh, step.rules):
+                return fn(params, frozen, micro, key, counts)
+        return jax.jit(run)
+
+    forward = ruled(step.loss)
+    backward = ruled(jax.value_and_grad(step.loss, has_aux=True))
+    held = {"state": state}  # the step donates its state: keep the newest
+
+    def whole_step():
+        held["state"], metrics = step(held["state"], frozen, batch)
+        return metrics
+
+    return {"forward": lambda: forward(held["state"].params, frozen, micro),
+            "forward+backward": lambda: backward(held["state"].params, frozen, micro),
+            "step": whole_step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="smollm2", choices=["small", "smollm2"])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "profile_step.json"))
+    args = parser.parse_args()
+    args.seq_len = args.seq_len or (160 if args.arch == "smollm2" else 128)
+
+    runs, steps = {}, {}
+    for weight in (0.01, 0.0):
+        step, state, frozen, batch = make_step(args, 4, weight, 0, "gram", "dense")
+        steps[weight] = step
+        for name, fn in stages(step, state, frozen, batch).items():
+            label = f"{name} lambda{weight}"
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            runs[label] = {"fn": fn, "times": [], "compile_s": time.perf_counter() - start}
+            print(f"compiled {label} in {runs[label]['compile_s']:.1f}s", flush=True)
+    for _ in range(args.rounds):
+        for run in runs.values():
+            start = time.perf_counter()
+            jax.block_until_ready(run["fn"]())
+            run["times"].append(time.perf_counter() - start)
+    t = {label: statistics.median(run["times"]) for label, run in runs.items()}
+
+    cfg = steps[0.01].cfg
+    spec = model_spec("random", cfg.model.random_arch)
+    tokens = args.batch * args.seq_len
+    flops = step_flops(cfg, spec, tokens=tokens, seq_len=args.seq_len,
+                       head_positions=args.batch * steps[0.01].head_positions)
+    forward_share = {"frozen base matmuls": flops.base / 2, "attention": flops.attention / 3,
+                     "adapters + router": flops.adapters / 3, "LM head": flops.head / 2}
+    total_forward = sum(forward_share.values())
+    f, fb, full = t["forward lambda0.01"], t["forward+backward lambda0.01"], t["step lambda0.01"]
+    rows = [("forward (loss)", f), ("backward", fb - f), ("optimizer + clipping + guard", full - fb),
+            ("whole step", full), ("contrastive term (lambda 0.01 - 0, whole step)", full - t["step lambda0.0"])]
+    rows += [(f"  forward: {name} (analytic FLOP share)", f * share / total_forward)
+             for name, share in forward_share.items()]
+    print(f"\n{args.arch} {args.batch} x {args.seq_len} tokens, n=4 top-2 q/k/v/o r=16, {jax.devices()[0].platform}; "
+          f"median of {args.rounds}")
+    print(f"{'stage':<52} {'ms':>9} {'% of step':>10}")
+    for name, seconds in rows:
+        print(f"{name:<52} {seconds * 1e3:9.1f} {100 * seconds / full:9.1f}%")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"arch": architecture(args), "batch": args.batch, "seq_len": args.seq_len,
+                               "medians_s": t, "compile_s": {k: r["compile_s"] for k, r in runs.items()},
+                               "stages": [{"stage": n, "seconds": s, "share_of_step": s / full} for n, s in rows]},
+                              indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
