@@ -40,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     from comoe_jax.tables import markdown_table, number, percent
 
     shd.init_distributed(probe_cfg.mesh)
+    import jax
+
+    writer = jax.process_index() == 0  # every process computes (collectives), process 0 writes
     out = as_path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     examples = evaluation_examples(probe_cfg)
     panels, rows, histories = {}, [], {}
     for run, cfg in zip(args.runs, configs):
@@ -52,13 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         module = args.module or model.adapter_modules()[len(model.adapter_modules()) // 2]
         usage = collect_routing(model, tokenizer, examples, probe_cfg.data.template, probe_cfg.eval.batch_size,
                                 code_modules=(module,))
-        plot_workload(usage, out / f"workload_{name}.png")
+        if writer:
+            plot_workload(usage, out / f"workload_{name}.png")
         panels[f"{name} (lambda = {cfg.loss.contrastive_weight})"] = expert_outputs_2d(model, usage, module)
         result = load_eval(as_path(run) / "eval_after.json")
         rows.append({"run": name, "lambda": cfg.loss.contrastive_weight, "experts": cfg.adapter.num_experts,
                      "accuracy": None if result is None else result.average, **summary(usage)})
         histories[name] = load_history(as_path(run))
-        print(f"{name}: MI(task; expert set) {rows[-1]['mi_task_expert_set_bits']:.3f} bits", flush=True)
+        if writer:
+            print(f"{name}: MI(task; expert set) {rows[-1]['mi_task_expert_set_bits']:.3f} bits", flush=True)
+    if not writer:
+        return 0
     plot_representations(panels, out / "representations.png", f"expert outputs at the answer position, {module} (PCA)")
     first = configs[0]
     plot_mi_gap(histories, out / "mi_gap.png", math.log(negatives_per_anchor(first)))
