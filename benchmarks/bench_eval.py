@@ -5,8 +5,9 @@ the previous scorer against the current one, on the same items, in one run.
     python benchmarks/bench_eval.py --items 700        # the whole test split
 
 previous: every (context, option) pair encoded whole, rows padded to multiples of 32 tokens (one compile
-per distinct length); current: lengths padded to a few fixed buckets (a handful of compiles), each
-context encoded once and its options scored from its KV cache. Both are timed from a cold start
+per distinct length); current: items packed into rows of 256 tokens (comoe_jax/option_packing.py): the
+prompt header every item shares once per row, each context once, each option after it (its last token
+left out), the LM head at the scored slots only. Both are timed from a cold start
 (compilation included, as a user meets it) and then warm; the predictions must be identical. Prints a
 table and writes benchmarks/results/bench_eval.json.
 """
@@ -31,7 +32,7 @@ from comoe_jax.report import evaluation_examples  # noqa: E402
 
 
 def previous_predictions(scorer: Scorer, tokenizer, examples, template: str) -> list[str]:
-    """The scorer before the cached-context path: each option appended to its context and encoded whole."""
+    """The scorer before packing: each option appended to its context and encoded whole."""
     pairs, sizes = [], []
     for ex in examples:
         prompt, continuations = render_cloze(ex, template)
@@ -71,7 +72,7 @@ def main() -> None:
         "previous (whole sequences, 32-token padding)":
             lambda: previous_predictions(Scorer(model, tokenizer.pad_token_id, args.batch_size, buckets=32),
                                          tokenizer, examples, template),
-        "current (context once, KV-cached options)":
+        "current (packed rows, shared prefix once)":
             lambda: loglik_predictions(Scorer(model, tokenizer.pad_token_id, args.batch_size), tokenizer, examples,
                                        template)[0],
     }

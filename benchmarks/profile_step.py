@@ -2,8 +2,9 @@
 
     python benchmarks/profile_step.py                 # SmolLM2-135M's shapes, batch 4 x 160 (the main job)
     python benchmarks/profile_step.py --arch small --hidden 1024 --layers 8 --seq-len 256 --batch 8
+    python benchmarks/profile_step.py --experts 64 --negatives 4 --out benchmarks/results/profile_step_n64.json
 
-Stages (lambda 0.01 and lambda 0, n = 4, top-2, q/k/v/o): the forward pass with the loss; forward +
+Stages (lambda 0.01 and lambda 0, n = 4 unless --experts, top-2, q/k/v/o): the forward pass with the loss; forward +
 backward (``value_and_grad`` of the loss); the whole step (+ AdamW, clipping and the non-finite guard).
 Differences give the backward pass, the optimizer and the contrastive term (lambda 0.01 - lambda 0);
 the forward is further split by the analytic FLOPs of ``comoe_jax/flops.py`` (frozen base matmuls,
@@ -66,13 +67,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--negatives", type=int, default=0, help="sampled negatives (0: all inactive experts)")
+    parser.add_argument("--compute", default="dense", choices=["dense", "sparse", "auto"], help="adapter.experts")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "profile_step.json"))
     args = parser.parse_args()
     args.seq_len = args.seq_len or (160 if args.arch == "smollm2" else 128)
 
     runs, steps = {}, {}
     for weight in (0.01, 0.0):
-        step, state, frozen, batch = make_step(args, 4, weight, 0, "gram", "dense")
+        step, state, frozen, batch = make_step(args, args.experts, weight, args.negatives, "gram", args.compute)
         steps[weight] = step
         for name, fn in stages(step, state, frozen, batch).items():
             label = f"{name} lambda{weight}"
@@ -100,7 +104,8 @@ def main() -> None:
             ("whole step", full), ("contrastive term (lambda 0.01 - 0, whole step)", full - t["step lambda0.0"])]
     rows += [(f"  forward: {name} (analytic FLOP share)", f * share / total_forward)
              for name, share in forward_share.items()]
-    print(f"\n{args.arch} {args.batch} x {args.seq_len} tokens, n=4 top-2 q/k/v/o r=16, {jax.devices()[0].platform}; "
+    print(f"\n{args.arch} {args.batch} x {args.seq_len} tokens, n={args.experts} top-2 q/k/v/o r=16, "
+          f"{args.negatives or 'all'} negatives, {args.compute} experts, {jax.devices()[0].platform}; "
           f"median of {args.rounds}")
     print(f"{'stage':<52} {'ms':>9} {'% of step':>10}")
     for name, seconds in rows:
@@ -108,6 +113,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"arch": architecture(args), "batch": args.batch, "seq_len": args.seq_len,
+                               "experts": args.experts, "negatives": args.negatives, "compute": args.compute,
                                "medians_s": t, "compile_s": {k: r["compile_s"] for k, r in runs.items()},
                                "stages": [{"stage": n, "seconds": s, "share_of_step": s / full} for n, s in rows]},
                               indent=2))

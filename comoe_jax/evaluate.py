@@ -8,9 +8,10 @@
 - ``generate``: greedy generation with a KV cache and LLM-Adapters-style answer extraction
   (the first option label mentioned; the last number for numeric answers; else exact match).
 
-Batches are padded to a few fixed lengths (``generate.LENGTH_BUCKETS``), so a model compiles a handful of
-times whatever the prompt lengths; in ``loglik`` mode (and ``label`` mode with multi-token labels) each
-context is encoded once and its options are scored from its KV cache.
+In ``label`` and ``loglik`` mode, items are packed into rows of a fixed length (:mod:`option_packing`):
+the prompt header all items share once per row, each context once, each option after it, no padding
+between items, so a model compiles once or twice whatever the prompt lengths. Generation pads batches to
+a few fixed lengths (``generate.LENGTH_BUCKETS``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from comoe_jax import option_packing
 from comoe_jax import sharding as shd
 from comoe_jax.config import read_json
 from comoe_jax.data import DataError, Example, encode, render, render_cloze
@@ -68,9 +70,6 @@ class EvalResult:
 # --------------------------------------------------------------------------- jitted forwards
 
 
-OPTION_BUCKETS = (4, 8, 16, 32, 64)
-
-
 @partial(jax.jit, static_argnums=0)
 def _next_token_logprobs(graphdef, state, ids, mask):
     """``[B, T-1]``: log p(ids[t+1] | ids[:t+1])."""
@@ -80,40 +79,14 @@ def _next_token_logprobs(graphdef, state, ids, mask):
 
 
 @partial(jax.jit, static_argnums=0)
-def _candidate_logprobs(graphdef, state, ids, mask, last, candidates):
-    """``[B, C]``: log p(candidate | sequence up to ``last``) for candidate token ids ``[B, C]``; the LM head
-    runs at the ``last`` position of each row only."""
+def _packed_logprobs(graphdef, state, ids, positions, item, branch, cols, targets):
+    """``[R, N]`` log p(targets | what the slot ``cols`` sees) for packed rows (:mod:`option_packing`), and
+    whether each target is the argmax there; the LM head runs at the ``cols`` slots only."""
     model = nnx.merge(graphdef, state)
-    hidden, _ = model.hidden(ids, mask)
-    at = jax.nn.log_softmax(model.head(hidden[jnp.arange(ids.shape[0]), last]), axis=-1)
-    return jnp.take_along_axis(at, candidates, axis=-1)
-
-
-@partial(jax.jit, static_argnums=0)
-def _option_logprobs(graphdef, state, ctx_ids, ctx_mask, options, option_mask):
-    """Summed log-probabilities ``[B, O]`` of each option's tokens after its context, the context encoded once.
-
-    ``ctx_ids [B, Lc]`` left-padded (every context ends at slot Lc - 1); ``options [B, O, Lo]``
-    right-padded with ``option_mask``. The context's keys and values are cached once, then each option
-    is run on that cache (it is written at slots Lc.. and overwritten by the next option).
-    """
-    model = nnx.merge(graphdef, state)
-    b, lc = ctx_ids.shape
-    lo = options.shape[-1]
-    valid = jnp.concatenate([ctx_mask, jnp.ones((b, lo), ctx_mask.dtype)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(ctx_mask, axis=1) - 1, 0).astype(jnp.int32)
-    hidden, cache = model.hidden(ctx_ids, valid, positions, cache=model.init_cache(b, lc + lo), cache_index=0)
-    first = jax.nn.log_softmax(model.head(hidden[:, -1]), axis=-1)  # predicts each option's first token
-    option_positions = positions[:, -1:] + 1 + jnp.arange(lo, dtype=jnp.int32)[None]
-
-    def score(option, mask):  # [B, Lo] -> [B]
-        h, _ = model.hidden(option, valid, option_positions, cache=cache, cache_index=lc)
-        logits = model.head(h[:, :-1])  # predicts tokens 1..Lo-1
-        rest = jnp.take_along_axis(logits, option[:, 1:, None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, -1)
-        head_token = jnp.take_along_axis(first, option[:, :1], axis=-1)[:, 0]
-        return head_token + jnp.sum(rest * mask[:, 1:], axis=-1)
-
-    return jax.lax.map(lambda xs: score(*xs), (options.swapaxes(0, 1), option_mask.swapaxes(0, 1))).T
+    hidden, _ = model.hidden(ids, positions=positions, pair_mask=option_packing.visible(item, branch, jnp))
+    logits = model.head(hidden[jnp.arange(ids.shape[0])[:, None], cols])
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
 
 
 def padded_batches(seqs: list[list[int]], batch_size: int, pad_id: int, left: bool = False,
@@ -136,13 +109,14 @@ def padded_batches(seqs: list[list[int]], batch_size: int, pad_id: int, left: bo
 class Scorer:
     """Log-probabilities of continuations after contexts, batched and jitted; rows are split over the
     model's mesh (each device, and each host, scores its share) and the results gathered. ``progress``
-    prints items/s and the ETA while it works; ``buckets``: the padded lengths (see :func:`generate.bucket`)."""
+    prints items/s and the ETA while it works; ``buckets``: the padded lengths of whole sequences (see
+    :func:`generate.bucket`); ``row_len``: the length of packed rows (:mod:`option_packing`)."""
 
     def __init__(self, model, pad_id: int, batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
-                 buckets: tuple[int, ...] | int = LENGTH_BUCKETS):
+                 buckets: tuple[int, ...] | int = LENGTH_BUCKETS, row_len: int = option_packing.ROW_LEN):
         self.graphdef, self.state = nnx.split(model)
         self.mesh, self.batch_size = shd.eval_mesh(self.state, batch_size)
-        self.pad_id, self.buckets = pad_id, buckets
+        self.pad_id, self.buckets, self.row_len = pad_id, buckets, row_len
         self.progress = progress or (lambda done, total: None)
 
     def _batches(self, seqs: list[list[int]], left: bool = False):
@@ -162,42 +136,27 @@ class Scorer:
         return out
 
     def option_logprobs(self, contexts: list[list[int]], options: list[list[list[int]]]) -> list[np.ndarray]:
-        """Summed log-probability of each option's tokens after its context (one array per item); each
-        context is encoded once and its options scored from its KV cache. Items are batched with items
-        of the same option count and option-length bucket, so little is padded."""
-        shapes: dict[tuple[int, int], list[int]] = {}
-        for i, item in enumerate(options):
-            shapes.setdefault((len(item), bucket(max(map(len, item)), OPTION_BUCKETS)), []).append(i)
-        out: list[np.ndarray] = [np.zeros(0)] * len(contexts)
-        for (width, length), members in sorted(shapes.items()):
-            for idx, ids, mask, _ in self._batches([contexts[i] for i in members], left=True):
-                items = [members[j] for j in idx]
-                opt = np.full((self.batch_size, width, length), self.pad_id, np.int32)
-                opt_mask = np.zeros((self.batch_size, width, length), np.int32)
-                for row, i in enumerate(items):
-                    for j, tokens in enumerate(options[i]):
-                        opt[row, j, :len(tokens)], opt_mask[row, j, :len(tokens)] = tokens, 1
-                lp = shd.to_host(_option_logprobs(self.graphdef, self.state,
-                                                  *shd.place_rows(self.mesh, ids, mask, opt, opt_mask)))
-                for row, i in enumerate(items):
-                    out[i] = lp[row, :width]
-                self.progress(len(items), len(contexts))
-        return out
+        """Summed log-probability of each option's tokens after its context (one array per item)."""
+        return [total for total, _ in self.option_scores(contexts, options)]
 
-    def next_token_logprobs(self, contexts: list[list[int]], candidates: list[list[int]]) -> list[np.ndarray]:
-        """log p(each candidate token | context), one forward per context."""
-        width = max(len(c) for c in candidates)
-        out: list[np.ndarray] = [np.zeros(0)] * len(contexts)
-        for idx, ids, mask, lengths in self._batches(contexts):
-            cand = np.zeros((self.batch_size, width), np.int32)
-            for row, i in enumerate(idx):
-                cand[row, :len(candidates[i])] = candidates[i]
-            lp = shd.to_host(_candidate_logprobs(self.graphdef, self.state,
-                                                 *shd.place_rows(self.mesh, ids, mask, lengths - 1, cand)))
-            for row, i in enumerate(idx):
-                out[i] = lp[row, :len(candidates[i])]
-            self.progress(len(idx), len(contexts))
-        return out
+    def option_scores(self, contexts: list[list[int]], options: list[list[list[int]]]) \
+            -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per item: the summed log-probability of each option's tokens after its context, and whether greedy
+        decoding would give each option. Items are packed into fixed-shape rows (:mod:`option_packing`): the
+        prefix all contexts share once per row, each context once, each option after it."""
+        totals = [np.zeros(len(opts)) for opts in options]
+        greedy = [np.ones(len(opts), bool) for opts in options]
+        shards = shd.batch_shards(self.mesh) if self.mesh is not None else 1
+        for call in option_packing.pack_calls(contexts, options, rows_per_call=self.batch_size, pad_id=self.pad_id,
+                                              row_len=self.row_len, row_multiple=shards):
+            arrays = (call.ids, call.positions, call.item, call.branch, call.cols, call.targets)
+            lp, top = map(shd.to_host, _packed_logprobs(self.graphdef, self.state, *shd.place_rows(self.mesh, *arrays)))
+            real = call.owner[..., 0] >= 0
+            for (i, j), value, hit in zip(call.owner[real], lp[real], top[real]):
+                totals[i][j] += value
+                greedy[i][j] &= hit
+            self.progress(call.items, len(contexts))
+        return list(zip(totals, greedy))
 
 
 # --------------------------------------------------------------------------- the three modes
@@ -234,10 +193,7 @@ def label_predictions(scorer: Scorer, tokenizer, examples: list[Example], templa
         contexts.append(context)
         conts.append(options)
         cut += was_cut
-    if all(len(c) == 1 for options in conts for c in options):  # one forward per item
-        scores = scorer.next_token_logprobs(contexts, [[c[0] for c in options] for options in conts])
-    else:  # multi-token labels: the context once, each label from its KV cache
-        scores = scorer.option_logprobs(contexts, conts)
+    scores = scorer.option_logprobs(contexts, conts)
     return [ex.labels[int(np.argmax(s))] for ex, s in zip(examples, scores)], cut
 
 
@@ -253,7 +209,7 @@ def loglik_predictions(scorer: Scorer, tokenizer, examples: list[Example], templ
         contexts.append(context)
         options.append(conts)
         cut += was_cut
-    scores = scorer.option_logprobs(contexts, options)  # each context encoded once
+    scores = scorer.option_logprobs(contexts, options)
     preds = [ex.labels[int(np.argmax(s / np.maximum([len(o) for o in opts], 1)))]
              for ex, s, opts in zip(examples, scores, options)]
     return preds, cut

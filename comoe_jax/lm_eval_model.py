@@ -19,8 +19,9 @@ Model args: ``path`` (``model.path`` as the loader takes it: a Hugging Face fold
 Tokenisation and windowing follow lm_eval's ``hf`` backend (``TemplateLM._encode_pair``: trailing
 whitespace of the context moves onto the continuation, the pair is encoded whole and split at the
 context's token count; rolling windows of ``max_length``), so numbers compare with ``--model hf``.
-Scoring reuses :class:`comoe_jax.evaluate.Scorer` (fixed length buckets and batch rows, so a few
-compiles); generation is :func:`comoe_jax.generate.greedy_generate` (greedy, KV cache).
+Scoring reuses :class:`comoe_jax.evaluate.Scorer` (requests packed into fixed-shape rows, the choices
+of one question sharing their context, so a few compiles); generation is
+:func:`comoe_jax.generate.greedy_generate` (greedy, KV cache).
 
 Nothing in comoe_jax imports this module: lm_eval stays an optional dependency.
 """
@@ -30,12 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from functools import partial
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 try:
     import lm_eval.models  # noqa: F401  (the built-in models: get_model imports them only into an empty registry)
@@ -58,7 +53,7 @@ from comoe_jax import sharding as shd
 from comoe_jax.cli import command
 from comoe_jax.config import MeshConfig
 from comoe_jax.errors import ConfigError
-from comoe_jax.evaluate import Scorer, padded_batches
+from comoe_jax.evaluate import Scorer
 from comoe_jax.generate import greedy_generate
 from comoe_jax.loading import hf_config
 from comoe_jax.paths import as_path
@@ -132,34 +127,24 @@ def load_for_eval(path: str | None, adapter: str | None, dtype: str | None = Non
 # --------------------------------------------------------------------------- scoring
 
 
-@partial(jax.jit, static_argnums=0)
-def _target_logprobs(graphdef, state, ids, mask, targets):
-    """``[B, T]`` log p(targets[t] | ids[:t+1]) and whether targets[t] is the argmax there."""
-    logits = nnx.merge(graphdef, state).forward(ids, mask).logits
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
-
-
 class TokenScorer(Scorer):
-    """:class:`Scorer`'s batching (length buckets, fixed batch rows, the model's mesh) for lm_eval's
-    requests: summed log-probability of a sequence's last tokens and whether greedy decoding gives them."""
+    """:class:`Scorer`'s packed rows (a few compiles, the model's mesh) for lm_eval's requests: summed
+    log-probability of a sequence's last tokens and whether greedy decoding gives them."""
 
     def scores(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """``rows``: (tokens, number n of final tokens to score); tokens[0] is never scored. Returns
-        (sum of log p of the last n tokens, whether each is the argmax) per row."""
-        inputs = [tokens[:-1] for tokens, _ in rows]
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        for idx, ids, mask, _ in padded_batches(inputs, self.batch_size, self.pad_id, buckets=self.buckets):
-            targets = np.zeros_like(ids)
-            for row, i in enumerate(idx):
-                targets[row, :len(inputs[i])] = rows[i][0][1:]
-            lp, greedy = _target_logprobs(self.graphdef, self.state, *shd.place_rows(self.mesh, ids, mask, targets))
-            lp, greedy = shd.to_host(lp), shd.to_host(greedy)
-            for row, i in enumerate(idx):
-                end, n = len(inputs[i]), rows[i][1]
-                out[i] = (float(lp[row, end - n:end].sum()), bool(greedy[row, end - n:end].all()))
-            self.progress(len(idx), len(rows))
-        return out
+        """``rows``: (tokens, number n of final tokens to score), n < len(tokens). Returns (sum of log p of
+        the last n tokens, whether each is the argmax) per row; rows with the same context (the choices of
+        one question) share it."""
+        contexts: dict[tuple, int] = {}
+        where = []
+        for tokens, n in rows:
+            where.append((contexts.setdefault(tuple(tokens[:-n]), len(contexts)), tokens[-n:]))
+        options: list[list[list[int]]] = [[] for _ in contexts]
+        for row, (i, continuation) in enumerate(where):
+            where[row] = (i, len(options[i]))
+            options[i].append(continuation)
+        scored = self.option_scores([list(c) for c in contexts], options)
+        return [(float(scored[i][0][j]), bool(scored[i][1][j])) for i, j in where]
 
 
 # --------------------------------------------------------------------------- the lm_eval model

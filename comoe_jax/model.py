@@ -318,9 +318,14 @@ class CausalLM(nnx.Module):
         return tuple((jnp.zeros((s.size, *shape), self.dtype), jnp.zeros((s.size, *shape), self.dtype))
                      for s in self.layers)
 
-    def _mask(self, t, attention_mask, segment_ids, cache, cache_index, window: int | None = None):
+    def _mask(self, t, attention_mask, segment_ids, cache, cache_index, pair_mask, positions,
+              window: int | None = None):
         """``[B|1, 1, T, S]`` bool, or None (causal only). ``window``: keys at distance < window only,
         and the causal part made explicit (local layers' mask is selected against the global one)."""
+        if pair_mask is not None:  # packed trees: tokens of one row sit at positions unlike their slots
+            if window is None:
+                return pair_mask[:, None]
+            return (pair_mask & (positions[:, :, None] - positions[:, None, :] < window))[:, None]
         if cache is not None:  # keys: every valid cache slot up to each query's absolute position
             s = cache[0][0].shape[2]
             query, key = (cache_index + jnp.arange(t))[:, None], jnp.arange(s)[None, :]
@@ -342,7 +347,7 @@ class CausalLM(nnx.Module):
         (or with one on every layer and no RoPE of its own, as Mistral: then global is windowed)."""
         spec, t = self.spec, positions.shape[-1]
         if spec.sliding_layers and all(spec.sliding_layers) and spec.local_rope in (None, spec.rope):
-            cached = mask_args[2] is not None  # a window no shorter than the batch (and no cache) masks nothing
+            cached = mask_args[2] is not None or mask_args[4] is not None  # else a window >= T masks nothing
             window = spec.sliding_window if cached or spec.sliding_window < t else None
             rope = rope_cos_sin(spec.rope, positions, rope_len)
             return AttentionInputs(*rope, self._mask(t, *mask_args, window=window)), None
@@ -357,29 +362,33 @@ class CausalLM(nnx.Module):
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                 positions: jax.Array | None = None, ctx: ForwardContext | None = None,
                 segment_ids: jax.Array | None = None, cache: tuple | None = None,
-                cache_index: jax.Array | int = 0) -> ModelOutput:
+                cache_index: jax.Array | int = 0, pair_mask: jax.Array | None = None) -> ModelOutput:
         """``input_ids [B, T]`` int, ``attention_mask [B, T]`` (1 = real token), ``positions [B, T]``.
 
         ``segment_ids [B, T]`` (packed rows: 1, 2, ... per example, 0 = padding) keeps attention
         inside each example; it replaces ``attention_mask`` for masking. With ``cache`` (from
         :meth:`init_cache`) the tokens are written at ``cache_index`` and ``attention_mask`` is
         ``[B, S]`` over the cache's slots. Returns logits ``[B, T, V]`` float32 and the updated
-        cache. With ``ctx`` the adapters sow their statistics (see :meth:`stat`).
+        cache. With ``ctx`` the adapters sow their statistics (see :meth:`stat`). ``pair_mask [B, T, T]``
+        bool (which earlier tokens each token sees, no cache) replaces the other masks; sliding windows
+        then count ``positions``.
         """
-        hidden, cache = self.hidden(input_ids, attention_mask, positions, ctx, segment_ids, cache, cache_index)
+        hidden, cache = self.hidden(input_ids, attention_mask, positions, ctx, segment_ids, cache, cache_index,
+                                    pair_mask)
         return ModelOutput(self.head(hidden), cache)
 
     def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                positions: jax.Array | None = None, ctx: ForwardContext | None = None,
                segment_ids: jax.Array | None = None, cache: tuple | None = None,
-               cache_index: jax.Array | int = 0) -> tuple[jax.Array, tuple | None]:
+               cache_index: jax.Array | int = 0, pair_mask: jax.Array | None = None) -> tuple[jax.Array, tuple | None]:
         """:meth:`forward` without the final norm and LM head: ``(hidden [B, T, d], cache)``, so the head
         can be applied to only the positions a loss or a score needs (:meth:`head`)."""
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         rope_len = t if cache is None else cache[0][0].shape[2]
-        attention = self._attention_inputs(positions, rope_len, attention_mask, segment_ids, cache, cache_index)
+        attention = self._attention_inputs(positions, rope_len, attention_mask, segment_ids, cache, cache_index,
+                                           pair_mask, positions)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
         if self.spec.gemma:  # in the weights' dtype, as transformers' Gemma3TextScaledWordEmbedding
             x = x * jnp.asarray(math.sqrt(self.spec.hidden_size), x.dtype)

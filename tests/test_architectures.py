@@ -21,6 +21,7 @@ from transformers import (  # noqa: E402
 
 from comoe_jax import AdapterConfig, from_pretrained  # noqa: E402
 from comoe_jax.config import ModelConfig  # noqa: E402
+from comoe_jax.evaluate import Scorer  # noqa: E402
 from comoe_jax.generate import greedy_generate  # noqa: E402
 from comoe_jax.loading import LoadError, model_factory, model_spec  # noqa: E402
 from comoe_jax.model import flat_values, split_model  # noqa: E402
@@ -129,6 +130,19 @@ def test_cached_generation_under_mistrals_window_equals_full_recompute(saved):
     logits = _ours(model, ids, mask)  # each new token: the argmax of a full (windowed) forward of what precedes it
     for row, (p, g) in enumerate(zip(prompts, got)):
         assert len(g) == 4 and g == [int(i) for i in logits[row, len(p) - 1:len(p) + 3].argmax(-1)]
+
+
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1"])
+def test_packed_option_scores_keep_the_window_in_positions(name, saved):
+    """Packed rows put an item's options after one another; a window counts positions, not slots."""
+    model = from_pretrained(saved(name).folder)
+    rng = np.random.default_rng(4)
+    contexts = [[5, 6] + list(rng.integers(3, 97, size=n)) for n in (9, 3, 12)]
+    options = [[list(rng.integers(3, 97, size=m)) for m in sizes] for sizes in ([6, 2], [1, 7, 3], [4, 4])]
+    scorer = Scorer(model, 0, batch_size=2, row_len=32)
+    packed = np.concatenate(scorer.option_logprobs(contexts, options))
+    whole = scorer.continuation_logprobs([(c, o) for c, opts in zip(contexts, options) for o in opts])
+    np.testing.assert_allclose(packed, [total for total, _ in whole], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_qkv_biases_gqa", "qwen3_qk_norm_gqa"])

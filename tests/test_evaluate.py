@@ -16,6 +16,7 @@ from comoe_jax.data.templates import separator
 from comoe_jax.evaluate import Scorer, evaluate, extract_answer, is_correct, label_predictions, loglik_predictions
 from comoe_jax.generate import greedy_generate
 from comoe_jax.loading import byte_tokenizer
+from comoe_jax.option_packing import pack_calls, shared_prefix
 
 ARCH = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
@@ -222,3 +223,40 @@ def test_options_scored_from_the_context_cache_equal_whole_sequences(model, tok)
     flat = np.concatenate(cached)
     np.testing.assert_allclose(flat, [total for total, _ in whole], rtol=1e-4, atol=1e-4)
     assert [len(s) for s in cached] == [len(o) for o in options]
+
+
+def test_packed_rows_with_a_shared_prefix_score_like_whole_sequences(model, tok):
+    """Rows of 32 tokens: several items per row, items longer than a row, a context that is all prefix but
+    its last token, one-token options (nothing of them in the row), calls of 3 rows and fewer."""
+    rng = np.random.default_rng(11)
+    header = list(rng.integers(3, 250, size=9))
+    contexts = [header + list(rng.integers(3, 250, size=n)) for n in (1, 17, 4, 40, 2, 3, 9, 0, 6, 1, 25)]
+    options = [[list(rng.integers(3, 250, size=m)) for m in sizes] for sizes in
+               ([1, 3], [2, 2, 5], [4], [1, 1, 1, 6], [3, 2], [7, 1], [2, 9, 3], [1, 2], [5, 5], [1], [2, 30])]
+    assert shared_prefix(contexts) == header[:8]
+    scorer = Scorer(model, tok.pad_token_id, batch_size=3, row_len=32)
+    packed = scorer.option_logprobs(contexts, options)
+    whole = scorer.continuation_logprobs([(c, o) for c, opts in zip(contexts, options) for o in opts])
+    np.testing.assert_allclose(np.concatenate(packed), [total for total, _ in whole], rtol=1e-4, atol=1e-4)
+    assert [len(s) for s in packed] == [len(o) for o in options]
+
+
+def test_packing_places_every_token_once_at_its_own_position():
+    rng = np.random.default_rng(5)
+    contexts = [[1, 2, 3] + list(rng.integers(4, 99, size=n)) for n in rng.integers(1, 50, size=23)]
+    options = [[list(rng.integers(4, 99, size=m)) for m in rng.integers(1, 6, size=k)]
+               for k in rng.integers(1, 5, size=23)]
+    calls = pack_calls(contexts, options, rows_per_call=4, pad_id=0, row_len=64, row_multiple=2)
+    assert sum(c.items for c in calls) == 23
+    seen = {}
+    for call in calls:
+        rows = call.ids.shape[0]
+        assert rows <= 4 and rows % 2 == 0 and call.cols.shape[1] & (call.cols.shape[1] - 1) == 0
+        assert (call.ids[:, :3] == [1, 2, 3]).all() and (call.item[:, :3] == 0).all()
+        for r, n in zip(*np.nonzero(call.owner[..., 0] >= 0)):
+            i, j = call.owner[r, n]
+            slot = call.cols[r, n]
+            seen.setdefault((i, j), []).append((call.positions[r, slot], call.targets[r, n]))
+    for i, (context, opts) in enumerate(zip(contexts, options)):
+        for j, option in enumerate(opts):  # target t predicted at position len(context) + t - 1
+            assert seen[i, j] == [(len(context) + t - 1, tok) for t, tok in enumerate(option)]
