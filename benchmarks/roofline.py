@@ -9,7 +9,9 @@ The SmolLM2 rows use SmolLM2-135M's exact architecture with random weights (FLOP
 weights) and real batches of the default mix, tokenised with its tokenizer, so the share of supervised
 (response) tokens is the main job's. FLOPs are counted analytically (comoe_jax/flops.py, the work the
 step performs); XLA's ``cost_analysis()`` is printed as a cross-check only: it counts a scanned layer
-body once. Prints a table and writes benchmarks/results/roofline.json.
+body once. "vs layer": achieved FLOP/s against one decoder layer's projections at the step's token
+count, jitted and run alone (the step's own matmul shapes, which small models run well below a 2048^3
+matmul). Prints a table and writes benchmarks/results/roofline.json.
 """
 
 from __future__ import annotations
@@ -58,6 +60,26 @@ def matmul_flops_per_second(dtype, size: int = 2048, repeats: int = 10) -> float
         jax.block_until_ready(f(a, b))
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times)
+
+
+def layer_matmuls_flops_per_second(arch: dict, tokens: int, dtype, repeats: int = 10) -> float:
+    """FLOP/s of one decoder layer's projections (q, k, v, o, gate, up, down) at the step's token count,
+    jitted together and run alone: what this machine does on the matmul shapes the step is made of."""
+    d, f = arch["hidden_size"], arch["intermediate_size"]
+    hd = d // arch["num_attention_heads"]
+    q, kv = arch["num_attention_heads"] * hd, arch["num_key_value_heads"] * hd
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    keys = jax.random.split(jax.random.key(2), len(shapes) + 1)
+    weights = [jax.random.normal(k, s, dtype) for k, s in zip(keys[1:], shapes)]
+    x = {n: jax.random.normal(keys[0], (tokens, n), dtype) for n in {s[0] for s in shapes}}
+    f_ = jax.jit(lambda x, ws: [x[w.shape[0]] @ w for w in ws])
+    jax.block_until_ready(f_(x, weights))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f_(x, weights))
+        times.append(time.perf_counter() - start)
+    return sum(2 * tokens * a * b for a, b in shapes) / statistics.median(times)
 
 
 def make_config(arch: dict, batch: int, seq_len: int, data: str, dtype: str) -> Config:
@@ -128,6 +150,9 @@ def main() -> None:
         row = measure(name, make_config(arch, batch, seq_len, data, args.dtype), args.steps)
         row["matmul_flops_per_s"] = peaks[args.dtype]
         row["roofline_fraction"] = row["achieved_flops_per_s"] / peaks[args.dtype]
+        dtype = getattr(jnp, args.dtype)
+        row["layer_matmuls_flops_per_s"] = layer_matmuls_flops_per_second(arch, batch * seq_len, dtype)
+        row["layer_matmuls_fraction"] = row["achieved_flops_per_s"] / row["layer_matmuls_flops_per_s"]
         peak = device_peak(args.dtype)
         row["mfu"] = row["achieved_flops_per_s"] / peak if peak else None
         rows.append(row)
@@ -138,12 +163,13 @@ def main() -> None:
           f"fp32 {peaks['float32'] / 1e9:,.1f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:,.1f} GFLOP/s; "
           f"median of {args.steps} steps")
     head = (f"{'setting':<24} {'dtype':>8} {'step s':>8} {'tok/s':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} "
-            f"{'roofline':>9} {'MFU':>6} {'xla GFLOP':>10}")
+            f"{'roofline':>9} {'vs layer':>9} {'MFU':>6} {'xla GFLOP':>10}")
     print(head)
     for r in rows:
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(f"{r['setting']:<24} {r['dtype']:>8} {r['median_step_s']:8.3f} {r['tokens_per_s']:8,.0f} "
               f"{r['flops'] / 1e9:11.1f} {r['achieved_flops_per_s'] / 1e9:9.1f} {r['roofline_fraction']:9.2f} "
+              f"{r['layer_matmuls_fraction']:9.2f} "
               f"{mfu:>6} {r['xla_cost_analysis_flops'] / 1e9:10.1f}")
     print("\nwhere the FLOPs go (share of the analytic count):")
     for r in rows:
