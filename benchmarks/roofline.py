@@ -48,21 +48,27 @@ SETTINGS = {  # name -> (architecture, batch, seq_len, data)
     "smollm2-8x512": (SMOLLM2, 8, 512, "mix"),
     "llama7b-2layers-1x256": (LLAMA7B_STACK, 1, 256, "mix"),
 }
-def matmul_flops_per_second(dtype, size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a jitted ``size^3`` matmul in this process (the roofline the step is held against)."""
-    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    jax.block_until_ready(f(a, b))
+
+
+def median_seconds(fn, *args, repeats: int = 10) -> float:
+    """Median wall time of ``fn(*args)`` after one warm-up call (compilation)."""
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(f(a, b))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+    return statistics.median(times)
 
 
-def layer_matmuls_flops_per_second(arch: dict, tokens: int, dtype, repeats: int = 10) -> float:
+def matmul_flops_per_second(dtype, size: int = 2048) -> float:
+    """FLOP/s of a jitted ``size^3`` matmul in this process (the roofline the step is held against)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+    return 2 * size**3 / median_seconds(jax.jit(lambda x, y: x @ y), a, b)
+
+
+def layer_matmuls_flops_per_second(arch: dict, tokens: int, dtype) -> float:
     """FLOP/s of one decoder layer's projections (q, k, v, o, gate, up, down) at the step's token count,
     jitted together and run alone: what this machine does on the matmul shapes the step is made of."""
     d, f = arch["hidden_size"], arch["intermediate_size"]
@@ -72,14 +78,8 @@ def layer_matmuls_flops_per_second(arch: dict, tokens: int, dtype, repeats: int 
     keys = jax.random.split(jax.random.key(2), len(shapes) + 1)
     weights = [jax.random.normal(k, s, dtype) for k, s in zip(keys[1:], shapes)]
     x = {n: jax.random.normal(keys[0], (tokens, n), dtype) for n in {s[0] for s in shapes}}
-    f_ = jax.jit(lambda x, ws: [x[w.shape[0]] @ w for w in ws])
-    jax.block_until_ready(f_(x, weights))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f_(x, weights))
-        times.append(time.perf_counter() - start)
-    return sum(2 * tokens * a * b for a, b in shapes) / statistics.median(times)
+    layer = jax.jit(lambda x, ws: [x[w.shape[0]] @ w for w in ws])
+    return sum(2 * tokens * a * b for a, b in shapes) / median_seconds(layer, x, weights)
 
 
 def make_config(arch: dict, batch: int, seq_len: int, data: str, dtype: str) -> Config:
