@@ -177,7 +177,6 @@ class MoLoRALinear(Linear):
             self.magnitude = None
         self.spec = spec
         self.index = index
-        self.dropout = nnx.Dropout(spec.dropout)
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Router probabilities ``[..., n]``, mixing weights ``[..., n]`` and activated experts ``[..., k]``."""
@@ -205,7 +204,7 @@ class MoLoRALinear(Linear):
         if ctx is not None and ctx.key is not None:
             keys = list(jax.random.split(jax.random.fold_in(ctx.key, self.index), 3))
         dropped = keys[0] is not None and spec.dropout > 0
-        x_in = self.dropout(x, deterministic=not dropped, rngs=keys[0])
+        x_in = ops.dropout(x, spec.dropout, keys[0]) if dropped else x
         b, c = self.effective_b()
         w0x = self.project(x)
         y = w0x if self.bias is None else w0x + self.bias[...].astype(self.dtype)

@@ -118,7 +118,7 @@ class AdapterConfig(_Strict):
     top_k: int = _f(2, "k, experts activated per token (renormalised weights).")
     rank: int = _f(16, "r, LoRA rank of every expert.")
     alpha: float = _f(32.0, "LoRA alpha; the adapter output is scaled by alpha / rank.")
-    dropout: float = _f(0.05, "Dropout on the adapter input, as in LoRA.")
+    dropout: float = _f(0.05, "Dropout on the adapter input, as in LoRA (rounded to a multiple of 1/65536).")
     target_modules: tuple = _f(("q_proj", "k_proj", "v_proj", "o_proj"),
                                f"Projections that get adapters, any of {' '.join(TARGET_MODULES)}.")
     layers: str = _f("all", "Decoder layers with adapters: all | low | middle | high (thirds of the depth, "

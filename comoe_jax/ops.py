@@ -11,6 +11,7 @@ Storage layout follows Flax kernels (``y = x @ W``): expert i has
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -55,6 +56,30 @@ def topk_route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def active_mask(topk_indices: jax.Array, n: int) -> jax.Array:
     """``[..., k]`` expert indices -> ``[..., n]`` bool, True where the expert is activated."""
     return jnp.any(jax.nn.one_hot(topk_indices, n, dtype=jnp.bool_), axis=-2)
+
+
+# --------------------------------------------------------------------------- dropout
+
+DROPOUT_LEVELS = 1 << 16  # the drop probability is rounded to a multiple of 1 / 65536
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout of ``x [..., d]``: each element is zeroed with probability ``rate`` (rounded to a
+    multiple of 1 / 65536) and the kept ones are scaled by ``1 / (1 - rate)``, so the mean is unchanged.
+
+    Each 32-bit random word gives two elements their 16-bit draws: half the random bits of
+    ``jax.random.bernoulli`` (one threefry hash per element), which on a CPU is a large share of the step.
+    The draws are laid out along the last axis, so a batch sharded over devices keeps its sharding.
+    """
+    threshold = round(rate * DROPOUT_LEVELS)
+    if threshold == 0:
+        return x
+    d = x.shape[-1]
+    words = jax.random.bits(key, (*x.shape[:-1], -(-d // 2)), jnp.uint32)
+    draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :d]
+    keep = draws >= threshold
+    scale = DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold)
+    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
 
 
 # --------------------------------------------------------------------------- experts
@@ -108,8 +133,9 @@ class ExpertDispatch(NamedTuple):
 
 def dispatch_block(rows: int, n: int) -> int:
     """A power-of-two block size for ``rows`` rows over ``n`` experts: padding (about ``n * block / 2``
-    rows) stays below about a quarter of the rows; 8 to 128 rows, so each block is a usable matmul."""
-    target = max(rows // (2 * n), 8)
+    rows) stays below about half the rows; 8 to 128 rows, so each block is a usable matmul (on a CPU
+    blocks of 32 to 64 rows run several times faster per FLOP than blocks of 8 or 16)."""
+    target = max(rows // n, 8)
     return min(1 << (target.bit_length() - 1), 128)
 
 
@@ -127,23 +153,69 @@ def dispatch(experts: jax.Array, n: int, block: int) -> ExpertDispatch:
     source = jnp.full(num_blocks * block, rows, jnp.int32).at[dest].set(jnp.arange(rows, dtype=jnp.int32),
                                                                        unique_indices=True)
     owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks, dtype=jnp.int32) * block, side="right")
-    return ExpertDispatch(source, dest, jnp.minimum(owner, n - 1).astype(jnp.int32), block)
+    # Materialised here: an index computation fused into a row gather runs per element on XLA:CPU
+    # (tens of times slower than gathering with ready indices).
+    source, dest, owner = jax.lax.optimization_barrier((source, dest, jnp.minimum(owner, n - 1).astype(jnp.int32)))
+    return ExpertDispatch(source, dest, owner, block)
 
 
-def _selected_lora(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array, block: int):
-    """One group of tokens: ``x [T, d_in], experts [T, s]`` -> codes ``[T, s, r]``, outputs ``[T, s, d_out]``."""
+def _take_rows(table: jax.Array, index: jax.Array, block: int | None = None) -> jax.Array:
+    """``table [N, w]`` rows at ``index [M]`` (in range), or a zero row where ``index == N``; with
+    ``block``, reshaped to ``[M // block, block, w]``."""
+    padded = jnp.concatenate([table, jnp.zeros((1, table.shape[-1]), table.dtype)])
+    rows = jnp.take(padded, index, axis=0, mode="clip")
+    return rows if block is None else rows.reshape(-1, block, table.shape[-1])
+
+
+def _blocked_inputs(x, a, b, source, block_expert, s: int, block: int):
+    """Tokens in blocked slots ``[G, block, d_in]`` (zeros in empty slots) and each block's expert weights
+    ``[G, d_in, r]``, ``[G, r, d_out]``."""
+    token = jnp.minimum(source // s, x.shape[0])  # slot -> its row's token; empty slots -> the zero row
+    return _take_rows(x, token, block), jnp.take(a, block_expert, axis=0), jnp.take(b, block_expert, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _selected_lora(x, a, b, source, dest, block_expert, s: int, block: int):
+    """One group: ``x [T, d_in]`` with the plan of its ``T * s`` rows -> codes ``[T * s, r]``, outputs
+    ``[T * s, d_out]``. A custom VJP so that the backward pass gathers with the plan's inverse map
+    instead of scatter-adding (slow on XLA:CPU), and keeps only the small codes, not the per-block weight
+    copies, for the backward pass."""
+    return _selected_lora_fwd(x, a, b, source, dest, block_expert, s, block)[0]
+
+
+def _selected_lora_fwd(x, a, b, source, dest, block_expert, s, block):
+    xb, ab, bb = _blocked_inputs(x, a, b, source, block_expert, s, block)
+    hb = jnp.einsum("gbd,gdr->gbr", xb, ab)
+    eb = jnp.einsum("gbr,gro->gbo", hb, bb)
+    codes, outputs = (v.reshape(-1, v.shape[-1])[dest] for v in (hb, eb))
+    return (codes, outputs), (x, a, b, source, dest, block_expert, hb)
+
+
+def _selected_lora_bwd(s, block, residuals, cotangents):
+    x, a, b, source, dest, block_expert, hb = residuals
+    d_codes, d_outputs = cotangents
+    n = a.shape[0]
+    xb, ab, bb = _blocked_inputs(x, a, b, source, block_expert, s, block)
+    # "rows = blocked[dest]" maps rows one-to-one onto slots, so its transpose is "blocked = rows[source]".
+    d_eb = _take_rows(d_outputs, source, block)
+    d_hb = _take_rows(d_codes, source, block) + jnp.einsum("gbo,gro->gbr", d_eb, bb)
+    # Blocks of one expert are adjacent (sorted owners): their weight gradients are a sorted segment sum.
+    d_b = jax.ops.segment_sum(jnp.einsum("gbr,gbo->gro", hb, d_eb), block_expert, n, indices_are_sorted=True)
+    d_a = jax.ops.segment_sum(jnp.einsum("gbr,gbd->grd", d_hb, xb), block_expert, n, indices_are_sorted=True)
+    d_xb = jnp.einsum("gbr,gdr->gbd", d_hb, ab)
+    d_x = d_xb.reshape(-1, d_xb.shape[-1])[dest].reshape(x.shape[0], s, -1).sum(axis=1)  # a token's s rows
+    return d_x, jnp.swapaxes(d_a, 1, 2), d_b, None, None, None
+
+
+_selected_lora.defvjp(_selected_lora_fwd, _selected_lora_bwd)
+
+
+def _selected_group(x, a, b, experts, block):
+    """:func:`selected_expert_outputs` of one group: ``x [T, d_in], experts [T, s]``."""
     t, s = experts.shape
     plan = dispatch(experts.reshape(t * s), a.shape[0], block)
-    token = jnp.minimum(plan.source // s, t)  # row -> its token; empty slots read the zero row t
-    x_blocks = jnp.concatenate([x, jnp.zeros((1, x.shape[-1]), x.dtype)])[token]
-    x_blocks = x_blocks.reshape(-1, block, x.shape[-1])
-    h_blocks = jnp.einsum("gbd,gdr->gbr", x_blocks, jnp.take(a, plan.block_expert, axis=0))
-    e_blocks = jnp.einsum("gbr,gro->gbo", h_blocks, jnp.take(b, plan.block_expert, axis=0))
-
-    def rows(blocks):  # blocked [G, block, w] -> [T, s, w]
-        return blocks.reshape(-1, blocks.shape[-1])[plan.dest].reshape(t, s, blocks.shape[-1])
-
-    return rows(h_blocks), rows(e_blocks)
+    codes, outputs = _selected_lora(x, a, b, plan.source, plan.dest, plan.block_expert, s, block)
+    return codes.reshape(t, s, -1), outputs.reshape(t, s, -1)
 
 
 def selected_expert_outputs(x: jax.Array, a: jax.Array, b: jax.Array, experts: jax.Array,
@@ -168,10 +240,7 @@ def selected_expert_outputs(x: jax.Array, a: jax.Array, b: jax.Array, experts: j
     block = block or dispatch_block(t * s, a.shape[0])
     lead = x.shape[:-2]
     xs, es = x.reshape(-1, t, x.shape[-1]), experts.reshape(-1, t, s)
-    # Recomputed in the backward pass: saving the per-block weight copies ([blocks, d_in, r] and
-    # [blocks, r, d_out], several times the experts themselves) for every layer would cost more.
-    lora = jax.checkpoint(_selected_lora, static_argnums=(4,), policy=jax.checkpoint_policies.nothing_saveable)
-    codes, outputs = jax.vmap(lora, in_axes=(0, None, None, 0, None))(xs, a, b, es, block)
+    codes, outputs = jax.vmap(_selected_group, in_axes=(0, None, None, 0, None))(xs, a, b, es, block)
     return codes.reshape(*lead, t, s, -1), outputs.reshape(*lead, t, s, -1)
 
 

@@ -150,7 +150,10 @@ class TrainStep:
             return summed(take(h), take(targets), take(loss_mask))
 
         fits = jnp.max(jnp.sum(loss_mask, axis=1)) <= slots
-        return jax.lax.cond(fits, gathered, lambda h: summed(h, targets, loss_mask), hidden)
+        # Both branches rematerialised: differentiating a cond stores the residuals of both, and the
+        # untaken branch fills its own with zeros every step ([B, T, V] logits for the full-length one).
+        remat = lambda f: jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)  # noqa: E731
+        return jax.lax.cond(fits, remat(gathered), remat(lambda h: summed(h, targets, loss_mask)), hidden)
 
     def loss(self, params: dict, frozen: dict, batch: dict, key, counts: dict):
         """Loss of one micro-batch (normalised by whole-batch counts) and its metrics."""

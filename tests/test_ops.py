@@ -111,6 +111,39 @@ def _distinct_choices(rng, lead, n, s):
     return np.array(flat, np.int32).reshape(*lead, s)
 
 
+class DropoutTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(((3, 7), 0.05), ((2, 5, 8), 0.3), ((1, 1), 0.5), ((4, 9), 0.9))
+    def test_against_the_random_words_read_by_hand(self, shape, rate):
+        x = np.random.default_rng(len(shape)).normal(size=shape).astype(np.float32)
+        key = jax.random.key(sum(shape))
+        got = np.asarray(self.variant(ops.dropout, static_argnums=1)(x, rate, key))
+        chex.assert_shape(got, shape)
+        half = -(-shape[-1] // 2)
+        words = np.asarray(jax.random.bits(key, (*shape[:-1], half), jnp.uint32)).astype(np.int64)
+        threshold = round(rate * 65536)
+        for index in np.ndindex(*shape):  # element j reads the low 16 bits of word j, or the high ones of j - half
+            lead, j = index[:-1], index[-1]
+            draw = words[lead][j] & 0xFFFF if j < half else words[lead][j - half] >> 16
+            want = x[index] * 65536 / (65536 - threshold) if draw >= threshold else 0.0
+            np.testing.assert_allclose(got[index], want, rtol=1e-6)
+
+    def test_drop_rate_and_mean(self):
+        x = jnp.ones((64, 1000), jnp.float32)
+        y = np.asarray(ops.dropout(x, 0.05, jax.random.key(3)))
+        dropped = np.mean(y == 0)
+        assert abs(dropped - 0.05) < 4 * np.sqrt(0.05 * 0.95 / y.size)  # binomial, 4 sigma
+        assert abs(y.mean() - 1.0) < 0.01  # kept values are scaled by 1 / (1 - rate)
+
+    def test_keys_dtypes_and_rate_zero(self):
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 11)), jnp.bfloat16)
+        a, b = (ops.dropout(x, 0.2, jax.random.key(i)) for i in (1, 2))
+        chex.assert_type(a, jnp.bfloat16)
+        assert not np.array_equal(np.asarray(a == 0), np.asarray(b == 0))
+        np.testing.assert_array_equal(np.asarray(ops.dropout(x, 0.2, jax.random.key(1))), np.asarray(a))
+        assert ops.dropout(x, 0.0, jax.random.key(1)) is x
+
+
 class SparseExpertTest(parameterized.TestCase):
     @parameterized.parameters((13, 5, 4), (1, 3, 8), (40, 9, 16), (7, 64, 8))
     def test_dispatch_groups_rows_by_expert_into_owned_blocks(self, rows, n, block):
@@ -154,17 +187,20 @@ class SparseExpertTest(parameterized.TestCase):
         b = rng.normal(size=(6, 3, 4)).astype(np.float32)
         experts = jnp.asarray(_distinct_choices(rng, (2, 9), 6, 3))
         cot = rng.normal(size=(2, 9, 3, 4)).astype(np.float32)
+        code_cot = rng.normal(size=(2, 9, 3, 3)).astype(np.float32)
 
         def sparse(x, a, b):
-            return jnp.sum(ops.selected_expert_outputs(x, a, b, experts, 8)[1] * cot)
+            codes, outputs = ops.selected_expert_outputs(x, a, b, experts, 8)
+            return jnp.sum(outputs * cot) + jnp.sum(jnp.sin(codes) * code_cot)
 
         def dense(x, a, b):
-            every = ops.expert_outputs(x, a, b)
-            return jnp.sum(jnp.take_along_axis(every, experts[..., None], axis=-2) * cot)
+            pick = lambda every: jnp.take_along_axis(every, experts[..., None], axis=-2)  # noqa: E731
+            codes, outputs = pick(ops.expert_hidden(x, a)), pick(ops.expert_outputs(x, a, b))
+            return jnp.sum(outputs * cot) + jnp.sum(jnp.sin(codes) * code_cot)
 
         for got, want in zip(jax.grad(sparse, (0, 1, 2))(x, a, b), jax.grad(dense, (0, 1, 2))(x, a, b)):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-        check_grads(lambda x, a, b: ops.selected_expert_outputs(x, a, b, experts, 8)[1], (x, a, b), order=1,
+        check_grads(lambda x, a, b: ops.selected_expert_outputs(x, a, b, experts, 8), (x, a, b), order=1,
                     modes=["rev"], atol=5e-2, rtol=5e-2)
 
     def test_inactive_experts(self):
