@@ -65,21 +65,23 @@ DROPOUT_LEVELS = 1 << 16  # the drop probability is rounded to a multiple of 1 /
 
 def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """Inverted dropout of ``x [..., d]``: each element is zeroed with probability ``rate`` (rounded to a
-    multiple of 1 / 65536) and the kept ones are scaled by ``1 / (1 - rate)``, so the mean is unchanged.
+    multiple of 1 / 65536, at most 65535 / 65536) and the kept ones are scaled by ``1 / (1 - rate)``
+    (in float32), so the mean is unchanged.
 
-    Each 32-bit random word gives two elements their 16-bit draws: half the random bits of
-    ``jax.random.bernoulli`` (one threefry hash per element), which on a CPU is a large share of the step.
-    The draws are laid out along the last axis, so a batch sharded over devices keeps its sharding.
+    Each 32-bit random word gives two neighbouring elements their 16-bit draws (low half, high half):
+    half the random bits of ``jax.random.bernoulli`` (one threefry hash per element), which on a CPU is
+    a large share of the step. Word ``j`` serves elements ``2j, 2j + 1``, so an ``x`` sharded on any
+    axis (batch, or the last axis under tensor parallelism) draws its words where it lives.
     """
-    threshold = round(rate * DROPOUT_LEVELS)
+    threshold = min(round(rate * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
     if threshold == 0:
         return x
     d = x.shape[-1]
     words = jax.random.bits(key, (*x.shape[:-1], -(-d // 2)), jnp.uint32)
-    draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :d]
+    draws = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*x.shape[:-1], -1)[..., :d]
     keep = draws >= threshold
     scale = DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold)
-    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+    return jnp.where(keep, (x.astype(jnp.float32) * scale).astype(x.dtype), jnp.zeros((), x.dtype))
 
 
 # --------------------------------------------------------------------------- experts
@@ -132,9 +134,10 @@ class ExpertDispatch(NamedTuple):
 
 
 def dispatch_block(rows: int, n: int) -> int:
-    """A power-of-two block size for ``rows`` rows over ``n`` experts: padding (about ``n * block / 2``
-    rows) stays below about half the rows; 8 to 128 rows, so each block is a usable matmul (on a CPU
-    blocks of 32 to 64 rows run several times faster per FLOP than blocks of 8 or 16)."""
+    """A power-of-two block size for ``rows`` rows over ``n`` experts, 8 to 128 rows: each block is a
+    usable matmul (on a CPU blocks of 32 to 64 rows run several times faster per FLOP than blocks of 8
+    or 16), while the static bound on blocked rows, ``rows + n * block``, stays at most twice the rows
+    (typical padding is about ``n * block / 2``)."""
     target = max(rows // n, 8)
     return min(1 << (target.bit_length() - 1), 128)
 
@@ -163,15 +166,16 @@ def _take_rows(table: jax.Array, index: jax.Array, block: int | None = None) -> 
     """``table [N, w]`` rows at ``index [M]`` (in range), or a zero row where ``index == N``; with
     ``block``, reshaped to ``[M // block, block, w]``."""
     padded = jnp.concatenate([table, jnp.zeros((1, table.shape[-1]), table.dtype)])
-    rows = jnp.take(padded, index, axis=0, mode="clip")
+    rows = jnp.take(padded, index, axis=0, mode="clip")  # in range by construction: skip fill masking
     return rows if block is None else rows.reshape(-1, block, table.shape[-1])
 
 
 def _blocked_inputs(x, a, b, source, block_expert, s: int, block: int):
     """Tokens in blocked slots ``[G, block, d_in]`` (zeros in empty slots) and each block's expert weights
     ``[G, d_in, r]``, ``[G, r, d_out]``."""
-    token = jnp.minimum(source // s, x.shape[0])  # slot -> its row's token; empty slots -> the zero row
-    return _take_rows(x, token, block), jnp.take(a, block_expert, axis=0), jnp.take(b, block_expert, axis=0)
+    token = source // s  # slot -> its row's token; empty slots (source = T s) -> the zero row T
+    weights = (jnp.take(w, block_expert, axis=0, mode="clip") for w in (a, b))
+    return _take_rows(x, token, block), *weights
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -187,7 +191,7 @@ def _selected_lora_fwd(x, a, b, source, dest, block_expert, s, block):
     xb, ab, bb = _blocked_inputs(x, a, b, source, block_expert, s, block)
     hb = jnp.einsum("gbd,gdr->gbr", xb, ab)
     eb = jnp.einsum("gbr,gro->gbo", hb, bb)
-    codes, outputs = (v.reshape(-1, v.shape[-1])[dest] for v in (hb, eb))
+    codes, outputs = (jnp.take(v.reshape(-1, v.shape[-1]), dest, axis=0, mode="clip") for v in (hb, eb))
     return (codes, outputs), (x, a, b, source, dest, block_expert, hb)
 
 
@@ -203,8 +207,9 @@ def _selected_lora_bwd(s, block, residuals, cotangents):
     d_b = jax.ops.segment_sum(jnp.einsum("gbr,gbo->gro", hb, d_eb), block_expert, n, indices_are_sorted=True)
     d_a = jax.ops.segment_sum(jnp.einsum("gbr,gbd->grd", d_hb, xb), block_expert, n, indices_are_sorted=True)
     d_xb = jnp.einsum("gbr,gdr->gbd", d_hb, ab)
-    d_x = d_xb.reshape(-1, d_xb.shape[-1])[dest].reshape(x.shape[0], s, -1).sum(axis=1)  # a token's s rows
-    return d_x, jnp.swapaxes(d_a, 1, 2), d_b, None, None, None
+    d_rows = jnp.take(d_xb.reshape(-1, d_xb.shape[-1]), dest, axis=0, mode="clip")
+    d_x = d_rows.reshape(x.shape[0], s, -1).sum(axis=1)  # a token's s rows
+    return d_x.astype(x.dtype), jnp.swapaxes(d_a, 1, 2).astype(a.dtype), d_b.astype(b.dtype), None, None, None
 
 
 _selected_lora.defvjp(_selected_lora_fwd, _selected_lora_bwd)

@@ -113,7 +113,7 @@ def _distinct_choices(rng, lead, n, s):
 
 class DropoutTest(parameterized.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(((3, 7), 0.05), ((2, 5, 8), 0.3), ((1, 1), 0.5), ((4, 9), 0.9))
+    @parameterized.parameters(((3, 7), 0.05), ((2, 5, 8), 0.3), ((1, 1), 0.5), ((4, 9), 0.9), ((2, 3), 0.999999))
     def test_against_the_random_words_read_by_hand(self, shape, rate):
         x = np.random.default_rng(len(shape)).normal(size=shape).astype(np.float32)
         key = jax.random.key(sum(shape))
@@ -121,10 +121,10 @@ class DropoutTest(parameterized.TestCase):
         chex.assert_shape(got, shape)
         half = -(-shape[-1] // 2)
         words = np.asarray(jax.random.bits(key, (*shape[:-1], half), jnp.uint32)).astype(np.int64)
-        threshold = round(rate * 65536)
-        for index in np.ndindex(*shape):  # element j reads the low 16 bits of word j, or the high ones of j - half
+        threshold = min(round(rate * 65536), 65535)  # a rate just below 1 still keeps 1 / 65536
+        for index in np.ndindex(*shape):  # element j reads word j // 2: its low 16 bits if j is even, else the high
             lead, j = index[:-1], index[-1]
-            draw = words[lead][j] & 0xFFFF if j < half else words[lead][j - half] >> 16
+            draw = words[lead][j // 2] & 0xFFFF if j % 2 == 0 else words[lead][j // 2] >> 16
             want = x[index] * 65536 / (65536 - threshold) if draw >= threshold else 0.0
             np.testing.assert_allclose(got[index], want, rtol=1e-6)
 
