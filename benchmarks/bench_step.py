@@ -77,8 +77,11 @@ def make_step(args, experts, weight, negatives, form, compute):
     rng = np.random.default_rng(0)
     shape = (1, args.batch, args.seq_len)
     vocab = cfg.model.random_arch["vocab_size"]
+    # Supervised: the last eighth of each row, as in instruction data (a short response after the prompt),
+    # so the step takes its usual branch (the LM head at the gathered supervised positions).
+    response = np.broadcast_to(np.arange(args.seq_len) >= args.seq_len - max(args.seq_len // 8, 1), shape)
     batch = {"input_ids": rng.integers(0, vocab, shape), "targets": rng.integers(0, vocab, shape),
-             "loss_mask": np.ones(shape), "attention_mask": np.ones(shape), "segment_ids": np.ones(shape),
+             "loss_mask": response, "attention_mask": np.ones(shape), "segment_ids": np.ones(shape),
              "positions": np.broadcast_to(np.arange(args.seq_len), shape)}
     batch = shd.global_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh, rules, batch_axis=1)
     return step, state, flat_values(frozen), batch
