@@ -11,6 +11,7 @@ is moved to ``damaged_checkpoints/`` and the newest intact one is used instead.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -32,13 +33,26 @@ def _is_abandoned_read(error: BaseException | None) -> bool:
     return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
+class _AbandonedReadLogs(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of orbax's ``async_deserialize``
+    tasks: when one tensor of a damaged checkpoint fails, the reads of its other tensors are abandoned,
+    and their errors (the same damage, already handled) are logged with a traceback when they are
+    garbage-collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "async_deserialize" in message)
+
+
 def _quiet_abandoned_reads() -> None:
     """After a failed restore, tensorstore completes the reads orbax abandoned and their callbacks hit the
     closed asyncio loop: ``RuntimeError('Event loop is closed')`` is reported, long after the error was
     handled, through ``sys.unraisablehook`` or (tensorstore's ``PyErr_Print``) ``sys.excepthook``, as a
-    traceback per tensor. Drop exactly those; report anything else."""
+    traceback per tensor, and abandoned reads that failed are logged by asyncio (:class:`_AbandonedReadLogs`).
+    Drop exactly those; report anything else."""
     if getattr(sys.unraisablehook, "_comoe_quiet", False):
         return
+    logging.getLogger("asyncio").addFilter(_AbandonedReadLogs())
     unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
 
     def unraisable(report):

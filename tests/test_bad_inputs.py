@@ -531,3 +531,32 @@ def test_reports_of_reads_abandoned_by_a_failed_restore_are_dropped_and_nothing_
     assert capsys.readouterr().err == ""
     sys.excepthook(ValueError, ValueError("a real error"), None)
     assert "ValueError: a real error" in capsys.readouterr().err
+
+
+def test_failed_reads_abandoned_by_a_failed_restore_are_not_logged_and_other_tasks_are(caplog):
+    import asyncio
+    import gc
+
+    from comoe_jax.checkpoint import _quiet_abandoned_reads
+
+    _quiet_abandoned_reads()
+
+    async def async_deserialize():  # named as orbax's per-tensor read
+        raise ValueError("OUT_OF_RANGE: the damaged tensor")
+
+    async def other_work():
+        raise ValueError("a real error")
+
+    def abandon(coroutine):  # a task that fails and is dropped unawaited, as asyncio then reports it
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(coroutine())
+        loop.run_until_complete(asyncio.sleep(0.01))
+        loop.close()
+        del task
+        gc.collect()
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        abandon(async_deserialize)
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        abandon(other_work)
+        assert [r for r in caplog.records if "other_work" in r.getMessage()]
