@@ -50,9 +50,11 @@ def _quiet_abandoned_reads() -> None:
     handled, through ``sys.unraisablehook`` or (tensorstore's ``PyErr_Print``) ``sys.excepthook``, as a
     traceback per tensor, and abandoned reads that failed are logged by asyncio (:class:`_AbandonedReadLogs`).
     Drop exactly those; report anything else."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadLogs) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadLogs())
     if getattr(sys.unraisablehook, "_comoe_quiet", False):
         return
-    logging.getLogger("asyncio").addFilter(_AbandonedReadLogs())
     unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
 
     def unraisable(report):
