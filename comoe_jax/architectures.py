@@ -21,8 +21,13 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
     if model_type not in FAMILIES:
         raise LoadError(f"{source}: model_type {model_type!r} is not supported; comoe-jax implements "
                         f"{', '.join(FAMILIES)}")
-    if model_type == "gemma3":  # the multimodal checkpoint: its language model
+    tied = getattr(hf, "tie_word_embeddings", False)
+    if model_type == "gemma3":  # the multimodal checkpoint: its language model (tied as the top level says)
         hf = hf.text_config
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        value = getattr(hf, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LoadError(f"{source}: {name}={value!r}; a decoder needs a positive integer")
     act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise LoadError(f"{source}: hidden activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
@@ -34,7 +39,7 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
     common = dict(
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
         num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads, num_kv_heads=kv,
-        rms_norm_eps=float(hf.rms_norm_eps), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        rms_norm_eps=float(hf.rms_norm_eps), tie_word_embeddings=bool(tied),
         attention_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         family=family, hidden_act=act,
     )

@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import math
+import os
 import re
 import traceback
 import typing
@@ -25,6 +26,7 @@ from comoe_jax.constants import (
     DTYPES,
     EVAL_MODES,
     EXPERT_COMPUTE,
+    HUB_DATASET,
     LAYER_PLACEMENTS,
     METHODS,
     MODEL_ALIASES,
@@ -98,11 +100,14 @@ class ModelConfig(_Strict):
     dtype: str = _f("float32", "Compute dtype of the frozen base: float32 | bfloat16.")
     param_dtype: str = _f("float32", "Storage dtype of the frozen base weights: float32 | bfloat16. "
                           "Adapters and routers are always float32.")
-    remat: bool = _f(False, "Recompute each decoder layer in the backward pass (less memory, ~30% more compute).")
+    remat: bool = _f(False, "Recompute each decoder layer whole in the backward pass (less memory, ~30% more "
+                     "compute). Off, a layer keeps its weight matmuls' outputs and recomputes only the elementwise "
+                     "work (norms, RoPE, softmax, activations), which is faster than storing it.")
     random_arch: dict = _f({"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
                            "transformers config fields of the random model used when model.path='random' "
-                           "(model_type: llama by default, or mistral, qwen2, qwen3, gemma3_text).")
+                           "(model_type: llama by default, or mistral, qwen2, qwen3, gemma3_text). A dict given "
+                           "replaces this one whole: fields it leaves out take transformers' defaults for the type.")
 
 
 @dataclass
@@ -337,11 +342,17 @@ def config_file(name: str | Path) -> Path:
 
 def load_config_file(path: str | Path) -> Config:
     """Run ``path`` (a ``configs/*.py`` file or a shipped config's name: executed Python, so only trusted
-    files) and type-check the ``Config`` its ``get_config()`` returns. Errors name the file and line."""
+    files) and type-check the ``Config`` its ``get_config()`` returns; or read a run's ``config.json``.
+    Errors name the file and line."""
     path = config_file(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else "")
                           + f"; shipped configs (by name): {', '.join(builtin_config_names())}")
+    if path.suffix == ".json":  # a run's config.json: rerun it, or start from it
+        return config_from_dict(read_json(path), str(path))
+    if path.suffix != ".py":
+        raise ConfigError(f"config file {path}: expected a Python config file (.py, defining get_config()) or a run's "
+                          "config.json")
     spec = importlib.util.spec_from_file_location(f"_comoe_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -551,19 +562,28 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
-def parse_layer_range(layers: str, num_layers: int) -> range:
-    """``all | low | middle | high | 'start:end'`` -> the range of adapted layers."""
+def parse_layer_range(layers: str, num_layers: int | None) -> range | None:
+    """``all | low | middle | high | 'start:end'`` -> the range of adapted layers (never empty). With
+    ``num_layers=None`` only the syntax is checked (the model is not known yet)."""
+    if layers not in LAYER_PLACEMENTS:
+        try:
+            start, end = (int(v) for v in layers.split(":"))
+        except ValueError:
+            raise ConfigError(f"adapter.layers={layers!r} is not allowed: use one of {', '.join(LAYER_PLACEMENTS)} "
+                              "or 'start:end'") from None
+        if not 0 <= start < end:
+            raise ConfigError(f"adapter.layers={layers!r} is not allowed: 'start:end' with 0 <= start < end")
+    if num_layers is None:
+        return None
     third = num_layers // 3
     named = {"all": range(num_layers), "low": range(0, third), "middle": range(third, num_layers - third),
              "high": range(num_layers - third, num_layers)}
     if layers in named:
+        if not named[layers]:
+            raise ConfigError(f"adapter.layers={layers} adapts no layer of a {num_layers}-layer model (it takes a "
+                              "third of the layers); use all or 'start:end'")
         return named[layers]
-    try:
-        start, end = (int(v) for v in layers.split(":"))
-    except ValueError:
-        raise ConfigError(f"adapter.layers={layers!r} is not allowed: use one of {', '.join(LAYER_PLACEMENTS)} "
-                          "or 'start:end'") from None
-    if not 0 <= start < end <= num_layers:
+    if end > num_layers:
         raise ConfigError(f"adapter.layers={layers!r} is out of bounds: the model has {num_layers} layers, "
                           f"so 0 <= start < end <= {num_layers}")
     return range(start, end)
@@ -575,6 +595,9 @@ def _check_source(key: str, spec: str) -> None:
     fmt, sep, path = spec.partition(":")
     _require(bool(sep) and fmt in SOURCE_FORMATS, key, spec,
              f"mix, builtin[:task+task] or <format>:<path> with format one of {', '.join(SOURCE_FORMATS)}")
+    _require(bool(path.strip()), key, spec, f"a path after '{fmt}:'")
+    if fmt == "hf" and re.match(HUB_DATASET, path) and not as_path(path).exists():
+        return  # a hub dataset by name: the loader reads it through the datasets cache
     _require(_url_ok(key, spec, path) and as_path(path).exists(), key, spec, f"{path} does not exist")
 
 
@@ -593,9 +616,13 @@ def validate(cfg: Config) -> Config:
     _require(bool(m.path), "model.path", m.path,
              f"give a Hugging Face folder, a .gguf file or one of {', '.join(MODEL_ALIASES)}")
     if m.path not in MODEL_ALIASES:
-        _require(Path(m.path).exists() or hub_id(m.path) is not None, "model.path", m.path,
+        local = Path(os.path.expanduser(m.path))
+        _require(local.exists() or hub_id(m.path) is not None, "model.path", m.path,
                  "no such file or folder; give a Hugging Face folder, a .gguf file, a hub id (org/name[@revision]) "
                  f"or one of {', '.join(MODEL_ALIASES)}")
+        _require(not local.is_file() or local.suffix == ".gguf", "model.path", m.path,
+                 f"a {local.suffix or 'plain'} file; give the folder that holds config.json and the weights "
+                 f"({local.parent}), or a .gguf file")
     _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
     _require(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {', '.join(DTYPES)}")
     _require(a.method in METHODS, "adapter.method", a.method, f"one of {', '.join(METHODS)}")
@@ -617,8 +644,7 @@ def validate(cfg: Config) -> Config:
         _require(name in TARGET_MODULES, "adapter.target_modules", name, f"one of {' '.join(TARGET_MODULES)}")
     _require(len(set(a.target_modules)) == len(a.target_modules), "adapter.target_modules", a.target_modules,
              "each module at most once")
-    if a.layers not in LAYER_PLACEMENTS:
-        parse_layer_range(a.layers, 10**9)  # syntax only; bounds are checked once the model is known
+    parse_layer_range(a.layers, None)  # syntax only; bounds are checked once the model is known
     _require(lo.contrastive_weight >= 0, "loss.contrastive_weight", lo.contrastive_weight, "lambda >= 0")
     _require(lo.load_balance_weight >= 0, "loss.load_balance_weight", lo.load_balance_weight, ">= 0")
     _require(lo.anchor in ANCHOR_MODES, "loss.anchor", lo.anchor, f"one of {', '.join(ANCHOR_MODES)}")
@@ -662,13 +688,15 @@ def validate(cfg: Config) -> Config:
     _require(d.template in TEMPLATES, "data.template", d.template, f"one of {', '.join(TEMPLATES)}")
     _require(d.seq_len >= 8, "data.seq_len", d.seq_len, ">= 8 tokens")
     _require(d.max_examples_per_task >= 0, "data.max_examples_per_task", d.max_examples_per_task, ">= 0 (0 = all)")
-    for key, specs in (("data.train", d.train), ("eval.sources", cfg.eval.sources)):
-        _require(len(specs) > 0, key, specs, "at least one source")
+    for key, specs in (("data.train", d.train), ("eval.sources", cfg.eval.sources),
+                       ("eval.validation_sources", cfg.eval.validation_sources)):
+        _require(len(specs) > 0 or key == "eval.validation_sources", key, specs, "at least one source")
         for spec in specs:
             _check_source(key, spec)
     for task, weight in d.mix_weights.items():
-        _require(isinstance(weight, (int, float)) and weight > 0, "data.mix_weights", {task: weight},
-                 "positive numbers")
+        _require(isinstance(task, str), "data.mix_weights", d.mix_weights, "task names (text) as keys")
+        _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+                 "data.mix_weights", {task: weight}, "positive numbers")
     ev = cfg.eval
     _require(ev.split in SPLITS, "eval.split", ev.split, f"one of {', '.join(SPLITS)}")
     _require(ev.mode in EVAL_MODES, "eval.mode", ev.mode, f"one of {', '.join(EVAL_MODES)}")

@@ -14,10 +14,14 @@ DTYPES = ("float32", "bfloat16")
 SPLITS = ("train", "validation", "test")
 EVAL_MODES = ("label", "loglik", "generate")
 SOURCE_FORMATS = ("jsonl", "llm_adapters", "bigbench", "hf")
+HUB_DATASET = r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$"  # hf:org/name[:subset], when no such local folder exists
 TEMPLATES = ("alpaca", "choice", "plain", "chat")
 CHAT_ROLES = ("system", "user", "assistant")
 MODEL_ALIASES = ("smollm2-135m", "gemma3-270m", "random")
 MESH_AXES = ("dcn", "data", "fsdp", "tensor")  # dcn: TPU slices (data-center network); the rest: within one
+# Logical axis names that parameters and activations carry (mesh.rules maps them to MESH_AXES).
+LOGICAL_AXES = ("batch", "length", "act_embed", "embed", "heads", "kv_heads", "mlp", "vocab", "expert", "rank", "norm",
+                "layers")
 
 # adapter.method -> what it is. Single-expert methods have no router; soft-routed ones weight every expert.
 METHODS = {

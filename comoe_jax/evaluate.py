@@ -5,8 +5,9 @@
   answer position, so numbers compare with the paper's tables);
 - ``loglik``: the log-likelihood of each option's text after a prompt that does not list the
   options, divided by its number of tokens (length-normalised);
-- ``generate``: greedy generation with a KV cache and LLM-Adapters-style answer extraction
-  (the first option label mentioned; the last number for numeric answers; else exact match).
+- ``generate``: greedy generation with a KV cache, then the answer read off the text
+  (:func:`extract_answer`: option labels, the last number for numeric answers, else exact match
+  against any accepted answer).
 
 In ``label`` and ``loglik`` mode, items are packed into rows of a fixed length (:mod:`option_packing`):
 the prompt header all items share once per row, each context once, each option after it, no padding
@@ -226,17 +227,25 @@ def _as_number(text: str) -> float | None:
 
 
 def extract_answer(text: str, example: Example) -> str:
-    """LLM-Adapters-style: the first option label mentioned; else the last number; else the text."""
+    """The answer in a generation. Word labels (answer1, true, ...): LLM-Adapters' rule, the first one
+    mentioned. Letters: an explicit "answer is (B)" / "Answer: B", else "(B)", else the first capital letter
+    standing alone that does not begin a sentence's words ("A dog", "I think" are not answers), else "b)",
+    else the first letter mentioned. Free-form: the last number for numeric answers, else the text."""
     if example.labels:
         words = any(len(label) > 1 for label in example.labels)
-        pattern = "|".join(re.escape(label) for label in sorted(example.labels, key=len, reverse=True))
-        m = re.search(rf"(?<![A-Za-z0-9])({pattern})(?![A-Za-z0-9])", text, flags=re.I if words else 0)
-        if not m:
-            return ""
-        return next(label for label in example.labels if label.lower() == m.group(1).lower())
+        alt = "|".join(re.escape(label) for label in sorted(example.labels, key=len, reverse=True))
+        alone = rf"(?<![A-Za-z0-9])({alt})(?![A-Za-z0-9])"
+        patterns = [alone] if words else [
+            rf"(?i:answer(?:\s+is)?)\s*[:\-]?\s*\(?({alt})(?![A-Za-z0-9])", rf"\(({alt})\)",
+            alone + r"(?!\s+[a-z])", rf"(?<![A-Za-z0-9])({alt.lower()})\)", alone]
+        for pattern in patterns:
+            if m := re.search(pattern, text, flags=re.I if words else 0):
+                return next(label for label in example.labels if label.lower() == m.group(1).lower())
+        return ""
     if _as_number(example.answer) is not None:
         numbers = _NUMBER.findall(text)
-        return numbers[-1].replace(",", "") if numbers else ""
+        # no number at all: the text, which may match an accepted spelled-out answer
+        return numbers[-1].replace(",", "") if numbers else text.strip()
     return text.strip()
 
 
@@ -245,9 +254,11 @@ def is_correct(prediction: str, example: Example) -> bool:
         return prediction == example.answer
     want, got = _as_number(example.answer), _as_number(prediction) if prediction else None
     if want is not None:
-        return got is not None and math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-3)
+        wants = [want, *(v for v in map(_as_number, example.also_correct) if v is not None)]
+        if got is not None and any(math.isclose(got, w, rel_tol=1e-4, abs_tol=1e-3) for w in wants):
+            return True
     norm = lambda s: s.strip().strip(".").lower()  # noqa: E731
-    return norm(prediction) == norm(example.answer)
+    return any(norm(prediction) == norm(answer) for answer in (example.answer, *example.also_correct))
 
 
 def generate_predictions(model, tokenizer, examples: list[Example], template: str, *, max_new_tokens: int,

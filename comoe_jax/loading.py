@@ -7,6 +7,7 @@ sharding, so a large model never sits whole on one device.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +59,7 @@ def resolve_model_path(path: str, config_only: bool = False) -> Path:
         return Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
     if hub_id(path):  # config_only: the architecture is checked before gigabytes of weights are fetched
         return hub_snapshot(*hub_id(path), files=["config.json"] if config_only else HUB_FILES)
-    p = Path(path)
+    p = Path(os.path.expanduser(path))
     if not p.exists():
         raise LoadError(f"model path {p} does not exist")
     if p.is_dir() and not (p / "config.json").exists():
@@ -107,7 +108,8 @@ HF_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 def _hf_name(name: str, prefix: str = "model.") -> str:
     """Our flat parameter name -> the Hugging Face tensor name."""
     if name.startswith("lm_head."):
-        return "lm_head.weight"
+        # older multimodal Gemma 3 files keep the head beside the decoder: language_model.lm_head.weight
+        return "lm_head.weight" if prefix != "language_model.model." else "language_model.lm_head.weight"
     if name == "embed_tokens":
         return prefix + "embed_tokens.weight"
     return prefix + re.sub(r"\.(kernel|scale)$", ".weight", name)

@@ -247,8 +247,13 @@ class LayerStack(nnx.Module):
             (x, kv), *sown = nnx.capture(layer, *kinds)(x, inputs, layer_ctx, kv)
             return x, (kv, tuple(sown))
 
-        if self.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        # Even without remat a layer saves only its weight matmuls' outputs for the backward pass and recomputes
+        # the memory-bound rest (norms, RoPE, softmax and its score matmuls, SwiGLU): writing every elementwise
+        # residual into the scan's stacked buffers cost more than recomputing it (0.89x the step, 0.71x at n = 64
+        # sparse; docs/performance.md). prevent_cse=False is safe inside a scan.
+        policies = jax.checkpoint_policies
+        body = jax.checkpoint(body, prevent_cse=False, policy=policies.nothing_saveable if self.remat
+                              else policies.dots_with_no_batch_dims_saveable)
         indices = jnp.arange(self.first, self.first + self.size, dtype=jnp.int32)
         sliding = jnp.asarray(self.sliding or (False,) * self.size)
         x, (cache, sown) = jax.lax.scan(body, x, (indices, sliding, state, cache))

@@ -14,7 +14,7 @@ import re
 
 from etils import epath
 
-from comoe_jax.errors import ConfigError
+from comoe_jax.errors import ConfigError, RunFolderError
 
 URL_SCHEMES = ("gs://", "s3://", "az://", "hf://")
 
@@ -79,6 +79,19 @@ def write_atomic(path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     replace(tmp, path)
+
+
+def output_folder(path, name: str) -> epath.Path:
+    """Create the folder ``path`` (named ``name`` in messages: a config key or an option) before any work, so a
+    file in the way or an unwritable place is refused at once."""
+    path = as_path(path)
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"{name}={path} is a file, not a folder; choose a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFolderError(f"{name}={path} cannot be written ({e.strerror or e}); choose a writable folder") from None
+    return path
 
 
 def remove_tree(path) -> None:

@@ -49,6 +49,10 @@ class RopeSpec:
         if params.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported (rotary "
                              "embeddings on the whole head only)")
+        top = getattr(hf_config, "original_max_position_embeddings", None)
+        if layer_type is None and top and rope_type in ("llama3", "yarn", "longrope"):
+            # As transformers' standardize_rope_params: a top-level value (Phi-3 style configs) wins.
+            params["original_max_position_embeddings"] = top
         items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
         return cls(head_dim, float(theta), rope_type, int(hf_config.max_position_embeddings), items)
 

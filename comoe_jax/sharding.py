@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from comoe_jax.config import ConfigError, MeshConfig
-from comoe_jax.constants import MESH_AXES
+from comoe_jax.constants import LOGICAL_AXES, MESH_AXES
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,11 @@ def rules_dict(rules) -> dict:
         if len(item) != 2:
             raise ConfigError(f"mesh.rules: entry {item!r} is not a (logical_axis, mesh_axes) pair")
         name, target = item
+        if name not in LOGICAL_AXES:
+            close = difflib.get_close_matches(str(name), LOGICAL_AXES, n=1)
+            raise ConfigError(f"mesh.rules: {name!r} is not a logical axis" + (f" (did you mean {close[0]!r}?)"
+                                                                                if close else "")
+                              + f"; logical axes are {', '.join(LOGICAL_AXES)}")
         targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
         for t in targets:
             if t not in MESH_AXES:

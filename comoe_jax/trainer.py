@@ -31,7 +31,7 @@ from comoe_jax.flops import device_peak, train_step_flops
 from comoe_jax.interop import export_peft
 from comoe_jax.loading import build_model, load_tokenizer, model_spec
 from comoe_jax.model import flat_values, split_model, state_from_flat, trainable_parameters
-from comoe_jax.paths import as_path, write_atomic
+from comoe_jax.paths import as_path, output_folder, write_atomic
 from comoe_jax.plots import plot_run, plot_validation
 from comoe_jax.progress import MetricSinks, Progress, metric_sinks, read_jsonl, repair_jsonl
 from comoe_jax.report import (
@@ -127,6 +127,7 @@ def _check_batch(cfg: Config, mesh) -> None:
 def _check_resumable(cfg: Config, ckpt: Checkpointer) -> int | None:
     """The step to resume from (None for a fresh run); refuses runs that must not be continued."""
     if ckpt.latest_step() is None:
+        _check_no_earlier_run(cfg)
         return None
     if not cfg.train.resume:
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints up to step "
@@ -137,21 +138,38 @@ def _check_resumable(cfg: Config, ckpt: Checkpointer) -> int | None:
     if changed:
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} holds a run with a different config, so it cannot "
                           "be resumed: " + "; ".join(changed) + ". Choose another train.output_dir.")
+    if cfg.train.steps < step:
+        raise ConfigError(f"train.steps={cfg.train.steps} is below the step the run in {cfg.train.output_dir} has "
+                          f"reached ({step}); raise train.steps to train it further, or evaluate it as it is with "
+                          "evaluate.py --run")
     return step
+
+
+def _check_no_earlier_run(cfg: Config) -> None:
+    """A folder without checkpoints may hold a session stopped before its first checkpoint (same config: start
+    again), but not a finished run whose checkpoints were removed, nor another config's run."""
+    out = as_path(cfg.train.output_dir)
+    where = f"train.output_dir={cfg.train.output_dir}"
+    if (out / "adapter").exists():
+        raise RunFolderError(f"{where} holds a finished run's adapter/ but no checkpoint to resume from; training "
+                             "again would overwrite it. Choose another train.output_dir")
+    if (out / "config.json").exists():
+        changed = config_changes(read_json(out / "config.json", RunFolderError), cfg)
+        if changed:
+            raise RunFolderError(f"{where} holds an earlier run (config.json, no checkpoint yet) with a different "
+                                 f"config: {'; '.join(changed)}. Choose another train.output_dir")
 
 
 def _prepare_output(out) -> None:
     """Create the run folder, refusing a file, an uncreatable or an unwritable path before any work."""
-    key = f"train.output_dir={out}"
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{key} is a file, not a folder; choose a folder path")
+    output_folder(out, "train.output_dir")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write_test.{jax.process_index()}.{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise RunFolderError(f"{key} cannot be written ({e.strerror or e}); choose a writable folder") from None
+        raise RunFolderError(f"train.output_dir={out} cannot be written ({e.strerror or e}); choose a writable "
+                             "folder") from None
 
 
 def _check_model(cfg: Config):
@@ -189,6 +207,11 @@ def train(cfg: Config, *, stream=None) -> RunResult:
         repair_jsonl(out / "metrics.jsonl", say)
     tokenizer = load_tokenizer(cfg.model.path)
     batches = training_stream(cfg, tokenizer, say, shd.local_rows(mesh, rules, cfg.train.batch_size))
+    # evaluation and validation items are read and checked now, not after minutes of loading and training
+    eval_items = evaluation_examples(cfg) if cfg.eval.before_training or cfg.eval.after_training else []
+    val_items = validation_examples(cfg) if cfg.eval.every else []
+    if cfg.eval.mode != "generate":
+        require_choice(eval_items + val_items, cfg.eval.mode, need_options=cfg.eval.mode == "loglik")
     model = build_model(cfg, mesh, rules)
     graphdef, adapters, frozen_state = split_model(model)
     counts = trainable_parameters(model)
@@ -206,7 +229,6 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     else:
         state = step_fn.init_state(flat_values(adapters))
     with metric_sinks(cfg, out) as sinks:
-        eval_items = evaluation_examples(cfg) if cfg.eval.before_training or cfg.eval.after_training else []
         if resume_from is None and cfg.eval.before_training:
             # adapters at initialisation: this is the base model
             before = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_before", say)
@@ -215,7 +237,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
         if jax.process_index() == 0:
             (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
         flops = train_step_flops(cfg, model, step_fn.head_positions, counts["total"])
-        validator = Validator(cfg, model, tokenizer, out, say, sinks) if cfg.eval.every else None
+        validator = Validator(cfg, model, tokenizer, val_items, out, say, sinks) if cfg.eval.every else None
         state, interrupted = _loop(cfg, step_fn, state, flat_values(frozen_state), batches, ckpt, stream, say, sinks,
                                    flops, validator)
         save_adapters(out / "adapter", state.params, model.groups, cfg)
@@ -281,13 +303,11 @@ class Validator:
     validation items, to ``validation.jsonl``, the metric writers (``val/*``) and ``validation.png``; with
     ``eval.keep_best`` the adapters of the best step so far go to ``best_adapter/`` (``best.json``)."""
 
-    def __init__(self, cfg: Config, model, tokenizer, out: Path, say, sinks: MetricSinks):
+    def __init__(self, cfg: Config, model, tokenizer, items: list, out: Path, say, sinks: MetricSinks):
         self.cfg, self.tokenizer, self.out, self.say, self.sinks = cfg, tokenizer, out, say, sinks
         self.graphdef, self.adapters, self.frozen = split_model(model)
         self.groups = model.groups
-        self.items = validation_examples(cfg)
-        if cfg.eval.mode != "generate":  # refused now, not at step eval.every
-            require_choice(self.items, cfg.eval.mode, need_options=cfg.eval.mode == "loglik")
+        self.items = items  # validation_examples(cfg), checked by train() before the model loads
         self.rows = read_jsonl(out / "validation.jsonl")[0]  # earlier sessions of a resumed run
         best = out / "best.json"
         meta = read_json(best, RunFolderError) if best.exists() else {}

@@ -21,11 +21,15 @@ import numpy as np
 import pytest
 
 import analyze
+import compare
 import evaluate
+import sweep
 import train
+from comoe_jax.commands import export
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train": train, "evaluate": evaluate, "analyze": analyze}
+SCRIPTS = {"train": train, "evaluate": evaluate, "analyze": analyze, "export": export, "compare": compare,
+           "sweep": sweep}
 # The tiny random Llama, 2 steps, no evaluation: a bad input fails within a second or two.
 FAST = ["mesh.num_devices=1", "train.steps=4", "train.save_every=2", "train.batch_size=4", "adapter.rank=4",
         "data.train=builtin:add", "eval.before_training=false", "eval.after_training=false",
@@ -136,15 +140,39 @@ def _hf(damage):
 
 
 def _run(change, script="train", *extra):
-    """A copy of the finished run, changed by ``change(run)``, then trained again (or evaluated...)."""
+    """A copy of the finished run, changed by ``change(run)``, then trained again (or evaluated...);
+    ``{run}`` / ``{tmp}`` in ``extra`` are filled in."""
     def setup(ctx, tmp):
         run = _copy(ctx["finished_run"], tmp)
         change(run)
+        extra_args = [a.format(run=run, tmp=tmp) for a in extra]
         if script == "train":
-            return "train", tiny(f"train.output_dir={run}", *extra)
+            return "train", tiny(f"train.output_dir={run}", *extra_args)
         if script == "evaluate":
-            return "evaluate", ["--run", str(run), *extra]
-        return "analyze", [str(run), "--out", str(tmp / "cmp"), *extra]
+            return "evaluate", ["--run", str(run), *extra_args]
+        return "analyze", [str(run), "--out", str(tmp / "cmp"), *extra_args]
+    return setup
+
+
+def _export(change, *argv):
+    """``comoe-export --run <copy of the finished run> ARGV`` (``{run}`` / ``{tmp}`` in ARGV filled in)."""
+    def setup(ctx, tmp):
+        run = _copy(ctx["finished_run"], tmp)
+        change(run)
+        return "export", ["--run", str(run), *(a.format(run=run, tmp=tmp) for a in argv)]
+    return setup
+
+
+def _no_checkpoints(run: Path, *others: str) -> None:
+    for name in ("checkpoints", *others):
+        shutil.rmtree(run / name)
+
+
+def _hf_rows(name: str, rows: dict):
+    def setup(ctx, tmp):
+        datasets = pytest.importorskip("datasets")
+        datasets.Dataset.from_dict(rows).save_to_disk(tmp / name)
+        return "train", tiny(f"data.train=hf:{tmp / name}", out(tmp))
     return setup
 
 
@@ -280,7 +308,7 @@ CASES = [
     ("jsonl-answer-not-option", _jsonl("d.jsonl", '{"question": "q", "options": ["a", "b"], "answer": "c"}\n'), 2,
      r"d\.jsonl:1: field 'answer' 'c' is not among the options"),
     ("jsonl-options-not-list", _jsonl("d.jsonl", '{"question": "q", "options": "ab", "answer": "a"}\n'), 2,
-     r"d\.jsonl:1: field 'options' should be a list, got str"),
+     r"d\.jsonl:1: field 'options' should be a list of option texts, got str"),
     ("jsonl-record-list", _jsonl("d.jsonl", '["a", "b"]\n'), 2, r"d\.jsonl:1: expected a JSON object, got list"),
     ("jsonl-instruction-object", _jsonl("d.jsonl", '{"instruction": {"a": 1}, "answer": "b"}\n'), 2,
      r"d\.jsonl:1: field 'instruction' should be text, got dict"),
@@ -376,6 +404,78 @@ CASES = [
     ("adapter-tensor-nan", _run(lambda run: _edit_adapter(run, lambda t: t.update(
         {"layers.0.self_attn.q_proj.lora_b": np.full((4, 4, 64), np.nan, np.float32)})), "evaluate"), 2,
      r"tensor layers\.0\.self_attn\.q_proj\.lora_b holds non-finite values"),
+    # ---- found by trying what users get wrong (second round)
+    ("layers-low-on-two-layers", _override("adapter.layers=low"), 2,
+     r"adapter\.layers=low adapts no layer of a 2-layer model"),
+    ("layers-empty-range", _override("adapter.layers=2:1"), 2,
+     r"adapter\.layers='2:1' is not allowed: 'start:end' with 0 <= start < end$"),
+    ("random-arch-no-layers", _override('model.random_arch={"num_hidden_layers": 0, "hidden_size": 32, '
+                                        '"intermediate_size": 64, "num_attention_heads": 4, "vocab_size": 320}'), 2,
+     r"model\.random_arch: num_hidden_layers=0; a decoder needs a positive integer"),
+    ("mix-weight-bool", _override('data.mix_weights={"add": true}'), 2,
+     r"data\.mix_weights=\{'add': True\} is not allowed: positive numbers"),
+    ("mesh-rules-logical-typo", _override('mesh.rules=[["emb", "fsdp"]]'), 2,
+     r"mesh\.rules: 'emb' is not a logical axis \(did you mean 'embed'\?\); logical axes are batch"),
+    ("eval-after-free-form-label", _override("eval.mode=label", "eval.after_training=true"), 2,
+     r"eval\.mode=label needs multiple-choice items, but task 'add' has free-form answers"),
+    ("validation-source-format", _override("eval.every=2", "eval.validation_sources=csv:/x.csv"), 2,
+     r"eval\.validation_sources='csv:/x\.csv' is not allowed: mix, builtin"),
+    ("validation-source-missing", _override("eval.every=2", "eval.validation_sources=jsonl:/no/val.jsonl"), 2,
+     r"eval\.validation_sources='jsonl:/no/val\.jsonl' is not allowed: /no/val\.jsonl does not exist"),
+    ("source-empty-path", _override("data.train=jsonl:"), 2, r"data\.train='jsonl:' is not allowed: a path after"),
+    ("config-not-python", lambda ctx, tmp: ("train", ["--config", str(_write(tmp / "my_config.txt", "x = 1\n"))]), 2,
+     r"config file .*my_config\.txt: expected a Python config file \(\.py, defining get_config\(\)\) or a run's "),
+    ("config-mix-weight-key", _config("    c.data.mix_weights = {1: 2.0}\n    return c\n"), 2,
+     r"data\.mix_weights=\{1: 2\.0\} is not allowed: task names \(text\) as keys"),
+    ("jsonl-labels-number", _jsonl("d.jsonl", '{"instruction": "q", "answer": "a", "labels": 5}\n'), 2,
+     r"d\.jsonl:1: field 'labels' should be a list of label texts"),
+    ("jsonl-labels-string", _jsonl("d.jsonl", '{"instruction": "q", "answer": "a", "labels": "abc"}\n'), 2,
+     r"d\.jsonl:1: field 'labels' should be a list of label texts .*got \"abc\""),
+    ("jsonl-answer-empty", _jsonl("d.jsonl", '{"instruction": "q", "answer": ""}\n'), 2,
+     r"d\.jsonl:1: field 'answer' is empty"),
+    ("jsonl-answer-index", _jsonl("d.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": 2}\n'), 2,
+     r"d\.jsonl:1: field 'answer' is index 2, but there are 2 options \(0 to 1\)"),
+    ("hf-label-out-of-range", _hf_rows("piqa", {"goal": ["g"], "sol1": ["a"], "sol2": ["b"], "label": [5]}), 2,
+     r"piqa row 0: field 'label' is 5; with 2 options it should be 0 to 1"),
+    ("hf-a-file", _source("hf", "d.jsonl", '{"instruction": "q", "answer": "a"}\n'), 2,
+     r"d\.jsonl: is a file; hf: reads a folder written by save_to_disk .* use jsonl:"),
+    ("model-weights-file", lambda ctx, tmp: ("train", _model_args(_hf_copy(ctx, tmp) / "model.safetensors", tmp)), 2,
+     r"model\.path=.*model\.safetensors' is not allowed: a \.safetensors file; give the folder that holds"),
+    ("run-finished-without-checkpoints", _run(lambda run: _no_checkpoints(run), "train", "adapter.rank=8"), 2,
+     r"holds a finished run's adapter/ but no checkpoint to resume from; training again would overwrite it"),
+    ("run-earlier-session-other-config", _run(lambda run: _no_checkpoints(run, "adapter"), "train", "adapter.rank=8"),
+     2, r"holds an earlier run \(config\.json, no checkpoint yet\) with a different config: adapter\.rank"),
+    ("resume-fewer-steps", _run(lambda run: None, "train", "train.steps=2"), 2,
+     r"train\.steps=2 is below the step the run in .* has reached \(4\); raise train\.steps"),
+    ("analyze-single-expert-run", _run(lambda run: _set_config(run, adapter__method="lora", adapter__num_experts=1),
+                                       "analyze"), 2,
+     r"adapter\.method=lora has one expert and no router; analyze\.py compares routed runs"),
+    ("analyze-module-unknown", _run(lambda run: None, "analyze", "--module", "layers.0.mlp.nosuch"), 2,
+     r"--module layers\.0\.mlp\.nosuch: not an adapted module of"),
+    ("analyze-out-a-file", lambda ctx, tmp: ("analyze", [str(_copy(ctx["finished_run"], tmp)), "--out",
+                                                         str(_write(tmp / "f", "x"))]), 2,
+     r"--out=.*f is a file, not a folder"),
+    ("evaluate-out-under-a-file", _run(lambda run: None, "evaluate", "--out", "{run}/config.json/stem"), 2,
+     r"--out \(its folder\)=.*config\.json is a file, not a folder"),
+    ("export-out-is-the-run", _export(lambda run: None, "--format", "comoe", "--out", "{run}", "--overwrite"), 2,
+     r"--out .*: would replace the run .* or what the export reads from it"),
+    ("export-out-is-its-adapter", _export(lambda run: None, "--format", "comoe", "--out", "{run}/adapter",
+                                          "--overwrite"), 2, r"would replace the run .* or what the export reads"),
+    ("export-mixture-as-merged", _export(lambda run: _write(run.parent / "mine" / "keep.txt", "keep"), "--format",
+                                         "merged", "--out", "{tmp}/mine", "--overwrite"), 2,
+     r"adapter\.method=comoe-lora cannot export as merged: only lora / dora runs"),
+    ("export-unfinished-run", _export(lambda run: shutil.rmtree(run / "adapter"), "--format", "comoe"), 2,
+     r"no finished adapter \(.*adapter_config\.json\); a run writes it when training ends"),
+    ("export-format", _export(lambda run: None, "--format", "onnx"), 2, r"argument --format: invalid choice: 'onnx'"),
+    ("compare-methods-empty", lambda ctx, tmp: ("compare", ["--config", "tiny", "--methods", ",", "--out",
+                                                            str(tmp / "cmp")]), 2,
+     r"--methods=',': give distinct methods"),
+    ("compare-tasks-unknown", lambda ctx, tmp: ("compare", ["--config", "tiny", "--tasks", "nosuch", "--out",
+                                                            str(tmp / "cmp"), "data.train=builtin:add"]), 2,
+     r"--tasks: nosuch not among the training sources' tasks \(add\)"),
+    ("sweep-grid-repeated", lambda ctx, tmp: ("sweep", ["--config", "tiny", "--grid", "train.seed=0,0", "--out",
+                                                        str(tmp / "sw")]), 2,
+     r"--grid 'train\.seed=0,0': a value is repeated"),
 ]
 
 
@@ -393,7 +493,10 @@ IN_A_PROCESS = {"override-typo", "config-typo", "jsonl-not-utf8", "model-rope", 
 def _run_script(script: str, argv: list[str], capsys, in_a_process: bool) -> tuple[int, str]:
     if not in_a_process:
         capsys.readouterr()
-        code = SCRIPTS[script].main(argv)
+        try:
+            code = SCRIPTS[script].main(argv)
+        except SystemExit as e:  # argparse refusing an option: usage and a one-line error, exit 2
+            code = e.code
         return code, capsys.readouterr().err
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *argv], cwd=ROOT, env=env,
@@ -431,7 +534,8 @@ def test_the_corpus_is_large_and_covers_every_kind_of_input():
         head = name.split("-")[0]
         kind = ("config" if head == "config" else "data" if head in {"jsonl", "llm", "bigbench", "hf", "responses"}
                 else "model" if head in {"model", "gguf"} else "adapter" if head == "adapter"
-                else "run" if head in {"output", "resume", "all", "evaluate", "analyze"} else "override")
+                else "run" if head in {"output", "resume", "all", "evaluate", "analyze", "run", "export", "compare",
+                                       "sweep"} else "override")
         kinds[kind] += 1
     assert len(CASES) >= 80 and all(v >= 5 for v in kinds.values()), kinds
 

@@ -113,6 +113,32 @@ def test_config_files_load_and_validate():
         load_config_file(ROOT / "configs" / "nope.py")
 
 
+def test_a_runs_config_json_is_a_config_file(tmp_path):
+    import json
+
+    cfg = _cfg("adapter.rank=5", "loss.contrastive_weight=0.1")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict(), default=list))
+    again = load_config_file(tmp_path / "config.json")
+    assert again.to_dict() == cfg.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({"adapter": {"rnak": 5}}))
+    with pytest.raises(ConfigError, match=r"config\.json: unknown config key 'adapter\.rnak'"):
+        load_config_file(tmp_path / "config.json")
+
+
+def test_paths_under_home_and_hub_datasets_by_name_are_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text('{"instruction": "q", "answer": "a"}\n')
+    cfg = validate(_cfg("model.path=~/model", "data.train=jsonl:~/d.jsonl,hf:acme/sft:chat"))
+    assert cfg.data.train == ("jsonl:~/d.jsonl", "hf:acme/sft:chat")
+    from comoe_jax.data import load_source
+    from comoe_jax.loading import resolve_model_path
+
+    assert resolve_model_path("~/model") == tmp_path / "model"
+    assert load_source("jsonl:~/d.jsonl", "train")[0].answer == "a"
+
+
 def test_every_key_is_documented():
     text = describe()
     for line in text.splitlines()[1::2]:

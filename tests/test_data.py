@@ -67,6 +67,27 @@ def test_jsonl_loader_and_its_errors(tmp_path):
         load_jsonl(tmp_path / "missing.jsonl")
 
 
+def test_mmlu_style_choices_and_answer_lists(tmp_path):
+    rows = [{"question": "Capital of France?", "choices": ["Rome", "Paris", "Oslo"], "answer": 1},
+            {"question": "2+2?", "options": ["3", "4"], "answer": "B"},
+            {"question": "2+3?", "options": ["4", "5"], "answer": "5"},
+            {"question": "Name a prime.", "answer": ["2", "3", "5"]}]
+    mmlu, letter, text, free = load_jsonl(_write(tmp_path / "mc.jsonl", "\n".join(map(json.dumps, rows))))
+    assert (mmlu.options, mmlu.answer) == (("Rome", "Paris", "Oslo"), "B")
+    assert (letter.answer, text.answer) == ("B", "B")
+    assert (free.answer, free.also_correct, free.is_choice) == ("2", ("3", "5"), False)
+    cases = {
+        '{"question": "x", "choices": ["a", "b"], "answer": 2}': r"mc\.jsonl:1: field 'answer' is index 2, but there "
+                                                                 r"are 2 options \(0 to 1\)",
+        '{"question": "x", "choices": ["1", "0"], "answer": 0}': r"field 'answer' 0 is ambiguous",
+        '{"question": "x", "choices": "a b", "answer": 0}': r"field 'choices' should be a list",
+        '{"question": "x", "answer": []}': r"field 'answer' should be text or a non-empty list",
+    }
+    for line, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            load_jsonl(_write(tmp_path / "mc.jsonl", line))
+
+
 def test_llm_adapters_loader(tmp_path):
     folder = tmp_path / "ARC-Easy"
     folder.mkdir()
@@ -107,7 +128,7 @@ def test_bigbench_loader(tmp_path):
     _write(folder / "task.json", json.dumps(task))
     choice, free = load_bigbench(folder)
     assert (choice.task, choice.options, choice.answer) == ("toy", ("Yes", "No"), "A")
-    assert free.answer == "red" and not free.is_choice
+    assert free.answer == "red" and free.also_correct == ("blue",) and not free.is_choice
     task["examples"][0]["target_scores"] = {"Yes": 1, "No": 1}
     with pytest.raises(DataError, match=r"example 0: field 'target_scores' marks 2 options correct"):
         load_bigbench(_write(folder / "task.json", json.dumps(task)))
@@ -151,8 +172,15 @@ def test_hf_dataset_loader(tmp_path):
     broken.save_to_disk(tmp_path / "broken")
     with pytest.raises(DataError, match=r"broken row 0: field 'answerKey' '9' is not among"):
         load_hf_dataset(tmp_path / "broken", "test")
+    mmlu = datasets.Dataset.from_dict({"question": ["Capital of France?"], "subject": ["geo"],
+                                       "choices": [["Rome", "Paris", "Oslo", "Bern"]], "answer": [1]})
+    mmlu.save_to_disk(tmp_path / "mmlu")
+    m = load_hf_dataset(tmp_path / "mmlu", "test")[0]
+    assert (m.options[m.answer_index], m.answer) == ("Paris", "B")
     with pytest.raises(DataError, match="not a dataset saved with save_to_disk"):
         load_hf_dataset(tmp_path, "test")
+    with pytest.raises(DataError, match=r"is a file; hf: reads a folder .* use jsonl:"):
+        load_hf_dataset(_write(tmp_path / "x.jsonl", "{}"), "test")
 
 
 def test_sft_records_alpaca_and_chat_messages(tmp_path):

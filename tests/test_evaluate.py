@@ -140,6 +140,24 @@ def test_answer_extraction_and_correctness():
     assert is_correct(extract_answer(" Tac. ", text), text)
 
 
+@pytest.mark.parametrize("text, want", [
+    ("A dog barks, so the answer is (B)", "B"),  # "A" begins a sentence's words: not an answer
+    ("I think it is C.", "C"), ("The answer: J", "J"), ("(E) the fifth", "E"), ("b) dog", "B"),
+    ("D. Paris", "D"), ("A", "A"), ("Between (F) and G, answer is G", "G"), ("I am not sure", "I"),
+    ("no letter here", "")])
+def test_letter_answers_are_found_where_a_reader_would_find_them(text, want):
+    ten = multiple_choice("t", "q", [f"option {i}" for i in range(10)], "option 1", "s")
+    assert extract_answer(text, ten) == want
+
+
+def test_any_listed_answer_counts():
+    item = Example("bb", "q", "42", also_correct=("forty-two",))
+    for text, ok in (("It is 42.", True), ("forty-two", True), ("Forty-two.", True), ("41", False), ("", False)):
+        assert is_correct(extract_answer(text, item), item) is ok, text
+    word = Example("bb", "q", "Paris", also_correct=("paris, France",))
+    assert is_correct("Paris, France", word) and is_correct("paris", word) and not is_correct("Lyon", word)
+
+
 def test_accuracy_is_counted_per_task_and_averaged_over_tasks(model, tok):
     items = _items()
     result = evaluate(model, tok, items, mode="label", template="choice", batch_size=2)

@@ -89,14 +89,16 @@ def test_cached_generation_with_a_sliding_window_equals_full_recompute(tmp_path)
         assert g == seq[len(p):]
 
 
-def test_the_language_model_of_a_multimodal_gemma3_checkpoint_is_loaded(tmp_path):
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_language_model_of_a_multimodal_gemma3_checkpoint_is_loaded(tied, tmp_path):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     text = BASE | {"vocab_size": 300}
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                   patch_size=14)
-    hf_model = randomised(Gemma3ForConditionalGeneration,
-                          Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4), seed=5)
+    # the top level says whether the head is tied (the text config's own default says tied)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, tie_word_embeddings=tied)
+    hf_model = randomised(Gemma3ForConditionalGeneration, config, seed=5)
     hf_model.save_pretrained(tmp_path)
     ids, mask = padded_inputs(300, seed=5)
     want = _logits(hf_model, ids, mask)

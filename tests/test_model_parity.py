@@ -1,6 +1,7 @@
 """Logits parity with transformers' PyTorch LlamaForCausalLM (the reference), on HF folders and GGUF."""
 
 import importlib.util
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +56,23 @@ def _compare(hf_model, folder, *, tol=1e-4, **kw):
 def test_logits_match_transformers(name, tmp_path):
     model = _hf_model(CONFIGS[name])
     model.save_pretrained(tmp_path)
+    _compare(model, tmp_path)
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="yarn", factor=4.0),
+    dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0),
+    dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(6)],
+         long_factor=[2.0 + 0.3 * i for i in range(6)])], ids=lambda r: r["rope_type"])
+def test_a_top_level_original_max_position_embeddings_wins_as_in_transformers(rope, tmp_path):
+    # Phi-3 style config.json: the pretraining length sits beside rope_scaling, not inside it
+    _hf_model(dict(num_key_value_heads=2, max_position_embeddings=32,
+                   rope_parameters=dict(rope, rope_theta=10000.0))).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["original_max_position_embeddings"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert model.config.rope_parameters["original_max_position_embeddings"] == 5
     _compare(model, tmp_path)
 
 

@@ -17,8 +17,9 @@ import math
 import sys
 
 from comoe_jax.cli import command
-from comoe_jax.config import apply_overrides, load_run_config, negatives_per_anchor, validate
-from comoe_jax.paths import as_path
+from comoe_jax.config import ConfigError, apply_overrides, load_run_config, negatives_per_anchor, validate
+from comoe_jax.constants import METHODS, SINGLE_EXPERT_METHODS
+from comoe_jax.paths import as_path, output_folder
 
 
 @command
@@ -29,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module", help="adapted module for the 2-D projection (default: a middle one)")
     args, overrides = parser.parse_known_args(argv)
     configs = [load_run_config(run) for run in args.runs]
+    for run, cfg in zip(args.runs, configs):
+        if cfg.adapter.method in SINGLE_EXPERT_METHODS:
+            routed = ", ".join(m for m in METHODS if m not in SINGLE_EXPERT_METHODS)
+            raise ConfigError(f"{run}: adapter.method={cfg.adapter.method} has one expert and no router; analyze.py "
+                              f"compares routed runs ({routed})")
     probe_cfg = validate(apply_overrides(load_run_config(args.runs[0]), overrides))
+    out = output_folder(args.out, "--out")
     from comoe_jax import sharding as shd
     from comoe_jax.analysis import collect_routing, expert_outputs_2d, summary
     from comoe_jax.checkpoint import load_run_model
@@ -43,9 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     writer = jax.process_index() == 0  # every process computes (collectives), process 0 writes
-    out = as_path(args.out)
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
     examples = evaluation_examples(probe_cfg)
     panels, rows, histories = {}, [], {}
     for run, cfg in zip(args.runs, configs):
@@ -53,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(cfg.model.path)
         cfg.mesh = probe_cfg.mesh  # every run on the mesh this invocation uses
         model = load_run_model(cfg, run)
-        module = args.module or model.adapter_modules()[len(model.adapter_modules()) // 2]
+        modules = model.adapter_modules()
+        module = args.module or modules[len(modules) // 2]
+        if module not in modules:
+            raise ConfigError(f"--module {module}: not an adapted module of {run}; it has {modules[0]} ... "
+                              f"{modules[-1]} ({len(modules)} modules: layers.<i>.self_attn.<q|k|v|o>_proj, "
+                              "layers.<i>.mlp.<gate|up|down>_proj as adapted)")
         usage = collect_routing(model, tokenizer, examples, probe_cfg.data.template, probe_cfg.eval.batch_size,
                                 code_modules=(module,))
         if writer:

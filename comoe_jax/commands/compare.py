@@ -131,20 +131,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="also evaluate the untrained base model (a row of the table)")
     args, overrides = parser.parse_known_args(argv)
     methods = [m for m in args.methods.split(",") if m]
+    if not methods or len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods={args.methods!r}: give distinct methods, comma-separated, of "
+                          f"{', '.join(METHODS)}")
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"--methods: {m!r} is not a method; choose from {', '.join(METHODS)}")
     if not all(s.strip().isdigit() for s in args.seeds.split(",")):
         raise ConfigError(f"--seeds={args.seeds!r}: expected comma-separated non-negative integers, e.g. 0,1,2")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds={args.seeds!r}: a seed is repeated; the table's median needs distinct seeds")
     settings = tuple(s for s in args.settings.split(",") if s)
     if not settings or set(settings) - {"mt", "st"}:
         raise ConfigError(f"--settings={args.settings!r}: choose one or both of mt, st (comma-separated)")
     base = apply_overrides(load_config_file(args.config), CPU_DEFAULTS + overrides)
     from comoe_jax.data import load_sources
 
-    tasks = [t for t in args.tasks.split(",") if t] or list(dict.fromkeys(
-        ex.task for ex in load_sources(base.data.train, "train", tasks=base.data.tasks)))
+    known = list(dict.fromkeys(ex.task for ex in load_sources(base.data.train, "train", tasks=base.data.tasks)))
+    tasks = [t for t in args.tasks.split(",") if t] or known
+    if set(tasks) - set(known):
+        raise ConfigError(f"--tasks: {', '.join(sorted(set(tasks) - set(known)))} not among the training sources' "
+                          f"tasks ({', '.join(known)})")
     cells = plan(base, methods, seeds, tasks, as_path(args.out), settings)
     start = time.perf_counter()
     rows = run_grid(cells)

@@ -15,6 +15,7 @@ import sys
 
 from comoe_jax.cli import command
 from comoe_jax.config import apply_overrides, load_config_file, load_run_config, validate
+from comoe_jax.paths import as_path, output_folder
 
 
 @command
@@ -27,12 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     cfg = load_run_config(args.run) if args.run else load_config_file(args.config)
     validate(apply_overrides(cfg, overrides))
+    if args.out:
+        output_folder(as_path(args.out).parent, "--out (its folder)")
     import jax
 
     from comoe_jax import sharding as shd
     from comoe_jax.checkpoint import load_run_model
     from comoe_jax.loading import load_tokenizer
-    from comoe_jax.paths import as_path
     from comoe_jax.report import evaluate_and_save, evaluation_examples
 
     shd.init_distributed(cfg.mesh)  # a multi-host evaluation: every host runs this script with its process id

@@ -19,7 +19,7 @@ import sys
 
 from comoe_jax.cli import command
 from comoe_jax.config import ConfigError, load_run_config
-from comoe_jax.paths import as_path, remove_tree
+from comoe_jax.paths import absolute, as_path, remove_tree
 
 FORMATS = ("peft", "merged", "comoe")
 
@@ -33,24 +33,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     cfg = load_run_config(args.run)
-    out = as_path(args.out or as_path(args.run) / args.format)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"{out} exists; pass --overwrite to replace it, or --out elsewhere")
-    adapter_dir = as_path(args.run) / "adapter"
+    run = as_path(args.run)
+    out = as_path(args.out or run / args.format)
+    adapter_dir = run / "adapter"
+    if args.format != "comoe" and cfg.adapter.method not in ("lora", "dora"):
+        raise ConfigError(f"{args.run}: adapter.method={cfg.adapter.method} cannot export as {args.format}: only "
+                          "lora / dora runs have one LoRA per layer; use --format comoe")
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ConfigError(f"{args.run}: no finished adapter ({adapter_dir}/adapter_config.json); a run writes it when "
+                          "training ends (rerun its train command to resume and finish it)")
+    _check_out(out, run, args.overwrite)
     remove_tree(out)
     if args.format == "comoe":
         shutil.copytree(adapter_dir, out)
         print(f"comoe-jax adapter copied to {out}")
         return 0
-    if cfg.adapter.method not in ("lora", "dora"):
-        raise ConfigError(f"{args.run}: adapter.method={cfg.adapter.method} cannot export as {args.format}: only "
-                          "lora / dora runs have one LoRA per layer; use --format comoe")
     from comoe_jax.interop import export_merged, export_peft, load_adapted
 
     model, _ = load_adapted(adapter_dir, cfg.model.path)
     (export_peft if args.format == "peft" else export_merged)(model, cfg, out)
     print(f"{args.format} export of {args.run} written to {out}")
     return 0
+
+
+def _check_out(out, run, overwrite: bool) -> None:
+    """Refuse an output folder that would replace the run or what the export reads, before anything is removed."""
+    def parts(path):
+        return absolute(path).parts
+    kept = [run / "adapter", run / "checkpoints", run / "config.json"]
+    if parts(out) == parts(run)[:len(parts(out))] or any(parts(out)[:len(parts(k))] == parts(k) for k in kept):
+        raise ConfigError(f"--out {out}: would replace the run {run} or what the export reads from it (its adapter/, "
+                          "checkpoints/, config.json); choose a folder outside them")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it, or --out elsewhere")
 
 
 if __name__ == "__main__":

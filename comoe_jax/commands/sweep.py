@@ -33,6 +33,8 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         if not sep or not values:
             raise ConfigError(f"--grid {item!r}: expected section.key=v1,v2,...")
         grid[key] = values.split(",")
+        if len(set(grid[key])) != len(grid[key]):
+            raise ConfigError(f"--grid {item!r}: a value is repeated; each cell must be a different run")
     return grid
 
 

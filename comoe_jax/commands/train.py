@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      add_help=False)
     parser.add_argument("--config", default="configs/default.py",
-                        help="a configs/*.py file, or a shipped config by name: default, tiny")
+                        help="a configs/*.py file, a shipped config by name (default, tiny) or a run's config.json")
     parser.add_argument("-h", "--help", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     cfg = apply_overrides(load_config_file(args.config), overrides)

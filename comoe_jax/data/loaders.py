@@ -8,7 +8,9 @@ Source strings (``data.train`` / ``data.eval`` in the config):
 - ``mix``: ``comoe_jax/data/comoe_mix/<split>.jsonl`` (built by ``scripts/build_mix.py``);
 - ``builtin`` or ``builtin:add+reverse``: the small procedural tasks of ``comoe_jax.data.builtin``;
 - ``jsonl:PATH``: one JSON object a line, fields ``instruction`` (or ``question``), ``answer``,
-  optional ``options``, ``task``, ``input``, ``output``, ``labels``; Alpaca SFT records
+  optional ``options`` (or ``choices``; ``answer`` is then the option's text, its letter or its
+  0-based index, as in MMLU), ``task``, ``input``, ``output``, ``labels``; a list of answers accepts
+  each (the first is trained on); Alpaca SFT records
   (``instruction``, ``input``, ``output``: the output is the answer); chat records
   ``{"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]}`` ending with the
   assistant's reply;
@@ -16,7 +18,7 @@ Source strings (``data.train`` / ``data.eval`` in the config):
   commonsense and math files; option labels come from the ``Answer format: a/b/c`` line);
 - ``bigbench:PATH``: a BIG-bench ``task.json`` (or its folder);
 - ``hf:PATH``: a ``datasets`` folder saved with ``save_to_disk`` (ARC, OBQA, CommonsenseQA, BoolQ,
-  PIQA, SIQA, HellaSwag, WinoGrande columns, or the JSONL field names, chat ``messages`` included);
+  PIQA, SIQA, HellaSwag, WinoGrande, MMLU columns, or the JSONL field names, chat ``messages`` included);
   ``hf:org/name[:subset]``: a hub dataset by name (``datasets.load_dataset``, its cache, streaming
   the first rows when a per-task cap is set).
 """
@@ -27,9 +29,11 @@ import json
 import re
 from pathlib import Path
 
+from comoe_jax import constants
 from comoe_jax.constants import CHAT_ROLES, SPLITS
 from comoe_jax.constants import SOURCE_FORMATS as FORMATS
-from comoe_jax.data.records import DataError, Example, multiple_choice
+from comoe_jax.data.records import OPTION_LETTERS, DataError, Example, multiple_choice
+from comoe_jax.paths import as_path
 
 MIX_DIR = Path(__file__).resolve().parent / "comoe_mix"  # package data: ships in the wheel
 
@@ -56,10 +60,10 @@ def load_source(spec: str, split: str, *, seed: int = 0, limit: int = 0) -> list
                         f"{', '.join(FORMATS)}")
     loader = {"jsonl": load_jsonl, "llm_adapters": load_llm_adapters, "bigbench": load_bigbench}.get(fmt)
     if loader is None:
-        if not Path(path).exists() and HUB_DATASET.match(path):
+        if not as_path(path).exists() and HUB_DATASET.match(path):
             return load_hub_dataset(path, split, limit)
-        return load_hf_dataset(Path(path), split)
-    return loader(Path(path))
+        return load_hf_dataset(as_path(path), split)
+    return loader(as_path(path))
 
 
 def _exists(path: Path) -> Path:
@@ -140,25 +144,61 @@ def _from_fields(record: dict, task: str, where: str) -> Example:
         raise DataError(f"{where}: missing field 'instruction' (or 'question')")
     instruction = _text(record, field, where)
     task = _text(record, "task", where, required=False) or task
-    # Alpaca-style SFT records have only an output: it is the reference answer too
-    answer = _text(record, "answer", where, required="output" not in record) or _text(record, "output", where)
     context = _text(record, "input", where, required=False) or _text(record, "context", where, required=False)
-    options = record.get("options")
+    key = "options" if "options" in record else "choices"  # choices: MMLU's name
+    options = record.get(key)
     if options is not None:
         if not isinstance(options, list):
-            raise DataError(f"{where}: field 'options' should be a list, got {type(options).__name__}")
-        return multiple_choice(task, str(instruction), options, answer, where, context)
-    labels = tuple(str(v) for v in record.get("labels") or ())
+            raise DataError(f"{where}: field {key!r} should be a list of option texts, got {type(options).__name__}")
+        return multiple_choice(task, str(instruction), options, _correct_option(record, options, where), where,
+                               context)
+    answers = record.get("answer")
+    if isinstance(answers, list):  # several accepted answers; the first is trained on
+        if not answers or not all(isinstance(a, (str, int, float)) for a in answers):
+            raise DataError(f"{where}: field 'answer' should be text or a non-empty list of texts")
+        record = record | {"answer": answers[0]}
+    # Alpaca-style SFT records have only an output: it is the reference answer too
+    answer = _text(record, "answer", where, required="output" not in record) or _text(record, "output", where,
+                                                                                      required=False)
+    if not answer.strip():
+        raise DataError(f"{where}: field {'answer' if 'answer' in record else 'output'!r} is empty; a record needs "
+                        "the answer (or the Alpaca output) to train on")
+    labels = record.get("labels") or ()
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(v, str) for v in labels):
+        raise DataError(f"{where}: field 'labels' should be a list of label texts (e.g. [\"true\", \"false\"]), "
+                        f"got {json.dumps(labels)[:60]}")
+    labels = tuple(labels)
     if labels and answer not in labels:
         raise DataError(f"{where}: field 'answer' {answer!r} is not among the labels {list(labels)}")
     return Example(task=task, instruction=str(instruction).strip(), answer=answer.strip(), labels=labels,
-                   output=_text(record, "output", where, required=False), context=context.strip(), source=where)
+                   output=_text(record, "output", where, required=False), context=context.strip(), source=where,
+                   also_correct=tuple(str(a).strip() for a in answers[1:]) if isinstance(answers, list) else ())
+
+
+def _correct_option(record: dict, options: list, where: str) -> str:
+    """The correct option's text from ``answer``: the text itself, its letter (A, B, ...) or its 0-based index."""
+    answer = record.get("answer")
+    texts = [str(o).strip() for o in options]
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(options):
+            raise DataError(f"{where}: field 'answer' is index {answer}, but there are {len(options)} options "
+                            f"(0 to {len(options) - 1})")
+        if str(answer) in texts and texts.index(str(answer)) != answer:
+            raise DataError(f"{where}: field 'answer' {answer} is ambiguous: an option's 0-based index and another "
+                            f"option's text; give the option's text as a string ({json.dumps(str(answer))}) or "
+                            "its letter")
+        return texts[answer]
+    answer = _text(record, "answer", where).strip()
+    letters = OPTION_LETTERS[:len(options)]
+    if answer not in texts and len(answer) == 1 and answer.upper() in letters:
+        return texts[letters.index(answer.upper())]
+    return answer
 
 
 def load_jsonl(path: Path) -> list[Example]:
     """One JSON object a line (blank lines skipped); the task defaults to the file's stem."""
     examples = []
-    for number, line in enumerate(_read_text(Path(path)).splitlines(), 1):
+    for number, line in enumerate(_read_text(as_path(path)).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -166,8 +206,8 @@ def load_jsonl(path: Path) -> list[Example]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        examples.append(_from_fields(record, Path(path).stem, where))
-    return _checked(examples, Path(path))
+        examples.append(_from_fields(record, as_path(path).stem, where))
+    return _checked(examples, as_path(path))
 
 
 # --------------------------------------------------------------------------- LLM-Adapters
@@ -185,10 +225,10 @@ def _read_json(path: Path):
 
 def load_llm_adapters(path: Path) -> list[Example]:
     """LLM-Adapters JSON: a list of {instruction, input, output, answer}; task = the folder or file name."""
-    data = _read_json(Path(path))
+    data = _read_json(as_path(path))
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    task = Path(path).parent.name if Path(path).stem in SPLITS else Path(path).stem
+    task = as_path(path).parent.name if as_path(path).stem in SPLITS else as_path(path).stem
     examples = []
     for i, record in enumerate(data):
         where = f"{path} record {i}"
@@ -204,7 +244,7 @@ def load_llm_adapters(path: Path) -> list[Example]:
         examples.append(Example(task=task, instruction=instruction.strip(), answer=answer, labels=labels,
                                 output=_text(record, "output", where, required=False).strip(),
                                 context=_text(record, "input", where, required=False).strip(), source=where))
-    return _checked(examples, Path(path))
+    return _checked(examples, as_path(path))
 
 
 # --------------------------------------------------------------------------- BIG-bench
@@ -212,7 +252,7 @@ def load_llm_adapters(path: Path) -> list[Example]:
 
 def load_bigbench(path: Path) -> list[Example]:
     """A BIG-bench ``task.json`` (``examples: [{input, target_scores | target}]``)."""
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         if not (path / "task.json").exists():
             raise DataError(f"{path}: no task.json in this folder")
@@ -243,9 +283,11 @@ def load_bigbench(path: Path) -> list[Example]:
                                 "is needed")
             out.append(multiple_choice(task, question, list(scores), correct[0], where))
         elif example.get("target"):
-            target = example["target"]
-            out.append(Example(task=task, instruction=question.strip(), source=where,
-                               answer=str(target[0] if isinstance(target, list) else target).strip()))
+            targets = [str(t).strip() for t in example["target"]] if isinstance(example["target"], list) else \
+                [str(example["target"]).strip()]
+            # BIG-bench's exact match accepts any listed target; the first is trained on
+            out.append(Example(task=task, instruction=question.strip(), source=where, answer=targets[0],
+                               also_correct=tuple(targets[1:])))
         else:
             raise DataError(f"{where}: no options (field 'target_scores') and no field 'target'")
     return out
@@ -265,22 +307,35 @@ def _hf_record(row: dict, task: str, where: str) -> Example:
         question = row.get("question", row.get("question_stem"))
         return multiple_choice(task, question, texts, texts[labels.index(row["answerKey"])], where)
     if {"goal", "sol1", "sol2", "label"} <= cols:  # PIQA
-        return multiple_choice(task, row["goal"], [row["sol1"], row["sol2"]], [row["sol1"], row["sol2"]][
-            int(row["label"])], where)
+        options = [row["sol1"], row["sol2"]]
+        return multiple_choice(task, row["goal"], options, _indexed(row, "label", options, 0, where), where)
     if {"context", "question", "answerA", "answerB", "answerC", "label"} <= cols:  # SIQA
         options = [row["answerA"], row["answerB"], row["answerC"]]
-        return multiple_choice(task, f"{row['context']} {row['question']}", options, options[int(row["label"]) - 1],
-                               where)
+        return multiple_choice(task, f"{row['context']} {row['question']}", options,
+                               _indexed(row, "label", options, 1, where), where)
     if {"ctx", "endings", "label"} <= cols:  # HellaSwag
         prefix = f"{row['activity_label']}. " if row.get("activity_label") else ""
-        return multiple_choice(task, prefix + row["ctx"], row["endings"], row["endings"][int(row["label"])], where)
+        return multiple_choice(task, prefix + row["ctx"], row["endings"],
+                               _indexed(row, "label", row["endings"], 0, where), where)
     if {"sentence", "option1", "option2", "answer"} <= cols:  # WinoGrande
         options = [row["option1"], row["option2"]]
-        return multiple_choice(task, row["sentence"], options, options[int(row["answer"]) - 1], where)
+        return multiple_choice(task, row["sentence"], options, _indexed(row, "answer", options, 1, where), where)
     if {"question", "answer", "passage"} <= cols and isinstance(row["answer"], bool):  # BoolQ
         return Example(task=task, instruction=row["question"].strip().rstrip("?") + "?", context=row["passage"],
                        answer="true" if row["answer"] else "false", labels=("true", "false"), source=where)
     return _from_fields(row, task, where)
+
+
+def _indexed(row: dict, field: str, options: list, first: int, where: str) -> str:
+    """The option that ``row[field]`` numbers (from ``first``: 0 or 1, as the benchmark counts)."""
+    try:
+        index = int(row[field]) - first
+    except (TypeError, ValueError):
+        index = -1
+    if not 0 <= index < len(options):
+        raise DataError(f"{where}: field {field!r} is {row[field]!r}; with {len(options)} options it should be "
+                        f"{first} to {len(options) - 1 + first}")
+    return options[index]
 
 
 def _hf_records(rows, task: str, where: str) -> list[Example]:
@@ -298,8 +353,7 @@ def _hf_records(rows, task: str, where: str) -> list[Example]:
     return examples
 
 
-# hf:org/name or hf:org/name:subset, when no such local folder exists
-HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+HUB_DATASET = re.compile(constants.HUB_DATASET)  # hf:org/name[:subset], when no such local folder exists
 
 
 def _first_rows(rows, limit: int) -> list:
@@ -320,13 +374,14 @@ def load_hub_dataset(name: str, split: str, limit: int = 0) -> list[Example]:
     repo, _, subset = name.partition(":")
     try:
         data = datasets.load_dataset(repo, subset or None, split=split, streaming=limit > 0)
+        rows = _first_rows(data, limit) if limit else data  # a stream reads (and can fail) here
     except (ConnectionError, FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise DataError(f"hf:{name}: no such local folder, and the hub dataset cannot be loaded for split "
                         f"{split!r} ({reason}); offline "
                         "(HF_DATASETS_OFFLINE=1 or no network) only datasets loaded once before are cached") from None
     task = repo.split("/")[-1] + (f"_{subset}" if subset else "")
-    return _hf_records(_first_rows(data, limit) if limit else data, task, f"hf:{name} ({split})")
+    return _hf_records(rows, task, f"hf:{name} ({split})")
 
 
 def load_hf_dataset(path: Path, split: str) -> list[Example]:
@@ -336,15 +391,18 @@ def load_hf_dataset(path: Path, split: str) -> list[Example]:
     except ImportError:
         raise DataError(f"{path}: reading Hugging Face datasets needs the 'datasets' package (pip install "
                         "datasets)") from None
+    if as_path(path).is_file():
+        raise DataError(f"{path}: is a file; hf: reads a folder written by save_to_disk or a hub name (org/name); "
+                        f"for a JSON-lines file use jsonl:{path}")
     try:
-        data = datasets.load_from_disk(str(_exists(Path(path))))
+        data = datasets.load_from_disk(str(_exists(as_path(path))))
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataError(f"{path}: split {split!r} not found; the dataset has {', '.join(data)}")
         data = data[split]
-    return _hf_records(data, Path(path).name, str(path))
+    return _hf_records(data, as_path(path).name, str(path))
 
 
 def load_sources(specs, split: str, *, seed: int = 0, tasks=(), max_per_task: int = 0,

@@ -24,6 +24,8 @@ class Example:
     source: "file:line" (or "file#index"), for messages.
     messages: a chat record's ``(role, content)`` turns, ending with the assistant reply the loss is
       taken on (``data.template=chat`` renders them with the tokenizer's chat template); empty otherwise.
+    also_correct: further accepted answers of a free-form item (BIG-bench lists several targets);
+      ``answer`` is the one trained on.
     """
 
     task: str
@@ -35,6 +37,7 @@ class Example:
     context: str = ""
     source: str = ""
     messages: tuple[tuple[str, str], ...] = ()
+    also_correct: tuple[str, ...] = ()
 
     @property
     def is_choice(self) -> bool:
