@@ -464,6 +464,11 @@ CASES = [
     ("export-mixture-as-merged", _export(lambda run: _write(run.parent / "mine" / "keep.txt", "keep"), "--format",
                                          "merged", "--out", "{tmp}/mine", "--overwrite"), 2,
      r"adapter\.method=comoe-lora cannot export as merged: only lora / dora runs"),
+    ("export-damaged-adapter-keeps-out", _export(lambda run: (
+        _set_config(run, adapter__method="lora", adapter__num_experts=1),
+        _write(run / "adapter" / "adapter_model.safetensors", b"xx" * 40),
+        _write(run.parent / "mine" / "keep.txt", "keep")), "--format", "peft", "--out", "{tmp}/mine", "--overwrite"),
+     2, r"adapter_model\.safetensors: not a readable safetensors file"),
     ("export-unfinished-run", _export(lambda run: shutil.rmtree(run / "adapter"), "--format", "comoe"), 2,
      r"no finished adapter \(.*adapter_config\.json\); a run writes it when training ends"),
     ("export-format", _export(lambda run: None, "--format", "onnx"), 2, r"argument --format: invalid choice: 'onnx'"),

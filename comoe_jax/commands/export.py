@@ -43,14 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{args.run}: no finished adapter ({adapter_dir}/adapter_config.json); a run writes it when "
                           "training ends (rerun its train command to resume and finish it)")
     _check_out(out, run, args.overwrite)
-    remove_tree(out)
     if args.format == "comoe":
+        remove_tree(out)
         shutil.copytree(adapter_dir, out)
         print(f"comoe-jax adapter copied to {out}")
         return 0
     from comoe_jax.interop import export_merged, export_peft, load_adapted
 
-    model, _ = load_adapted(adapter_dir, cfg.model.path)
+    model, _ = load_adapted(adapter_dir, cfg.model.path)  # a damaged adapter fails here, before out is replaced
+    remove_tree(out)
     (export_peft if args.format == "peft" else export_merged)(model, cfg, out)
     print(f"{args.format} export of {args.run} written to {out}")
     return 0
