@@ -59,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_out(out, run, overwrite: bool) -> None:
     """Refuse an output folder that would replace the run or what the export reads, before anything is removed."""
-    def parts(path):
-        return absolute(path).parts
-    kept = [run / "adapter", run / "checkpoints", run / "config.json"]
-    if parts(out) == parts(run)[:len(parts(out))] or any(parts(out)[:len(parts(k))] == parts(k) for k in kept):
+    def within(path, folder) -> bool:
+        inner, outer = absolute(path).parts, absolute(folder).parts
+        return inner[:len(outer)] == outer
+
+    read = [run / "adapter", run / "checkpoints", run / "config.json"]
+    if within(run, out) or any(within(out, r) for r in read):
         raise ConfigError(f"--out {out}: would replace the run {run} or what the export reads from it (its adapter/, "
                           "checkpoints/, config.json); choose a folder outside them")
     if out.exists() and not overwrite:
