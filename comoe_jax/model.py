@@ -249,8 +249,8 @@ class LayerStack(nnx.Module):
 
         # Even without remat a layer saves only its weight matmuls' outputs for the backward pass and recomputes
         # the memory-bound rest (norms, RoPE, softmax and its score matmuls, SwiGLU): writing every elementwise
-        # residual into the scan's stacked buffers cost more than recomputing it (0.89x the step, 0.71x at n = 64
-        # sparse; docs/performance.md). prevent_cse=False is safe inside a scan.
+        # residual into the scan's stacked buffers cost more than recomputing it (the main-job step 1.13x faster;
+        # docs/performance.md). prevent_cse=False is safe inside a scan.
         policies = jax.checkpoint_policies
         body = jax.checkpoint(body, prevent_cse=False, policy=policies.nothing_saveable if self.remat
                               else policies.dots_with_no_batch_dims_saveable)
