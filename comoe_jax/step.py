@@ -191,6 +191,10 @@ class TrainStep:
                   "response": jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)}
         micro_keys = jax.random.split(key, self.cfg.optim.grad_accum_steps)
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+        if self.cfg.optim.grad_accum_steps == 1:  # no zero-filled accumulator: one pass less over the gradients
+            only = jax.tree.map(lambda v: v[0], batch)
+            (_, metrics), grads = grad_fn(state.params, frozen, only, micro_keys[0], counts)
+            return grads, metrics
 
         def micro(grads, xs):
             mb, k = xs
@@ -205,18 +209,22 @@ class TrainStep:
         with shd.activation_rules(self.mesh, self.rules):
             key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
             grads, metrics = self.gradients(state, frozen, batch, step_key)
-            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            # A non-finite loss or gradient leaves parameters and optimizer state as they were.
             finite = jnp.isfinite(metrics["loss"]) & tree_all_finite(grads)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            # A non-finite loss or gradient leaves parameters and optimizer state as they were. A cond, not
+            # a select over the whole state: the update then runs in place on the donated buffers (a select
+            # kept old and new state alive, about 0.25 s a step for n = 64's 122 M adapter parameters on a CPU).
+            params, opt_state = jax.lax.cond(finite, self._update, lambda g, p, o: (p, o),
+                                             grads, state.params, state.opt_state)
             skipped = jnp.where(finite, 0, state.skipped + 1)
             metrics |= {"grad_norm": optax.tree.norm(grads), "skipped": skipped,
                         "learning_rate": self.schedule(state.step - state.skipped_total)}  # = optax's count
-            new = TrainState(step=state.step + 1, params=keep(params, state.params),
-                             opt_state=keep(opt_state, state.opt_state), rng=jax.random.key_data(key),
+            new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(key),
                              skipped=skipped, skipped_total=state.skipped_total + (1 - finite.astype(jnp.int32)))
             return new, metrics
+
+    def _update(self, grads: dict, params: dict, opt_state: optax.OptState) -> tuple[dict, optax.OptState]:
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
     def __call__(self, state: TrainState, frozen: dict, batch: dict):
         return self.jitted(state, frozen, batch)
