@@ -10,10 +10,12 @@ micro-batches gives the gradient of one A-times larger batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, partial
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -42,19 +44,46 @@ def tree_all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up and cosine decay, after global-norm clipping.
+SCHEDULE_KEYS = ("peak", "alpha", "warmup", "decay")
+
+
+def schedule_values(cfg: Config) -> dict[str, np.float32]:
+    """The learning-rate schedule's numbers (``warmup_cosine``'s ``values``), float32 scalars.
 
     A run shorter than its warm-up warms up over all but its last step (so a 1-step smoke run
     trains at the peak rate instead of failing).
     """
+    o, steps = cfg.optim, cfg.train.steps
+    warmup = min(o.warmup_steps, steps - 1)
+    values = (o.learning_rate, o.end_lr_ratio, max(warmup, 0), max(steps, 1) - max(warmup, 0))
+    return {k: np.float32(v) for k, v in zip(SCHEDULE_KEYS, values)}
+
+
+def warmup_cosine(count: jax.Array, values: dict[str, jax.Array]) -> jax.Array:
+    """``optax.warmup_cosine_decay_schedule(0, peak, warmup, warmup + decay, alpha * peak)(count)``, the same
+    operations in the same order, with the numbers as arguments instead of constants.
+
+    Passed to the jitted step, they keep ``train.steps``, ``optim.learning_rate``, ``optim.warmup_steps`` and
+    ``optim.end_lr_ratio`` out of the compiled program: a learning-rate sweep, a resume with more steps or a
+    test suite compiles the step once (the persistent compilation cache then hits).
+    """
+    peak, alpha, warmup, decay = values["peak"], values["alpha"], values["warmup"], values["decay"]
+    warm_count = jnp.clip(count, 0, warmup)
+    warm = (0.0 - peak) * (1 - warm_count / jnp.maximum(warmup, 1)) + peak
+    cool_count = jnp.minimum(count - warmup, decay)
+    cosine = 0.5 * (1 + jnp.cos(jnp.pi * cool_count / decay))
+    cool = peak * ((1 - alpha) * cosine + alpha)
+    return jnp.where(count < warmup, warm, cool)
+
+
+def make_optimizer(cfg: Config, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """AdamW at ``learning_rate`` (a number or a schedule of optax's update count), after global-norm clipping.
+
+    The optimizer state's layout does not depend on ``learning_rate``.
+    """
     o = cfg.optim
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.learning_rate, warmup_steps=min(o.warmup_steps, cfg.train.steps - 1),
-        decay_steps=max(cfg.train.steps, 1), end_value=o.learning_rate * o.end_lr_ratio)
-    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.adam_eps, weight_decay=o.weight_decay)
-    tx = optax.chain(optax.clip_by_global_norm(o.max_grad_norm), adamw) if o.max_grad_norm > 0 else adamw
-    return tx, schedule
+    adamw = optax.adamw(learning_rate, b1=o.b1, b2=o.b2, eps=o.adam_eps, weight_decay=o.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(o.max_grad_norm), adamw) if o.max_grad_norm > 0 else adamw
 
 
 @dataclass
@@ -62,7 +91,8 @@ class TrainStep:
     """A compiled-on-first-use train step for one model structure, optimizer and mesh.
 
     ``step(state, frozen, batch) -> (state, metrics)``; ``batch`` arrays are
-    ``[grad_accum_steps, batch_size, T]``, sharded over the mesh's batch axes.
+    ``[grad_accum_steps, batch_size, T]``, sharded over the mesh's batch axes. The learning-rate
+    schedule's numbers are a runtime argument (``schedule_values``), not part of the compiled step.
     """
 
     cfg: Config
@@ -73,7 +103,7 @@ class TrainStep:
     rules: dict
 
     def __post_init__(self):
-        self.tx, self.schedule = make_optimizer(self.cfg)
+        self.tx = make_optimizer(self.cfg, lambda count: jnp.zeros((), jnp.float32))  # init and layout only
         self.param_shardings = self._shardings(self.adapters_template, spread="fsdp")  # ZeRO: never whole
         self.frozen_shardings = self._shardings(self.frozen_template)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -86,10 +116,15 @@ class TrainStep:
                                           skipped_total=self.replicated)
         self.batch_shardings = {k: shd.batch_sharding(self.mesh, self.rules, 3, batch_axis=1) for k in BATCH_ARRAYS}
         self.jitted = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings,
-                                                        self.batch_shardings),
+                                                        self.batch_shardings, self.replicated),
                               out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
     # ------------------------------------------------------------------ set-up helpers
+
+    @cached_property
+    def schedule(self) -> dict[str, jax.Array]:
+        """``schedule_values`` on the mesh, replicated (a jit output: a global array on several processes too)."""
+        return jax.jit(lambda: schedule_values(self.cfg), out_shardings=self.replicated)()
 
     def _shardings(self, template: nnx.State, spread: str | None = None) -> dict:
         shapes = {k: v.shape for k, v in flat_values(template).items()}
@@ -118,12 +153,13 @@ class TrainStep:
                             self.state_shardings)
 
     def abstract_inputs(self, seq_len: int):
-        """(state, frozen, batch) ShapeDtypeStructs for ``self.jitted.lower(...)``."""
+        """(state, frozen, batch, schedule) ShapeDtypeStructs for ``self.jitted.lower(...)``."""
         frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.frozen_shardings[k])
                   for k, v in flat_values(self.frozen_template).items()}
         shape = (self.cfg.optim.grad_accum_steps, self.cfg.train.batch_size, seq_len)
         batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k, s in self.batch_shardings.items()}
-        return self.abstract_state(), frozen, batch
+        schedule = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=self.replicated) for k in SCHEDULE_KEYS}
+        return self.abstract_state(), frozen, batch, schedule
 
     # ------------------------------------------------------------------ the step
 
@@ -205,7 +241,7 @@ class TrainStep:
         grads, metrics = jax.lax.scan(micro, zeros, (batch, micro_keys))
         return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
 
-    def _step(self, state: TrainState, frozen: dict, batch: dict):
+    def _step(self, state: TrainState, frozen: dict, batch: dict, schedule: dict):
         with shd.activation_rules(self.mesh, self.rules):
             key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
             grads, metrics = self.gradients(state, frozen, batch, step_key)
@@ -213,18 +249,22 @@ class TrainStep:
             # A non-finite loss or gradient leaves parameters and optimizer state as they were. A cond, not
             # a select over the whole state: the update then runs in place on the donated buffers (a select
             # kept old and new state alive, about 0.25 s a step for n = 64's 122 M adapter parameters on a CPU).
-            params, opt_state = jax.lax.cond(finite, self._update, lambda g, p, o: (p, o),
+            learning_rate = lambda count: warmup_cosine(count, schedule)  # noqa: E731
+            update = partial(self._update, make_optimizer(self.cfg, learning_rate))
+            params, opt_state = jax.lax.cond(finite, update, lambda g, p, o: (p, o),
                                              grads, state.params, state.opt_state)
             skipped = jnp.where(finite, 0, state.skipped + 1)
             metrics |= {"grad_norm": optax.tree.norm(grads), "skipped": skipped,
-                        "learning_rate": self.schedule(state.step - state.skipped_total)}  # = optax's count
+                        "learning_rate": learning_rate(state.step - state.skipped_total)}  # = optax's count
             new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(key),
                              skipped=skipped, skipped_total=state.skipped_total + (1 - finite.astype(jnp.int32)))
             return new, metrics
 
-    def _update(self, grads: dict, params: dict, opt_state: optax.OptState) -> tuple[dict, optax.OptState]:
-        updates, opt_state = self.tx.update(grads, opt_state, params)
+    @staticmethod
+    def _update(tx: optax.GradientTransformation, grads: dict, params: dict,
+                opt_state: optax.OptState) -> tuple[dict, optax.OptState]:
+        updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     def __call__(self, state: TrainState, frozen: dict, batch: dict):
-        return self.jitted(state, frozen, batch)
+        return self.jitted(state, frozen, batch, self.schedule)

@@ -12,6 +12,11 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Compilation, not execution, dominates the suite (hundreds of tiny steps, each compiled once): LLVM at -O0
+# compiles them about twice as fast and the whole suite runs about 1.5x faster. HLO optimisation is unchanged;
+# subprocesses inherit the flag, so in-process and subprocess runs compile alike.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 import jax  # noqa: E402
 

@@ -41,8 +41,8 @@ def _free_port() -> int:
 def _launch(out: Path, *extra: str) -> list[subprocess.Popen]:
     """train.py in 2 processes of 2 CPU devices each (what every host of a pod runs, with its process id)."""
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=str(ROOT))
+    flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"  # as conftest.py
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=str(ROOT))
     return [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, f"train.output_dir={out}",
                               f"mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2",
                               f"mesh.process_id={i}", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -4,14 +4,16 @@ import json
 import os
 import signal
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from comoe_jax import trainer
 from comoe_jax.config import ConfigError
-from comoe_jax.step import TrainStep
+from comoe_jax.step import TrainStep, schedule_values, warmup_cosine
 
 
 def test_overfitting_one_batch_lowers_the_loss_and_only_adapters_change(tiny_config, setup_step, next_batch):
@@ -79,6 +81,46 @@ def test_monitoring_the_term_does_not_change_training(tiny_config, setup_step, n
 
 def _params(result):
     return {k: np.asarray(v) for k, v in result.state.params.items()}
+
+
+@pytest.mark.parametrize("steps, warmup, peak, end_ratio", [(37, 5, 3e-3, 0.0), (11, 0, 2e-4, 0.25),
+                                                          (1, 10, 1e-2, 0.0), (6, 9, 5e-4, 0.1), (250, 17, 7e-5, 1.0)])
+def test_the_schedule_is_optax_warmup_cosine(steps, warmup, peak, end_ratio, tiny_config):
+    cfg = tiny_config(train__steps=steps, optim__warmup_steps=warmup, optim__learning_rate=peak,
+                      optim__end_lr_ratio=end_ratio)
+    clipped = min(warmup, steps - 1)  # a run shorter than its warm-up: all but its last step
+    want = optax.warmup_cosine_decay_schedule(0.0, peak, clipped, max(steps, 1), peak * end_ratio)
+    counts = jnp.arange(-1, steps + 3)  # before, through and past the run
+    values = schedule_values(cfg)
+    for got in (jax.jit(warmup_cosine)(counts, values), warmup_cosine(counts, values)):
+        chex.assert_shape(got, counts.shape)
+        chex.assert_type(got, jnp.float32)
+        np.testing.assert_allclose(got, jax.vmap(want)(counts), rtol=2e-6, atol=peak * 1e-7)
+
+
+def test_the_compiled_step_is_the_same_for_any_schedule_and_follows_it(tiny_config, setup_step, next_batch):
+    cfg = tiny_config(train__steps=9, optim__warmup_steps=3, optim__learning_rate=4e-3, optim__end_lr_ratio=0.2)
+    step_fn, state, frozen, data, mesh, rules = setup_step(cfg)
+    other = TrainStep(tiny_config(train__steps=50, optim__learning_rate=1e-4), step_fn.graphdef,
+                      step_fn.adapters_template, step_fn.frozen_template, mesh, rules)
+    lowered = [s.jitted.lower(*s.abstract_inputs(cfg.data.seq_len)).as_text() for s in (step_fn, other)]
+    assert lowered[0] == lowered[1]  # so one compilation (and the persistent cache) serves both
+    # the update is optax's AdamW at optax's schedule, step after step
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 4e-3, 3, 9, 4e-3 * 0.2)
+    o = cfg.optim
+    tx = optax.chain(optax.clip_by_global_norm(o.max_grad_norm),
+                     optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.adam_eps, weight_decay=o.weight_decay))
+    params, opt_state = jax.tree.map(np.asarray, state.params), tx.init(jax.tree.map(np.asarray, state.params))
+    for count in range(5):
+        batch = next_batch(data, cfg, mesh, rules)
+        grads, _ = jax.jit(step_fn.gradients)(state, frozen, batch, jax.random.split(
+            jax.random.wrap_key_data(state.rng))[1])
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        state, metrics = step_fn(state, frozen, batch)
+        np.testing.assert_allclose(metrics["learning_rate"], schedule(count), rtol=2e-6)
+        for name, value in params.items():
+            np.testing.assert_allclose(state.params[name], value, rtol=1e-4, atol=1e-6, err_msg=f"{name} {count}")
 
 
 @pytest.fixture(scope="module")
