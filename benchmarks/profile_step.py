@@ -133,7 +133,7 @@ def main() -> None:
         steps[weight] = step
         if args.ops and weight:
             with shd.activation_rules(step.mesh, step.rules):
-                compiled["text"] = step.jitted.lower(state, frozen, batch).compile().as_text()
+                compiled["text"] = step.jitted.lower(state, frozen, batch, step.schedule).compile().as_text()
         for name, fn in stages(step, state, frozen, batch).items():
             label = f"{name} lambda{weight}"
             start = time.perf_counter()

@@ -103,7 +103,7 @@ def measure(name: str, cfg: Config, steps: int) -> dict:
     stream = training_stream(cfg, load_tokenizer("smollm2-135m"), lambda text: None)
     host = next_global_batch(stream, cfg)
     batch = shd.global_batch(host, mesh, rules, batch_axis=1)
-    compiled = step.jitted.lower(state, frozen, batch).compile()
+    compiled = step.jitted.lower(state, frozen, batch, step.schedule).compile()
     xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
     start = time.perf_counter()
     state, metrics = step(state, frozen, batch)
