@@ -76,7 +76,7 @@ def warmup_cosine(count: jax.Array, values: dict[str, jax.Array]) -> jax.Array:
     return jnp.where(count < warmup, warm, cool)
 
 
-def make_optimizer(cfg: Config, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+def optimizer(cfg: Config, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
     """AdamW at ``learning_rate`` (a number or a schedule of optax's update count), after global-norm clipping.
 
     The optimizer state's layout does not depend on ``learning_rate``.
@@ -84,6 +84,14 @@ def make_optimizer(cfg: Config, learning_rate: optax.ScalarOrSchedule) -> optax.
     o = cfg.optim
     adamw = optax.adamw(learning_rate, b1=o.b1, b2=o.b2, eps=o.adam_eps, weight_decay=o.weight_decay)
     return optax.chain(optax.clip_by_global_norm(o.max_grad_norm), adamw) if o.max_grad_norm > 0 else adamw
+
+
+def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up and cosine decay, after global-norm clipping, and its schedule, with the
+    schedule's numbers as constants (the train step passes them as arguments instead)."""
+    values = schedule_values(cfg)
+    schedule = lambda count: warmup_cosine(count, values)  # noqa: E731
+    return optimizer(cfg, schedule), schedule
 
 
 @dataclass
@@ -103,7 +111,7 @@ class TrainStep:
     rules: dict
 
     def __post_init__(self):
-        self.tx = make_optimizer(self.cfg, lambda count: jnp.zeros((), jnp.float32))  # init and layout only
+        self.tx, _ = make_optimizer(self.cfg)  # init and state layout (the step builds its own, same layout)
         self.param_shardings = self._shardings(self.adapters_template, spread="fsdp")  # ZeRO: never whole
         self.frozen_shardings = self._shardings(self.frozen_template)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -250,7 +258,7 @@ class TrainStep:
             # a select over the whole state: the update then runs in place on the donated buffers (a select
             # kept old and new state alive, about 0.25 s a step for n = 64's 122 M adapter parameters on a CPU).
             learning_rate = lambda count: warmup_cosine(count, schedule)  # noqa: E731
-            update = partial(self._update, make_optimizer(self.cfg, learning_rate))
+            update = partial(self._update, optimizer(self.cfg, learning_rate))
             params, opt_state = jax.lax.cond(finite, update, lambda g, p, o: (p, o),
                                              grads, state.params, state.opt_state)
             skipped = jnp.where(finite, 0, state.skipped + 1)

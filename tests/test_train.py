@@ -13,7 +13,7 @@ import pytest
 
 from comoe_jax import trainer
 from comoe_jax.config import ConfigError
-from comoe_jax.step import TrainStep, schedule_values, warmup_cosine
+from comoe_jax.step import TrainStep, make_optimizer, schedule_values, warmup_cosine
 
 
 def test_overfitting_one_batch_lowers_the_loss_and_only_adapters_change(tiny_config, setup_step, next_batch):
@@ -92,7 +92,8 @@ def test_the_schedule_is_optax_warmup_cosine(steps, warmup, peak, end_ratio, tin
     want = optax.warmup_cosine_decay_schedule(0.0, peak, clipped, max(steps, 1), peak * end_ratio)
     counts = jnp.arange(-1, steps + 3)  # before, through and past the run
     values = schedule_values(cfg)
-    for got in (jax.jit(warmup_cosine)(counts, values), warmup_cosine(counts, values)):
+    public = make_optimizer(cfg)[1]  # the same curve, its numbers as constants
+    for got in (jax.jit(warmup_cosine)(counts, values), warmup_cosine(counts, values), jax.vmap(public)(counts)):
         chex.assert_shape(got, counts.shape)
         chex.assert_type(got, jnp.float32)
         np.testing.assert_allclose(got, jax.vmap(want)(counts), rtol=2e-6, atol=peak * 1e-7)
