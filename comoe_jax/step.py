@@ -54,14 +54,14 @@ def schedule_values(cfg: Config) -> dict[str, np.float32]:
     trains at the peak rate instead of failing).
     """
     o, steps = cfg.optim, cfg.train.steps
-    warmup = min(o.warmup_steps, steps - 1)
-    values = (o.learning_rate, o.end_lr_ratio, max(warmup, 0), max(steps, 1) - max(warmup, 0))
+    warmup = max(min(o.warmup_steps, steps - 1), 0)
+    values = (o.learning_rate, o.end_lr_ratio, warmup, max(steps, 1) - warmup)
     return {k: np.float32(v) for k, v in zip(SCHEDULE_KEYS, values)}
 
 
 def warmup_cosine(count: jax.Array, values: dict[str, jax.Array]) -> jax.Array:
-    """``optax.warmup_cosine_decay_schedule(0, peak, warmup, warmup + decay, alpha * peak)(count)``, the same
-    operations in the same order, with the numbers as arguments instead of constants.
+    """``optax.warmup_cosine_decay_schedule(0, peak, warmup, warmup + decay, alpha * peak)(count)`` (its formula,
+    equal to float32 rounding), with the numbers as arguments instead of constants.
 
     Passed to the jitted step, they keep ``train.steps``, ``optim.learning_rate``, ``optim.warmup_steps`` and
     ``optim.end_lr_ratio`` out of the compiled program: a learning-rate sweep, a resume with more steps or a
