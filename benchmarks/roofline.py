@@ -3,7 +3,8 @@ the roofline fraction against a jitted matmul measured in the same process (and 
 
     python benchmarks/roofline.py                       # SmolLM2-135M shapes (4 x 160, 8 x 512), a 7B-shaped stack
     python benchmarks/roofline.py --only smollm2-4x160 --steps 10
-    python benchmarks/roofline.py --dtype bfloat16      # bf16 base compute, fp32 adapters / router / losses
+    python benchmarks/roofline.py --dtype float32,bfloat16   # and bf16 base compute (fp32 adapters / router /
+                                                             # losses), with each setting's bf16 / fp32 step ratio
 
 The SmolLM2 rows use SmolLM2-135M's exact architecture with random weights (FLOPs do not depend on the
 weights) and real batches of the default mix, tokenised with its tokenizer, so the share of supervised
@@ -134,47 +135,62 @@ def measure(name: str, cfg: Config, steps: int) -> dict:
             "xla_cost_analysis_flops": xla_flops}
 
 
+def measure_row(name: str, arch: dict, batch: int, seq_len: int, data: str, dtype: str, steps: int,
+                matmul_peak: float) -> dict:
+    row = measure(name, make_config(arch, batch, seq_len, data, dtype), steps)
+    row["matmul_flops_per_s"] = matmul_peak
+    row["roofline_fraction"] = row["achieved_flops_per_s"] / matmul_peak
+    row["layer_matmuls_flops_per_s"] = layer_matmuls_flops_per_second(arch, batch * seq_len, getattr(jnp, dtype))
+    row["layer_matmuls_fraction"] = row["achieved_flops_per_s"] / row["layer_matmuls_flops_per_s"]
+    peak = device_peak(dtype)
+    row["mfu"] = row["achieved_flops_per_s"] / peak if peak else None
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help=f"comma-separated settings of {', '.join(SETTINGS)}")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32",
+                        help="comma-separated compute dtypes of the frozen base: float32, bfloat16")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "roofline.json"))
     args = parser.parse_args()
 
     names = [n for n in args.only.split(",") if n] or list(SETTINGS)
+    dtypes = [d for d in args.dtype.split(",") if d]
+    unknown = sorted({*names} - set(SETTINGS)) + sorted({*dtypes} - {"float32", "bfloat16"})
+    if unknown or not dtypes:
+        parser.error(f"unknown setting or dtype {unknown}: settings are {', '.join(SETTINGS)}; "
+                     "dtypes are float32, bfloat16")
     peaks = {d: matmul_flops_per_second(getattr(jnp, d)) for d in ("float32", "bfloat16")}
     rows = []
     for name in names:
         arch, batch, seq_len, data = SETTINGS[name]
-        row = measure(name, make_config(arch, batch, seq_len, data, args.dtype), args.steps)
-        row["matmul_flops_per_s"] = peaks[args.dtype]
-        row["roofline_fraction"] = row["achieved_flops_per_s"] / peaks[args.dtype]
-        dtype = getattr(jnp, args.dtype)
-        row["layer_matmuls_flops_per_s"] = layer_matmuls_flops_per_second(arch, batch * seq_len, dtype)
-        row["layer_matmuls_fraction"] = row["achieved_flops_per_s"] / row["layer_matmuls_flops_per_s"]
-        peak = device_peak(args.dtype)
-        row["mfu"] = row["achieved_flops_per_s"] / peak if peak else None
-        rows.append(row)
-        print(f"{name}: {row['median_step_s']:.3f} s/step", flush=True)
+        for dtype in dtypes:
+            rows.append(measure_row(name, arch, batch, seq_len, data, dtype, args.steps, peaks[dtype]))
+            print(f"{name} {dtype}: {rows[-1]['median_step_s']:.3f} s/step", flush=True)
+    for r in rows:  # each dtype's step time against the float32 step of its setting, same process
+        fp32 = [q for q in rows if q["setting"] == r["setting"] and q["dtype"] == "float32"]
+        r["vs_float32"] = r["median_step_s"] / fp32[0]["median_step_s"] if fp32 else None
 
     device = jax.devices()[0]
     print(f"\n{device.device_kind} ({device.platform}), {jax.device_count()} device(s); jitted matmul 2048^3: "
           f"fp32 {peaks['float32'] / 1e9:,.1f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:,.1f} GFLOP/s; "
           f"median of {args.steps} steps")
     head = (f"{'setting':<24} {'dtype':>8} {'step s':>8} {'tok/s':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} "
-            f"{'roofline':>9} {'vs layer':>9} {'MFU':>6} {'xla GFLOP':>10}")
+            f"{'roofline':>9} {'vs layer':>9} {'MFU':>6} {'xla GFLOP':>10} {'vs fp32':>8}")
     print(head)
     for r in rows:
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        ratio = "-" if r["vs_float32"] is None else f"{r['vs_float32']:.2f}x"
         print(f"{r['setting']:<24} {r['dtype']:>8} {r['median_step_s']:8.3f} {r['tokens_per_s']:8,.0f} "
               f"{r['flops'] / 1e9:11.1f} {r['achieved_flops_per_s'] / 1e9:9.1f} {r['roofline_fraction']:9.2f} "
               f"{r['layer_matmuls_fraction']:9.2f} "
-              f"{mfu:>6} {r['xla_cost_analysis_flops'] / 1e9:10.1f}")
+              f"{mfu:>6} {r['xla_cost_analysis_flops'] / 1e9:10.1f} {ratio:>8}")
     print("\nwhere the FLOPs go (share of the analytic count):")
     for r in rows:
         shares = {k: v / r["flops"] for k, v in r["flops_breakdown"].items()}
-        print(f"  {r['setting']:<24} " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+        print(f"  {r['setting']:<24} {r['dtype']:<9} " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": str(device), "matmul_flops_per_s": peaks, "rows": rows},
                                          indent=2))

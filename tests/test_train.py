@@ -272,9 +272,11 @@ def _poison(monkeypatch, steps, where="one gradient"):
     def poisoned(self, state, frozen, batch, key):
         grads, metrics = real(self, state, frozen, batch, key)
         bad = jnp.isin(state.step, jnp.asarray(steps))
-        if where == "one gradient":  # the loss stays finite
+        if where in ("one gradient", "overflowing gradients"):  # the loss stays finite
             name = sorted(grads)[0]
-            grads = dict(grads, **{name: jnp.where(bad, jnp.nan, grads[name])})
+            # 1e30 is finite, its square is not: clipping would zero the step, Adam's moment would stay inf
+            poison = jnp.nan if where == "one gradient" else jnp.float32(1e30)
+            grads = dict(grads, **{name: jnp.where(bad, poison, grads[name])})
         else:
             metrics = dict(metrics, loss=jnp.where(bad, jnp.inf, metrics["loss"]))
         return grads, metrics
@@ -282,7 +284,7 @@ def _poison(monkeypatch, steps, where="one gradient"):
     monkeypatch.setattr(TrainStep, "gradients", poisoned)
 
 
-@pytest.mark.parametrize("where", ["one gradient", "loss"])
+@pytest.mark.parametrize("where", ["one gradient", "overflowing gradients", "loss"])
 def test_a_non_finite_step_is_skipped_whole(monkeypatch, where, tiny_config, setup_step, next_batch):
     _poison(monkeypatch, [1], where)
     cfg = tiny_config()
