@@ -34,14 +34,15 @@ def _is_abandoned_read(error: BaseException | None) -> bool:
 
 
 class _AbandonedReadLogs(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" reports of orbax's ``async_deserialize``
-    tasks: when one tensor of a damaged checkpoint fails, the reads of its other tensors are abandoned,
-    and their errors (the same damage, already handled) are logged with a traceback when they are
-    garbage-collected."""
+    """Drops asyncio's "Task / Future exception was never retrieved" reports of orbax's
+    ``async_deserialize`` tasks and tensorstore's read futures: when one tensor of a damaged checkpoint
+    fails, the reads of its other tensors are abandoned, and their errors (the same damage, already
+    handled) are logged with a traceback when they are garbage-collected."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "async_deserialize" in message)
+        abandoned = message.startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+        return not (abandoned and ("async_deserialize" in message or "tensorstore_spec" in message))
 
 
 def _quiet_abandoned_reads() -> None:

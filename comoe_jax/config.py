@@ -593,12 +593,33 @@ def _check_source(key: str, spec: str) -> None:
     if spec == "mix" or spec == "builtin" or spec.startswith("builtin:"):
         return
     fmt, sep, path = spec.partition(":")
-    _require(bool(sep) and fmt in SOURCE_FORMATS, key, spec,
-             f"mix, builtin[:task+task] or <format>:<path> with format one of {', '.join(SOURCE_FORMATS)}")
+    if not sep or fmt not in SOURCE_FORMATS:
+        _require(False, key, spec, "mix, builtin[:task+task] or <format>:<path> with format one of "
+                 f"{', '.join(SOURCE_FORMATS)}{_format_hint(key, spec)}")
     _require(bool(path.strip()), key, spec, f"a path after '{fmt}:'")
     if fmt == "hf" and re.match(HUB_DATASET, path) and not as_path(path).exists():
         return  # a hub dataset by name: the loader reads it through the datasets cache
     _require(_url_ok(key, spec, path) and as_path(path).exists(), key, spec, f"{path} does not exist")
+
+
+def _format_hint(key: str, spec: str) -> str:
+    """For a bare path (no format prefix), the source string that names its likely format."""
+    name = spec.rstrip("/").rsplit("/", 1)[-1]
+    if not name.strip():
+        return ""
+    path = Path(spec)  # only local folders are looked at: a remote one may need a filesystem plugin
+    folder = "://" not in spec and path.is_dir()
+    if folder and (path / "task.json").exists() or name == "task.json":
+        formats = ["bigbench"]
+    elif folder:
+        formats = ["hf"]  # a save_to_disk folder
+    elif name.endswith(".jsonl"):
+        formats = ["jsonl"]
+    elif name.endswith(".json"):  # a JSON list of records, or a BIG-bench task file under another name
+        formats = ["llm_adapters", "bigbench"]
+    else:
+        return ""
+    return "; for this path: " + " or ".join(f"{key}={f}:{spec}" for f in formats)
 
 
 def _url_ok(key: str, value: str, path: str) -> bool:

@@ -123,6 +123,15 @@ def _source(fmt, name, content, *extra):
     return setup
 
 
+def _bare_path(name, content=None):
+    """A data file (or, with ``content=None``, a folder) given without its ``<format>:`` prefix."""
+    def setup(ctx, tmp):
+        path = _write(tmp / name, content) if content is not None else tmp / name
+        path.mkdir(exist_ok=True) if content is None else None
+        return "train", tiny(f"data.train={path}", out(tmp))
+    return setup
+
+
 def _override(*items):
     return lambda ctx, tmp: ("train", tiny(*items, out(tmp)))
 
@@ -251,6 +260,11 @@ CASES = [
     ("seq-len", _override("data.seq_len=4"), 2, r"data\.seq_len=4 is not allowed: >= 8 tokens"),
     ("source-format", _override("data.train=csv:/x.csv"), 2, r"data\.train='csv:/x\.csv' is not allowed: mix, "),
     ("source-missing", _override("data.train=jsonl:/no/such.jsonl"), 2, r"/no/such\.jsonl does not exist"),
+    ("source-bare-jsonl", _bare_path("sft.jsonl", '{"instruction": "a", "output": "b"}\n'), 2,
+     r"data\.train='.*/sft\.jsonl' is not allowed: .*; for this path: data\.train=jsonl:/.*/sft\.jsonl$"),
+    ("source-bare-json", _bare_path("train.json", "[]"), 2,
+     r"for this path: data\.train=llm_adapters:/.*/train\.json or data\.train=bigbench:/.*/train\.json$"),
+    ("source-bare-folder", _bare_path("saved"), 2, r"for this path: data\.train=hf:/.*/saved$"),
     ("builtin-task", _override("data.train=builtin:nosuch"), 2, r"unknown built-in task\(s\) nosuch"),
     ("mix-weight-negative", _override('data.mix_weights={"add": -1}'), 2, r"data\.mix_weights=.* positive numbers"),
     ("mix-weight-task", _override('data.mix_weights={"nosuch": 1}'), 2, r"data\.mix_weights names task\(s\) nosuch"),
@@ -664,8 +678,19 @@ def test_failed_reads_abandoned_by_a_failed_restore_are_not_logged_and_other_tas
         del task
         gc.collect()
 
+    def drop_failed_future(error):  # tensorstore's read futures fail the same way, without a task
+        loop = asyncio.new_event_loop()
+        future = loop.create_future()
+        future.set_exception(error)
+        loop.close()
+        del future
+        gc.collect()
+
     with caplog.at_level("ERROR", logger="asyncio"):
         abandon(async_deserialize)
+        drop_failed_future(ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver [tensorstore_spec='{}']"))
         assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
         abandon(other_work)
-        assert [r for r in caplog.records if "other_work" in r.getMessage()]
+        drop_failed_future(ValueError("another real error"))
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("other_work" in m for m in messages) and any("another real error" in m for m in messages)
