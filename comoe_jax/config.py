@@ -608,7 +608,10 @@ def _format_hint(key: str, spec: str) -> str:
     if not name.strip():
         return ""
     path = Path(spec)  # only local folders are looked at: a remote one may need a filesystem plugin
-    folder = "://" not in spec and path.is_dir()
+    try:
+        folder = "://" not in spec and path.is_dir()
+    except OSError:  # a name too long for the filesystem: then it is no folder
+        folder = False
     if folder and (path / "task.json").exists() or name == "task.json":
         formats = ["bigbench"]
     elif folder:
