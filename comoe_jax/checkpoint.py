@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -70,11 +71,14 @@ def _quiet_abandoned_reads() -> None:
     sys.unraisablehook, sys.excepthook = unraisable, excepthook
 
 
+def _tree_all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def all_finite(tree) -> bool:
     """Whether every array of ``tree`` is finite (one device reduction, then one scalar to the host)."""
-    from comoe_jax.step import tree_all_finite
-
-    return bool(jax.device_get(jax.jit(tree_all_finite)(tree)))
+    return bool(jax.device_get(jax.jit(_tree_all_finite)(tree)))
 
 
 class Checkpointer:

@@ -593,9 +593,9 @@ def _check_source(key: str, spec: str) -> None:
     if spec == "mix" or spec == "builtin" or spec.startswith("builtin:"):
         return
     fmt, sep, path = spec.partition(":")
-    if not sep or fmt not in SOURCE_FORMATS:
-        _require(False, key, spec, "mix, builtin[:task+task] or <format>:<path> with format one of "
-                 f"{', '.join(SOURCE_FORMATS)}{_format_hint(key, spec)}")
+    if not sep or fmt not in SOURCE_FORMATS:  # (the hint looks at the disk: only once the spec is refused)
+        raise ConfigError(f"{key}={spec!r} is not allowed: mix, builtin[:task+task] or <format>:<path> with "
+                          f"format one of {', '.join(SOURCE_FORMATS)}{_format_hint(key, spec)}")
     _require(bool(path.strip()), key, spec, f"a path after '{fmt}:'")
     if fmt == "hf" and re.match(HUB_DATASET, path) and not as_path(path).exists():
         return  # a hub dataset by name: the loader reads it through the datasets cache

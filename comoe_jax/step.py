@@ -38,12 +38,6 @@ class TrainState(flax.struct.PyTreeNode):
     skipped_total: jax.Array  # non-finite steps in the whole run
 
 
-def tree_all_finite(tree) -> jax.Array:
-    """True when every element of every leaf is finite (a scalar bool)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
 SCHEDULE_KEYS = ("peak", "alpha", "warmup", "decay")
 
 
