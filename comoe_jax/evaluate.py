@@ -34,7 +34,7 @@ from flax import nnx
 from comoe_jax import option_packing
 from comoe_jax import sharding as shd
 from comoe_jax.config import read_json
-from comoe_jax.data import DataError, Example, encode, render, render_cloze
+from comoe_jax.data import DataError, Example, encode, encode_pair, render, render_cloze
 from comoe_jax.data.templates import prompt_special_tokens, separator
 from comoe_jax.errors import RunFolderError
 from comoe_jax.generate import LENGTH_BUCKETS, bucket, greedy_generate
@@ -167,6 +167,13 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+def _pairs(tokenizer, prompt: str, continuations: list[str], template: str) -> tuple[list[int], list[list[int]]]:
+    """The prompt's ids and each continuation's ids as they follow the prompt (:func:`encode_pair`)."""
+    special = prompt_special_tokens(template)
+    context = _ids(tokenizer, prompt, special)
+    return context, [encode_pair(tokenizer, prompt, c, special)[1] for c in continuations]
+
+
 def _fit(context: list[int], room: int) -> tuple[list[int], bool]:
     return (context[-room:], True) if len(context) > room else (context, False)
 
@@ -188,9 +195,9 @@ def label_predictions(scorer: Scorer, tokenizer, examples: list[Example], templa
     contexts, conts, cut = [], [], 0
     for ex in examples:
         prompt, _ = render(ex, template, tokenizer)
-        options = [_ids(tokenizer, separator(template) + ex.response_prefix + label, False) for label in ex.labels]
-        context, was_cut = _fit(_ids(tokenizer, prompt, prompt_special_tokens(template)),
-                                MAX_LEN - max(map(len, options)))
+        context, options = _pairs(tokenizer, prompt, [separator(template) + ex.response_prefix + label
+                                                      for label in ex.labels], template)
+        context, was_cut = _fit(context, MAX_LEN - max(map(len, options)))
         contexts.append(context)
         conts.append(options)
         cut += was_cut
@@ -203,10 +210,8 @@ def loglik_predictions(scorer: Scorer, tokenizer, examples: list[Example], templ
     require_choice(examples, "loglik", need_options=True)
     contexts, options, cut = [], [], 0
     for ex in examples:
-        prompt, continuations = render_cloze(ex, template, tokenizer)
-        conts = [_ids(tokenizer, c, False) for c in continuations]
-        context, was_cut = _fit(_ids(tokenizer, prompt, prompt_special_tokens(template)),
-                                MAX_LEN - max(map(len, conts)))
+        context, conts = _pairs(tokenizer, *render_cloze(ex, template, tokenizer), template)
+        context, was_cut = _fit(context, MAX_LEN - max(map(len, conts)))
         contexts.append(context)
         options.append(conts)
         cut += was_cut

@@ -11,8 +11,10 @@ from comoe_jax.data import (
     TrainStream,
     by_row,
     encode,
+    encode_pair,
     load_source,
     load_sources,
+    multiple_choice,
     render,
     render_cloze,
     tokenize,
@@ -299,6 +301,74 @@ def test_encode_masks_only_the_response_and_eos():
     assert tok.decode(ids[is_response == 1]) == "yo</s>"
     ids, _, cut = encode(tok, "Q: hi\nA: ", "a long answer", seq_len=10)
     assert len(ids) == 11 and cut
+
+
+def sentencepiece_style_tokenizer():
+    """A Llama-2 / Mistral style tokenizer (transformers' LlamaTokenizer: BPE over a '▁' word-start marker
+    written before the first word of a text, newlines as byte fallback), trained here on a few sentences."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    words = "below is an instruction that describes a task write the response what capital of france paris".split()
+    text = [" ".join(words[i:] + words[:i]).capitalize() + " ### Instruction: Response: Answer: A B" for i in
+            range(len(words))]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    bpe.train_from_iterator(text * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    tok = LlamaTokenizer(vocab=vocab, merges=[tuple(m) for m in model["merges"]])
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.mark.parametrize("prompt, response", [
+    ("### Instruction:\nWhat is the capital of France?\n\n### Response:\n", "Paris"),
+    ("What is the capital of France? Answer:", " A"),
+])
+def test_response_ids_are_those_of_the_whole_text(prompt, response):
+    """A SentencePiece tokenizer starts every text with a word marker: the response encoded alone would begin
+    with one it does not have after the prompt (so the model would be trained and scored on ids it never reads)."""
+    tok = sentencepiece_style_tokenizer()
+    whole = tok(prompt + response)["input_ids"]
+    start = len(tok(prompt)["input_ids"])
+    if response == "Paris":  # the case the split exists for
+        assert tok(response, add_special_tokens=False)["input_ids"] != whole[start:]
+    ids, is_response, cut = encode(tok, prompt, response, seq_len=128)
+    assert ids.tolist() == whole + [tok.eos_token_id] and not cut
+    assert is_response.tolist() == [0] * start + [1] * (len(whole) - start + 1)
+    assert tok.decode(ids[start:-1]) == response.strip()
+
+
+def test_option_ids_are_those_of_the_whole_text():
+    from comoe_jax.evaluate import label_predictions, loglik_predictions
+
+    class Recorder:
+        def option_logprobs(self, contexts, options):
+            self.contexts, self.options = contexts, options
+            return [np.arange(len(o), dtype=float) for o in options]
+
+    tok, scorer = sentencepiece_style_tokenizer(), Recorder()
+    item = multiple_choice("t", "What is the capital of France?", ["Paris", "France"], "Paris", "t.jsonl:1")
+    for predict, template in ((loglik_predictions, "alpaca"), (label_predictions, "choice")):
+        predict(scorer, tok, [item], template)
+        prompt, continuations = render_cloze(item, template) if predict is loglik_predictions else \
+            (render(item, template)[0], [" " + label for label in item.labels])
+        assert scorer.contexts == [tok(prompt)["input_ids"]]
+        assert scorer.options == [[tok(prompt + c)["input_ids"][len(scorer.contexts[0]):] for c in continuations]]
+
+
+def test_a_token_across_the_prompt_boundary_falls_back_to_the_response_alone():
+    from comoe_jax.loading import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")  # byte-level BPE: "Answer: Paris" is "Answer", ":", " Paris"
+    prompt_ids, response_ids = encode_pair(tok, "Answer: ", "Paris")
+    assert prompt_ids == tok("Answer: ")["input_ids"]
+    assert response_ids == tok("Paris", add_special_tokens=False)["input_ids"]
+    assert encode_pair(tok, "Answer:", " Paris")[1] == tok(" Paris", add_special_tokens=False)["input_ids"]
+    assert encode_pair(tok, "Answer:", "") == (tok("Answer:")["input_ids"], [])
 
 
 def test_tokenizer_without_pad_token_is_refused():

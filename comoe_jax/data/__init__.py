@@ -10,6 +10,7 @@ from comoe_jax.data.pipeline import (
     by_row,
     check_tokenizer,
     encode,
+    encode_pair,
     tokenize,
     tokenize_rows,
 )
@@ -18,6 +19,6 @@ from comoe_jax.data.templates import TEMPLATES, render, render_cloze
 
 __all__ = [
     "BATCH_ARRAYS", "BUILTIN_TASKS", "DataError", "Example", "FORMATS", "TEMPLATES", "TokenCounts", "TrainStream",
-    "assign_rows", "by_row", "check_tokenizer", "encode", "load_builtin", "load_source", "load_sources",
+    "assign_rows", "by_row", "check_tokenizer", "encode", "encode_pair", "load_builtin", "load_source", "load_sources",
     "multiple_choice", "render", "render_cloze", "tokenize", "tokenize_rows",
 ]

@@ -55,6 +55,25 @@ def check_tokenizer(tokenizer) -> None:
         raise DataError("the tokenizer has no EOS token, so responses cannot be terminated")
 
 
+def encode_pair(tokenizer, prompt: str, continuation: str, special_tokens: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` and of ``continuation`` as the tokenizer splits ``prompt + continuation``.
+
+    A continuation encoded on its own can start differently from the same text after its prompt:
+    SentencePiece tokenizers (Llama 2, Mistral) write a word-start marker before the first word of
+    every text, so "Paris" alone gives ``▁Pa ris`` where "...Response:\nParis" gives ``Pa ris``.
+    The continuation's ids are therefore those the whole text has after the prompt's ids (as
+    lm-evaluation-harness splits context and continuation). Where a token spans the boundary, so
+    that the whole text does not begin with the prompt's ids, the continuation is encoded alone.
+    """
+    p = tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"]
+    if not continuation:
+        return p, []
+    whole = tokenizer(prompt + continuation, add_special_tokens=special_tokens)["input_ids"]
+    if len(whole) > len(p) and whole[: len(p)] == p:
+        return p, whole[len(p):]
+    return p, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
+
 def encode(tokenizer, prompt: str, response: str, seq_len: int,
            special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
     """Token ids (at most ``seq_len + 1``), the response mask over them, and whether they were cut.
@@ -64,8 +83,8 @@ def encode(tokenizer, prompt: str, response: str, seq_len: int,
     the loss sees.
     """
     check_tokenizer(tokenizer)
-    p = tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    p, r = encode_pair(tokenizer, prompt, response, special_tokens)
+    r = r + [tokenizer.eos_token_id]
     ids, is_response = (p + r)[: seq_len + 1], ([0] * len(p) + [1] * len(r))[: seq_len + 1]
     return np.array(ids, np.int32), np.array(is_response, np.int32), len(p) + len(r) > seq_len + 1
 
