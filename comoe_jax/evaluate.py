@@ -272,7 +272,7 @@ def generate_predictions(model, tokenizer, examples: list[Example], template: st
     prompts, cut = [], 0
     for ex in examples:
         prompt, _ = render(ex, template, tokenizer)
-        ids, was_cut = _fit(_ids(tokenizer, prompt + separator(template), prompt_special_tokens(template)),
+        ids, was_cut = _fit(_ids(tokenizer, prompt, prompt_special_tokens(template)),
                             MAX_LEN - max_new_tokens)
         prompts.append(ids)
         cut += was_cut

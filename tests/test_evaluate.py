@@ -1,6 +1,7 @@
 """Scoring modes against brute-force answers on a tiny model, generation with a KV cache, answer extraction,
 accuracy bookkeeping, and the routing analyses (MI against hand-computed values)."""
 
+import importlib
 import math
 
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from flax import nnx
 from comoe_jax import AdapterConfig, from_pretrained
 from comoe_jax.adapters import ForwardContext, RoutingTrace
 from comoe_jax.analysis import collect_routing, expert_outputs_2d, mutual_information, task_expert_mi
-from comoe_jax.data import Example, multiple_choice, render, render_cloze
+from comoe_jax.data import Example, encode, multiple_choice, render, render_cloze
 from comoe_jax.data.templates import separator
 from comoe_jax.evaluate import Scorer, evaluate, extract_answer, is_correct, label_predictions, loglik_predictions
 from comoe_jax.generate import greedy_generate
@@ -89,6 +90,22 @@ def test_label_scoring_with_one_token_labels_reads_the_answer_position(model, to
         label_ids = [tok(lab, add_special_tokens=False)["input_ids"][0] for lab in ex.labels]
         assert all(len(tok(lab, add_special_tokens=False)["input_ids"]) == 1 for lab in ex.labels)
         assert pred == ex.labels[int(np.argmax(lp[label_ids]))]
+
+
+@pytest.mark.parametrize("template", ["choice", "alpaca", "plain"])
+def test_generation_starts_where_the_trained_response_starts(model, tok, template, monkeypatch):
+    """The generation prompt is the training prompt, token for token: the model was trained to write the
+    response (the choice template's " A", its space included) right after it. A prompt with the response's
+    leading space appended made a choice-trained SmolLM2 generate "2" for every item (0% against 38%)."""
+    evaluation = importlib.import_module("comoe_jax.evaluate")  # the package's `evaluate` is the function
+    seen = []
+    monkeypatch.setattr(evaluation, "greedy_generate", lambda _m, prompts, **_: seen.extend(prompts) or
+                        [[] for _ in prompts])
+    items = _items()
+    evaluation.generate_predictions(model, tok, items, template, max_new_tokens=4, batch_size=2)
+    for ex, prompt in zip(items, seen, strict=True):
+        ids, is_response, _ = encode(tok, *render(ex, template), seq_len=256)
+        assert list(prompt) == ids[: int(np.argmax(is_response))].tolist()
 
 
 def test_loglik_scoring_matches_brute_force(model, tok):
