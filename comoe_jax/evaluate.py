@@ -37,7 +37,7 @@ from comoe_jax.config import read_json
 from comoe_jax.data import DataError, Example, encode, encode_pair, render, render_cloze
 from comoe_jax.data.templates import prompt_special_tokens, separator
 from comoe_jax.errors import RunFolderError
-from comoe_jax.generate import LENGTH_BUCKETS, bucket, greedy_generate
+from comoe_jax.generate import LENGTH_BUCKETS, bucket, greedy_generate, stop_token_ids
 from comoe_jax.paths import as_path
 from comoe_jax.progress import ItemProgress
 from comoe_jax.tables import markdown_table, percent
@@ -276,7 +276,7 @@ def generate_predictions(model, tokenizer, examples: list[Example], template: st
                             MAX_LEN - max_new_tokens)
         prompts.append(ids)
         cut += was_cut
-    tokens = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+    tokens = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=stop_token_ids(tokenizer),
                              pad_id=tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return [extract_answer(text, ex) for text, ex in zip(texts, examples)], cut, texts

@@ -6,6 +6,7 @@ positions count real tokens only (as Hugging Face ``generate`` does).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import jax
@@ -29,8 +30,16 @@ def bucket(length: int, buckets: tuple[int, ...] | int = LENGTH_BUCKETS) -> int:
     return -(-length // buckets[-1]) * buckets[-1]
 
 
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The tokens that end a generation: the tokenizer's EOS and the ``eos_token_id`` of the model folder's
+    generation config, as transformers' ``generate`` stops. Chat models end a turn with a token of their own
+    that is not always the tokenizer's EOS (Gemma 3 instruct: ``<end_of_turn>`` beside ``<eos>``)."""
+    ids = [tokenizer.eos_token_id, *getattr(tokenizer, "generation_eos_ids", ())]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
 @partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _generate(graphdef, state, ids, mask, max_new_tokens: int, eos_id: int, pad_id: int):
+def _generate(graphdef, state, ids, mask, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int):
     model: CausalLM = nnx.merge(graphdef, state)
     batch, prompt_len = ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
@@ -38,23 +47,26 @@ def _generate(graphdef, state, ids, mask, max_new_tokens: int, eos_id: int, pad_
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     out = model.forward(ids, valid, positions, cache=cache, cache_index=0)
     first = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+    stop = jnp.asarray(eos_ids, jnp.int32)
 
     def step(carry, _):
         token, cache, position, index, done = carry
         out = model.forward(token[:, None], valid, position[:, None], cache=cache, cache_index=index)
         nxt = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, pad_id, nxt)
-        return (nxt, out.cache, position + 1, index + 1, done | (nxt == eos_id)), token
+        return (nxt, out.cache, position + 1, index + 1, done | jnp.isin(nxt, stop)), token
 
-    carry = (first, out.cache, positions[:, -1] + 1, jnp.int32(prompt_len), first == eos_id)
+    carry = (first, out.cache, positions[:, -1] + 1, jnp.int32(prompt_len), jnp.isin(first, stop))
     _, tokens = jax.lax.scan(step, carry, None, length=max_new_tokens)
     return tokens.T  # [B, max_new_tokens]; after EOS: pad
 
 
-def greedy_generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
-                    batch_size: int = 16, progress=None) -> list[list[int]]:
-    """Greedy continuations of token-id prompts (cut at EOS, which is not included). Prompt lengths are
-    padded to :data:`LENGTH_BUCKETS` (a few compiles); ``progress(done, total)`` is called per batch."""
+def greedy_generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | Sequence[int],
+                    pad_id: int, batch_size: int = 16, progress=None) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, cut at the first end token (``eos_id``: one id or several, as
+    a generation config's ``eos_token_id`` list; not included). Prompt lengths are padded to
+    :data:`LENGTH_BUCKETS` (a few compiles); ``progress(done, total)`` is called per batch."""
+    eos_ids = tuple(sorted({int(eos_id)} if isinstance(eos_id, (int, np.integer)) else set(map(int, eos_id))))
 
     graphdef, state = nnx.split(model)
     mesh, batch_size = shd.eval_mesh(state, batch_size)
@@ -68,10 +80,11 @@ def greedy_generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens
             ids[row, length - len(p):], mask[row, length - len(p):] = p, 1
         mask[len(chunk):, -1] = 1  # filler rows: one real token so nothing is fully masked
         ids, mask = shd.place_rows(mesh, ids, mask)
-        tokens = shd.to_host(_generate(graphdef, state, ids, mask, max_new_tokens, eos_id, pad_id))
+        tokens = shd.to_host(_generate(graphdef, state, ids, mask, max_new_tokens, eos_ids, pad_id))
         for row in range(len(chunk)):
             seq = tokens[row].tolist()
-            out.append(seq[: seq.index(eos_id)] if eos_id in seq else seq)
+            end = next((i for i, token in enumerate(seq) if token in eos_ids), len(seq))
+            out.append(seq[:end])
         if progress is not None:
             progress(len(chunk), len(prompts))
     return out

@@ -21,7 +21,7 @@ from comoe_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, load_a
 from comoe_jax.config import AdapterConfig, Config, LossConfig, config_from_dict, read_json
 from comoe_jax.constants import TARGET_MODULES
 from comoe_jax.errors import AdapterFormatError, ConfigError
-from comoe_jax.generate import greedy_generate
+from comoe_jax.generate import greedy_generate, stop_token_ids
 from comoe_jax.loading import _hf_name, from_pretrained, hf_config, load_tokenizer, model_spec, resolve_model_path
 from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, unstack
 from comoe_jax.paths import as_path, hub_id
@@ -242,6 +242,6 @@ def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int =
     """Greedy completions of text prompts with the KV cache (the prompt is not repeated)."""
     ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=pad,
+    out = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_id=stop_token_ids(tokenizer), pad_id=pad,
                           batch_size=batch_size)
     return [tokenizer.decode(seq, skip_special_tokens=True) for seq in out]

@@ -7,6 +7,7 @@ sharding, so a large model never sits whole on one device.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from collections.abc import Callable
@@ -462,11 +463,26 @@ BUNDLED_TOKENIZERS = {"smollm2-135m": Path(__file__).parent / "tokenizers" / "sm
 
 def load_tokenizer(path: str):
     """transformers tokenizer of a model path (folder, hub id, .gguf, alias); a byte-level one for 'random'.
-    A tokenizer without a pad token (Llama, Mistral) pads with its EOS token: padded positions are masked."""
+    A tokenizer without a pad token (Llama, Mistral) pads with its EOS token: padded positions are masked.
+    A folder's ``generation_config.json`` end tokens are kept as ``tokenizer.generation_eos_ids``
+    (:func:`comoe_jax.generate.stop_token_ids`)."""
     tokenizer = _tokenizer(path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _generation_eos_ids(folder: Path) -> tuple[int, ...]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return ()
+    config = read_json(path, LoadError)
+    eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    eos = [eos] if isinstance(eos, int) else eos or []
+    if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+        raise LoadError(f"{path}: field 'eos_token_id' should be a token id or a list of token ids, got "
+                        f"{json.dumps(config.get('eos_token_id'))[:60]}")
+    return tuple(eos)
 
 
 def _tokenizer(path: str):
@@ -483,9 +499,11 @@ def _tokenizer(path: str):
             raise LoadError(f"{resolved}: no tokenizer files ({', '.join(names)}); copy the base model's tokenizer "
                             "into the folder (tokenizer.save_pretrained(folder))")
         try:
-            return AutoTokenizer.from_pretrained(str(resolved))
+            tokenizer = AutoTokenizer.from_pretrained(str(resolved))
         except Exception as e:  # transformers raises many kinds for damaged tokenizer files
             raise LoadError(f"{resolved}: the tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
+        tokenizer.generation_eos_ids = _generation_eos_ids(resolved)
+        return tokenizer
     try:
         return AutoTokenizer.from_pretrained(str(resolved.parent), gguf_file=resolved.name)
     except ModuleNotFoundError as e:

@@ -143,6 +143,30 @@ def test_cached_generation_equals_full_recompute_and_ignores_left_padding(model)
         assert greedy_generate(model, [p], max_new_tokens=5, eos_id=2, pad_id=0, batch_size=1)[0] == g
 
 
+def test_generation_stops_at_any_end_token(model, tmp_path):
+    """A chat model ends its turn with a token of its own (generation_config.json's eos_token_id list):
+    generation stops there too, as transformers' generate does."""
+    prompts = [list(np.random.default_rng(4).integers(3, 259, size=n)) for n in (9, 4)]
+    free = greedy_generate(model, prompts, max_new_tokens=6, eos_id=2, pad_id=0, batch_size=2)
+    for p, g in zip(prompts, free):
+        assert len(g) >= 3, "the test needs generations that run past their third token"
+        stop = g[2]
+        cut = greedy_generate(model, [p], max_new_tokens=6, eos_id=[2, stop], pad_id=0, batch_size=1)[0]
+        assert cut == g[: g.index(stop)]
+
+    from comoe_jax.generate import stop_token_ids
+    from comoe_jax.loading import load_tokenizer
+
+    tok = byte_tokenizer()
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert stop_token_ids(load_tokenizer(str(tmp_path))) == (2,)
+    (tmp_path / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": [2, 106]}')
+    assert stop_token_ids(load_tokenizer(str(tmp_path))) == (2, 106)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 7}')
+    assert stop_token_ids(load_tokenizer(str(tmp_path))) == (2, 7)
+
+
 def test_answer_extraction_and_correctness():
     choice = multiple_choice("t", "q", ["yes", "no"], "no", "s")
     assert extract_answer("The answer is (B) No", choice) == "B"
