@@ -209,6 +209,33 @@ def test_sft_records_alpaca_and_chat_messages(tmp_path):
             load_jsonl(path)
 
 
+def test_sharegpt_and_prompt_completion_records(tmp_path):
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                               {"from": "gpt", "value": "Hello!"}]},
+            {"prompt": "The capital of France is", "completion": " Paris.", "task": "capitals"},
+            {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]}]
+    share, text, conversational = load_jsonl(_write(tmp_path / "sft.jsonl", "\n".join(map(json.dumps, rows))))
+    assert share.messages == (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"))
+    assert (share.instruction, share.context, share.response, share.task) == ("Hi", "Be brief.", "Hello!", "sft")
+    assert (text.instruction, text.response, text.answer, text.task) == ("The capital of France is", " Paris.",
+                                                                        "Paris.", "capitals")
+    assert render(text, "raw") == ("The capital of France is", " Paris.")  # as written: nothing added
+    ids, is_response, _ = encode(byte_tokenizer(), *render(text, "raw"), seq_len=64)
+    assert byte_tokenizer().decode(ids[is_response == 1]) == " Paris.</s>"
+    assert conversational.messages == (("user", "2+2?"), ("assistant", "4"))
+    bad = {"sharegpt-role": ({"conversations": [{"from": "bot", "value": "x"}]},
+                             r"conversations\[0\] should be an object with 'from' \(system, human, user, gpt"),
+           "sharegpt-empty": ({"conversations": []}, r"field 'conversations' should be a non-empty list of \{from, "),
+           "completion-empty": ({"prompt": "p", "completion": "  "}, r"field 'completion' is empty"),
+           "completion-object": ({"prompt": "p", "completion": {"a": 1}}, r"field 'completion' should be text"),
+           "nothing-known": ({"text": "x"}, r"missing field 'instruction' \(or 'question'; or a 'prompt' and "
+                                            r"'completion' pair, or chat 'messages' / 'conversations'\)")}
+    for name, (record, message) in bad.items():
+        path = _write(tmp_path / f"{name}.jsonl", json.dumps(record))
+        with pytest.raises(DataError, match=rf"{name}\.jsonl:1: {message}"):
+            load_jsonl(path)
+
+
 def test_chat_template_masks_exactly_the_assistant_reply():
     from comoe_jax.loading import load_tokenizer
 

@@ -13,7 +13,9 @@ Source strings (``data.train`` / ``data.eval`` in the config):
   each (the first is trained on); Alpaca SFT records
   (``instruction``, ``input``, ``output``: the output is the answer); chat records
   ``{"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]}`` ending with the
-  assistant's reply;
+  assistant's reply (or ShareGPT's ``{"conversations": [{"from": "human" | "gpt" | "system", "value"}]}``);
+  TRL's prompt-completion records ``{"prompt", "completion"}`` (texts, trained as written with
+  ``data.template=raw``, or message lists);
 - ``llm_adapters:PATH``: a JSON list of ``{instruction, input, output, answer}`` (the LLM-Adapters
   commonsense and math files; option labels come from the ``Answer format: a/b/c`` line);
 - ``bigbench:PATH``: a BIG-bench ``task.json`` (or its folder);
@@ -109,17 +111,30 @@ def _checked(examples: list[Example], path: Path) -> list[Example]:
 # --------------------------------------------------------------------------- JSONL (the mix's own format)
 
 
-def _from_messages(record: dict, task: str, where: str) -> Example:
-    """A chat record ``{"messages": [{"role", "content"}, ...]}`` ending with the assistant's reply."""
-    messages = record["messages"]
+# ShareGPT's speaker names -> chat roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _chat_turns(record: dict, where: str) -> list[tuple[str, str]]:
+    """(role, text) turns of ``messages`` ({role, content}) or ShareGPT's ``conversations`` ({from, value})."""
+    field, role_key, text_key, roles = ("messages", "role", "content", {r: r for r in CHAT_ROLES}) \
+        if "messages" in record else ("conversations", "from", "value", SHAREGPT_ROLES)
+    messages = record[field]
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' should be a non-empty list of {{role, content}} objects")
+        raise DataError(f"{where}: field {field!r} should be a non-empty list of {{{role_key}, {text_key}}} objects")
     turns = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] should be an object with 'role' ({', '.join(CHAT_ROLES)}) and "
-                            f"text 'content', got {str(m)[:80]}")
-        turns.append((m["role"], m["content"]))
+        if not isinstance(m, dict) or m.get(role_key) not in roles or not isinstance(m.get(text_key), str):
+            raise DataError(f"{where}: {field}[{i}] should be an object with {role_key!r} ({', '.join(roles)}) and "
+                            f"text {text_key!r}, got {str(m)[:80]}")
+        turns.append((roles[m[role_key]], m[text_key]))
+    return turns
+
+
+def _from_messages(record: dict, task: str, where: str) -> Example:
+    """A chat record ``{"messages": [{"role", "content"}, ...]}`` (or ShareGPT's ``{"conversations": [{"from",
+    "value"}, ...]}``) ending with the assistant's reply."""
+    turns = _chat_turns(record, where)
     if turns[-1][0] != "assistant":
         raise DataError(f"{where}: the last message is from {turns[-1][0]!r}; a conversation must end with the "
                         "assistant's reply (the loss is taken on it)")
@@ -137,11 +152,14 @@ def _from_messages(record: dict, task: str, where: str) -> Example:
 def _from_fields(record: dict, task: str, where: str) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
+    if "messages" in record or "conversations" in record:
         return _from_messages(record, task, where)
+    if "prompt" in record and "completion" in record:
+        return _from_prompt_completion(record, task, where)
     field = "instruction" if "instruction" in record else "question"
     if record.get(field) is None:
-        raise DataError(f"{where}: missing field 'instruction' (or 'question')")
+        raise DataError(f"{where}: missing field 'instruction' (or 'question'; or a 'prompt' and 'completion' pair, "
+                        "or chat 'messages' / 'conversations')")
     instruction = _text(record, field, where)
     task = _text(record, "task", where, required=False) or task
     context = _text(record, "input", where, required=False) or _text(record, "context", where, required=False)
@@ -173,6 +191,19 @@ def _from_fields(record: dict, task: str, where: str) -> Example:
     return Example(task=task, instruction=str(instruction).strip(), answer=answer.strip(), labels=labels,
                    output=_text(record, "output", where, required=False), context=context.strip(), source=where,
                    also_correct=tuple(str(a).strip() for a in answers[1:]) if isinstance(answers, list) else ())
+
+
+def _from_prompt_completion(record: dict, task: str, where: str) -> Example:
+    """TRL's prompt-completion record: texts (trained as written with ``data.template=raw``), or message lists
+    (a conversation whose completion is the assistant's reply)."""
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return _from_messages({"messages": prompt + completion, "task": record.get("task")}, task, where)
+    prompt, completion = _text(record, "prompt", where), _text(record, "completion", where)
+    if not completion.strip():
+        raise DataError(f"{where}: field 'completion' is empty; a record needs the completion to train on")
+    return Example(task=_text(record, "task", where, required=False) or task, instruction=prompt,
+                   answer=completion.strip(), output=completion, source=where)
 
 
 def _correct_option(record: dict, options: list, where: str) -> str:

@@ -5,6 +5,8 @@
 - ``choice``: MoE-PEFT's plain multiple-choice prompt ("Please choose the correct answer to the
   question: ... (A) ... (B) ...\\nAnswer:" -> " A"), the form its restricted-label evaluator scores;
 - ``plain``: "Q: ...\\nA: ", short, for byte-level tokenizers and tiny test models;
+- ``raw``: the instruction as written (after any context) and the response as written, nothing added
+  (prompt-completion data that carries its own format);
 - ``chat``: the tokenizer's own chat template (``apply_chat_template``): a chat record's turns, or
   the instruction as the user's message; the response is the assistant's reply and its end of turn.
 
@@ -43,6 +45,8 @@ def _prompt(example: Example, template: str, with_options: bool) -> str:
         return f"{question}\nAnswer:"
     if template == "plain":
         return f"Q: {question}\nA: "
+    if template == "raw":
+        return question
     raise ValueError(f"data.template={template!r} is not allowed: one of {', '.join(TEMPLATES)}")
 
 
