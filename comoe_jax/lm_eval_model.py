@@ -54,7 +54,7 @@ from comoe_jax.cli import command
 from comoe_jax.config import MeshConfig
 from comoe_jax.errors import ConfigError
 from comoe_jax.evaluate import Scorer
-from comoe_jax.generate import greedy_generate
+from comoe_jax.generate import greedy_generate, stop_token_ids
 from comoe_jax.loading import hf_config
 from comoe_jax.paths import as_path
 
@@ -288,7 +288,8 @@ class ComoeJaxLM(TemplateLM):
     # ---- generation
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations (KV cache), cut at the first ``until`` string; requests with the same
+        """Greedy continuations (KV cache), cut at the first ``until`` string or end token (the tokenizer's EOS
+        and the model folder's generation config, as the ``hf`` backend's ``generate``); requests with the same
         generation kwargs are batched together."""
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -310,7 +311,7 @@ class ComoeJaxLM(TemplateLM):
             prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=room) for i in members]
             order = sorted(range(len(members)), key=lambda j: len(prompts[j]))  # similar lengths share a batch
             tokens = greedy_generate(self.model, [prompts[j] for j in order], max_new_tokens=max_gen_toks,
-                                     eos_id=-1 if eot is None else eot,
+                                     eos_id=stop_token_ids(self.tokenizer) or -1,  # as generate() stops
                                      pad_id=self.pad_id, batch_size=self.batch_size,
                                      progress=lambda done, _total: bar.update(done))
             for j, seq in zip(order, tokens):
