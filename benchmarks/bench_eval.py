@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from comoe_jax.config import Config  # noqa: E402
-from comoe_jax.data import render_cloze  # noqa: E402
+from comoe_jax.data import encode_pair, render_cloze  # noqa: E402
 from comoe_jax.evaluate import Scorer, loglik_predictions  # noqa: E402
 from comoe_jax.loading import build_model, load_tokenizer  # noqa: E402
 from comoe_jax.report import evaluation_examples  # noqa: E402
@@ -37,7 +37,7 @@ def previous_predictions(scorer: Scorer, tokenizer, examples, template: str) -> 
     for ex in examples:
         prompt, continuations = render_cloze(ex, template)
         context = tokenizer(prompt)["input_ids"]
-        options = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        options = [encode_pair(tokenizer, prompt, c, prompt_ids=context)[1] for c in continuations]
         pairs.extend((context, o) for o in options)
         sizes.append(len(options))
     scores = iter(scorer.continuation_logprobs(pairs))

@@ -182,7 +182,7 @@ class DataConfig(_Strict):
                            "of examples (the paper's concatenated multi-task setting).")
     template: str = _f("alpaca", "Prompt template: alpaca (the paper's) | choice (MoE-PEFT's multiple-choice "
                        "prompt) | plain ('Q: ... A: ', for tiny models) | raw (prompt and response as written: "
-                       "prompt-completion data) | chat (the tokenizer's chat template: "
+                       "prompt-completion data, free-form items only) | chat (the tokenizer's chat template: "
                        "chat records' messages, or the instruction as the user's turn).")
     seq_len: int = _f(128, "Tokens per row (cutoff length): longer examples are truncated; shorter ones are packed "
                       "or padded.")

@@ -171,7 +171,7 @@ def _pairs(tokenizer, prompt: str, continuations: list[str], template: str) -> t
     """The prompt's ids and each continuation's ids as they follow the prompt (:func:`encode_pair`)."""
     special = prompt_special_tokens(template)
     context = _ids(tokenizer, prompt, special)
-    return context, [encode_pair(tokenizer, prompt, c, special)[1] for c in continuations]
+    return context, [encode_pair(tokenizer, prompt, c, special, prompt_ids=context)[1] for c in continuations]
 
 
 def _fit(context: list[int], room: int) -> tuple[list[int], bool]:

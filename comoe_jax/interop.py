@@ -136,6 +136,9 @@ def export_merged(model, cfg: Config, directory: str | Path) -> Path:
         config = hf_config(cfg.model)
         (config.text_config if config.model_type == "gemma3" else config).save_pretrained(local)  # text weights
         load_tokenizer(cfg.model.path).save_pretrained(local)
+        base = resolve_model_path(cfg.model.path) if cfg.model.path != "random" else None
+        if base is not None and (base / "generation_config.json").is_file():  # its end tokens (a chat model's)
+            (Path(local) / "generation_config.json").write_bytes((base / "generation_config.json").read_bytes())
         for file in Path(local).iterdir():
             (directory / file.name).write_bytes(file.read_bytes())
     (directory / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))

@@ -313,7 +313,7 @@ CASES = [
                                           '{"role": "assistant", "content": "b"}]}\n'), 2,
      r"d\.jsonl:1: messages\[0\] should be an object with 'role' \(system, user, assistant\)"),
     ("jsonl-missing-instruction", _jsonl("d.jsonl", '{"answer": "a"}\n'), 2,
-     r"d\.jsonl:1: missing field 'instruction' \(or 'question'\)"),
+     r"d\.jsonl:1: missing field 'instruction' \(or 'question'; or a 'prompt'"),
     ("jsonl-not-utf8", _jsonl("d.jsonl", b'{"instruction": "a", "answer": "b"}\n'
                                          b'{"instruction": "\xff", "answer": "c"}\n'), 2, r"d\.jsonl:2: not UTF-8"),
     ("jsonl-folder", lambda ctx, tmp: ("train", tiny(f"data.train=jsonl:{tmp}", out(tmp))), 2,

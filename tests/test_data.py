@@ -52,7 +52,7 @@ def test_jsonl_loader_and_its_errors(tmp_path):
     cases = {
         '{"question": "x", "answer": "y"\n': r"bad\.jsonl:1: malformed JSON",
         '{"question": "x"}\n': r"bad\.jsonl:1: missing field 'answer'",
-        '{"answer": "y"}\n': r"bad\.jsonl:1: missing field 'instruction' \(or 'question'\)",
+        '{"answer": "y"}\n': r"bad\.jsonl:1: missing field 'instruction' \(or 'question'; or a 'prompt'",
         '{"q": 1}\n{"question": "x", "options": ["a", "b"], "answer": "c"}\n': r"bad\.jsonl:1: missing field",
         '{"question": "x", "options": ["a", "b"], "answer": "c"}\n': r"bad\.jsonl:1: field 'answer' 'c' is not among "
                                                                      r"the options \['a', 'b'\]",
@@ -223,11 +223,22 @@ def test_sharegpt_and_prompt_completion_records(tmp_path):
     ids, is_response, _ = encode(byte_tokenizer(), *render(text, "raw"), seq_len=64)
     assert byte_tokenizer().decode(ids[is_response == 1]) == " Paris.</s>"
     assert conversational.messages == (("user", "2+2?"), ("assistant", "4"))
+    item = multiple_choice("t", "Pick one", ["x", "y"], "y", "m.jsonl:3")
+    with pytest.raises(DataError, match=r"m\.jsonl:3: data\.template=raw .* a multiple-choice item needs alpaca"):
+        render(item, "raw")
     bad = {"sharegpt-role": ({"conversations": [{"from": "bot", "value": "x"}]},
                              r"conversations\[0\] should be an object with 'from' \(system, human, user, gpt"),
            "sharegpt-empty": ({"conversations": []}, r"field 'conversations' should be a non-empty list of \{from, "),
            "completion-empty": ({"prompt": "p", "completion": "  "}, r"field 'completion' is empty"),
            "completion-object": ({"prompt": "p", "completion": {"a": 1}}, r"field 'completion' should be text"),
+           "prompt-empty": ({"prompt": " ", "completion": "x"}, r"field 'prompt' is empty"),
+           "mixed-kinds": ({"prompt": [{"role": "user", "content": "q"}], "completion": "a"},
+                           r"fields 'prompt' and 'completion' should both be texts or both lists of \{role, content\} "
+                           r"messages, got list and str"),
+           "completion-bad-message": ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "x"}]},
+                                      r"completion\[0\] should be an object with 'role'"),
+           "sharegpt-no-user": ({"conversations": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "a"}]},
+                                r"field 'conversations' has no user message"),
            "nothing-known": ({"text": "x"}, r"missing field 'instruction' \(or 'question'; or a 'prompt' and "
                                             r"'completion' pair, or chat 'messages' / 'conversations'\)")}
     for name, (record, message) in bad.items():

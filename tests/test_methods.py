@@ -245,6 +245,8 @@ def test_export_command_peft_and_merged_load_in_transformers(hf_folder, tmp_path
     assert export.main(["--run", str(run), "--format", "merged"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(run / "merged")
     assert AutoTokenizer.from_pretrained(run / "merged")("ab")["input_ids"]
+    generation = (hf_folder / "generation_config.json").read_text()  # the base's end tokens travel with it
+    assert (run / "merged" / "generation_config.json").read_text() == generation
     with torch.no_grad():
         np.testing.assert_allclose(merged(torch.as_tensor(ids)).logits.numpy(), ours, atol=1e-4, rtol=0)
     before = (run / "merged" / "model.safetensors").read_bytes()

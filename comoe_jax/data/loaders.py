@@ -115,11 +115,10 @@ def _checked(examples: list[Example], path: Path) -> list[Example]:
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def _chat_turns(record: dict, where: str) -> list[tuple[str, str]]:
-    """(role, text) turns of ``messages`` ({role, content}) or ShareGPT's ``conversations`` ({from, value})."""
-    field, role_key, text_key, roles = ("messages", "role", "content", {r: r for r in CHAT_ROLES}) \
-        if "messages" in record else ("conversations", "from", "value", SHAREGPT_ROLES)
-    messages = record[field]
+def _chat_turns(messages, field: str, where: str, sharegpt: bool = False) -> list[tuple[str, str]]:
+    """(role, text) turns of a ``field`` list of {role, content} objects (ShareGPT: {from, value})."""
+    role_key, text_key, roles = ("from", "value", SHAREGPT_ROLES) if sharegpt else \
+        ("role", "content", {r: r for r in CHAT_ROLES})
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field {field!r} should be a non-empty list of {{{role_key}, {text_key}}} objects")
     turns = []
@@ -134,13 +133,18 @@ def _chat_turns(record: dict, where: str) -> list[tuple[str, str]]:
 def _from_messages(record: dict, task: str, where: str) -> Example:
     """A chat record ``{"messages": [{"role", "content"}, ...]}`` (or ShareGPT's ``{"conversations": [{"from",
     "value"}, ...]}``) ending with the assistant's reply."""
-    turns = _chat_turns(record, where)
+    field = "messages" if "messages" in record else "conversations"
+    return _conversation(_chat_turns(record[field], field, where, sharegpt=field == "conversations"), record, task,
+                         where, field)
+
+
+def _conversation(turns: list[tuple[str, str]], record: dict, task: str, where: str, field: str) -> Example:
     if turns[-1][0] != "assistant":
         raise DataError(f"{where}: the last message is from {turns[-1][0]!r}; a conversation must end with the "
                         "assistant's reply (the loss is taken on it)")
     dialogue = [(role, text) for role, text in turns[:-1] if role != "system"]
     if not any(role == "user" for role, _ in dialogue):
-        raise DataError(f"{where}: field 'messages' has no user message before the assistant's reply")
+        raise DataError(f"{where}: field {field!r} has no user message before the assistant's reply")
     instruction = dialogue[-1][1] if len(dialogue) == 1 else \
         "\n".join(f"{role.capitalize()}: {text}" for role, text in dialogue)
     system = "\n".join(text for role, text in turns if role == "system")
@@ -197,9 +201,15 @@ def _from_prompt_completion(record: dict, task: str, where: str) -> Example:
     """TRL's prompt-completion record: texts (trained as written with ``data.template=raw``), or message lists
     (a conversation whose completion is the assistant's reply)."""
     prompt, completion = record["prompt"], record["completion"]
-    if isinstance(prompt, list) and isinstance(completion, list):
-        return _from_messages({"messages": prompt + completion, "task": record.get("task")}, task, where)
+    if isinstance(prompt, list) or isinstance(completion, list):
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            raise DataError(f"{where}: fields 'prompt' and 'completion' should both be texts or both lists of "
+                            f"{{role, content}} messages, got {type(prompt).__name__} and {type(completion).__name__}")
+        turns = _chat_turns(prompt, "prompt", where) + _chat_turns(completion, "completion", where)
+        return _conversation(turns, record, task, where, "prompt")
     prompt, completion = _text(record, "prompt", where), _text(record, "completion", where)
+    if not prompt.strip():
+        raise DataError(f"{where}: field 'prompt' is empty; the completion needs a prompt to follow")
     if not completion.strip():
         raise DataError(f"{where}: field 'completion' is empty; a record needs the completion to train on")
     return Example(task=_text(record, "task", where, required=False) or task, instruction=prompt,

@@ -55,7 +55,8 @@ def check_tokenizer(tokenizer) -> None:
         raise DataError("the tokenizer has no EOS token, so responses cannot be terminated")
 
 
-def encode_pair(tokenizer, prompt: str, continuation: str, special_tokens: bool = True) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, prompt: str, continuation: str, special_tokens: bool = True,
+                prompt_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt`` and of ``continuation`` as the tokenizer splits ``prompt + continuation``.
 
     A continuation encoded on its own can start differently from the same text after its prompt:
@@ -64,8 +65,9 @@ def encode_pair(tokenizer, prompt: str, continuation: str, special_tokens: bool 
     The continuation's ids are therefore those the whole text has after the prompt's ids (as
     lm-evaluation-harness splits context and continuation). Where a token spans the boundary, so
     that the whole text does not begin with the prompt's ids, the continuation is encoded alone.
+    ``prompt_ids``: the prompt's ids if already encoded (several continuations of one prompt).
     """
-    p = tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"]
+    p = tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"] if prompt_ids is None else prompt_ids
     if not continuation:
         return p, []
     whole = tokenizer(prompt + continuation, add_special_tokens=special_tokens)["input_ids"]

@@ -5,8 +5,8 @@
 - ``choice``: MoE-PEFT's plain multiple-choice prompt ("Please choose the correct answer to the
   question: ... (A) ... (B) ...\\nAnswer:" -> " A"), the form its restricted-label evaluator scores;
 - ``plain``: "Q: ...\\nA: ", short, for byte-level tokenizers and tiny test models;
-- ``raw``: the instruction as written (after any context) and the response as written, nothing added
-  (prompt-completion data that carries its own format);
+- ``raw``: the instruction as written (after the context and a newline, if there is one) and the response
+  as written (prompt-completion data that carries its own format; free-form items only);
 - ``chat``: the tokenizer's own chat template (``apply_chat_template``): a chat record's turns, or
   the instruction as the user's message; the response is the assistant's reply and its end of turn.
 
@@ -46,6 +46,11 @@ def _prompt(example: Example, template: str, with_options: bool) -> str:
     if template == "plain":
         return f"Q: {question}\nA: "
     if template == "raw":
+        if example.labels:
+            raise DataError(f"{example.source}: data.template=raw writes prompt and response as they are, with no "
+                            "options listed or label asked for; a multiple-choice item needs alpaca, choice or chat")
+        if not question.strip():
+            raise DataError(f"{example.source}: data.template=raw needs a non-empty prompt (the instruction)")
         return question
     raise ValueError(f"data.template={template!r} is not allowed: one of {', '.join(TEMPLATES)}")
 
@@ -65,7 +70,7 @@ def _chat(example: Example, tokenizer, with_options: bool) -> tuple[str, str]:
     """(generation prompt, reply + end of turn) with the tokenizer's chat template."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DataError("data.template=chat needs a tokenizer with a chat template (chat_template.jinja or "
-                        "tokenizer_config.json's chat_template); this one has none: use alpaca, choice or plain")
+                        "tokenizer_config.json's chat_template); this one has none: use alpaca, choice, plain or raw")
     messages = chat_messages(example, with_options)
     try:
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
