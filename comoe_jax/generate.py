@@ -45,8 +45,8 @@ def _generate(graphdef, state, ids, mask, max_new_tokens: int, eos_ids: tuple[in
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
     valid = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), mask.dtype)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    out = model.forward(ids, valid, positions, cache=cache, cache_index=0)
-    first = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+    hidden, cache = model.hidden(ids, valid, positions, cache=cache, cache_index=0)
+    first = jnp.argmax(model.head(hidden[:, -1]), axis=-1).astype(jnp.int32)  # the LM head at the last slot only
     stop = jnp.asarray(eos_ids, jnp.int32)
 
     def step(carry, _):
@@ -56,7 +56,7 @@ def _generate(graphdef, state, ids, mask, max_new_tokens: int, eos_ids: tuple[in
         nxt = jnp.where(done, pad_id, nxt)
         return (nxt, out.cache, position + 1, index + 1, done | jnp.isin(nxt, stop)), token
 
-    carry = (first, out.cache, positions[:, -1] + 1, jnp.int32(prompt_len), jnp.isin(first, stop))
+    carry = (first, cache, positions[:, -1] + 1, jnp.int32(prompt_len), jnp.isin(first, stop))
     _, tokens = jax.lax.scan(step, carry, None, length=max_new_tokens)
     return tokens.T  # [B, max_new_tokens]; after EOS: pad
 
