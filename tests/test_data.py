@@ -209,6 +209,28 @@ def test_sft_records_alpaca_and_chat_messages(tmp_path):
             load_jsonl(path)
 
 
+def test_benchmark_columns_in_jsonl(tmp_path):
+    """A benchmark exported with datasets' to_json keeps its columns: JSONL reads them as hf: does."""
+    rows = [{"id": "Mercury_1", "question": "Which is a metal?", "answerKey": "2",
+             "choices": {"label": ["1", "2"], "text": ["wood", "iron"]}},
+            {"goal": "Open a jar", "sol1": "twist", "sol2": "eat", "label": 0},
+            {"sentence": "The cup fell off the table because _ was round.", "option1": "the cup",
+             "option2": "the table", "answer": "1"}]
+    arc, piqa, wino = load_jsonl(_write(tmp_path / "exported.jsonl", "\n".join(map(json.dumps, rows))))
+    assert (arc.options, arc.answer, arc.task, arc.source.endswith("exported.jsonl:1")) == (("wood", "iron"), "B",
+                                                                                         "exported", True)
+    assert (piqa.options, piqa.answer) == (("twist", "eat"), "A")
+    assert (wino.options, wino.answer) == (("the cup", "the table"), "A")
+    for name, row, message in [
+            ("arc-no-labels", {"question": "q", "answerKey": "A", "choices": {"text": ["a", "b"]}},
+             r"arc-no-labels\.jsonl:1: unexpected value \(KeyError: 'label'\)"),
+            ("piqa-label", {"goal": "g", "sol1": "a", "sol2": "b", "label": 7},
+             r"piqa-label\.jsonl:1: field 'label' is 7; with 2 options it should be 0 to 1"),
+            ("not-an-object", [1, 2], r"not-an-object\.jsonl:1: expected a JSON object, got list")]:
+        with pytest.raises(DataError, match=message):
+            load_jsonl(_write(tmp_path / f"{name}.jsonl", json.dumps(row)))
+
+
 def test_sharegpt_and_prompt_completion_records(tmp_path):
     rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
                                {"from": "gpt", "value": "Hello!"}]},

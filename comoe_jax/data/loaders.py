@@ -15,7 +15,8 @@ Source strings (``data.train`` / ``data.eval`` in the config):
   ``{"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]}`` ending with the
   assistant's reply (or ShareGPT's ``{"conversations": [{"from": "human" | "gpt" | "system", "value"}]}``);
   TRL's prompt-completion records ``{"prompt", "completion"}`` (texts, trained as written with
-  ``data.template=raw``, or message lists);
+  ``data.template=raw``, or message lists); the benchmark columns ``hf:`` recognises (a dataset
+  exported with ``to_json``);
 - ``llm_adapters:PATH``: a JSON list of ``{instruction, input, output, answer}`` (the LLM-Adapters
   commonsense and math files; option labels come from the ``Answer format: a/b/c`` line);
 - ``bigbench:PATH``: a BIG-bench ``task.json`` (or its folder);
@@ -247,7 +248,7 @@ def load_jsonl(path: Path) -> list[Example]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        examples.append(_from_fields(record, as_path(path).stem, where))
+        examples.append(_record(record, as_path(path).stem, where))
     return _checked(examples, as_path(path))
 
 
@@ -379,16 +380,21 @@ def _indexed(row: dict, field: str, options: list, first: int, where: str) -> st
     return options[index]
 
 
+def _record(row, task: str, where: str) -> Example:
+    """One record of a dataset or a JSONL line: a known benchmark's columns (a dataset exported with
+    ``to_json`` keeps them) or the JSONL field names."""
+    if not isinstance(row, dict):
+        return _from_fields(row, task, where)  # refuses it, naming what it is
+    try:
+        return _hf_record(row, task, where)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{where}: unexpected value ({type(e).__name__}: {e})") from None
+
+
 def _hf_records(rows, task: str, where: str) -> list[Example]:
-    examples = []
-    for i, row in enumerate(rows):
-        at = f"{where} row {i}"
-        try:
-            examples.append(_hf_record(row, task, at))
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"{at}: unexpected value ({type(e).__name__}: {e})") from None
+    examples = [_record(row, task, f"{where} row {i}") for i, row in enumerate(rows)]
     if not examples:
         raise DataError(f"{where}: no examples")
     return examples
