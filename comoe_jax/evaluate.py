@@ -279,7 +279,13 @@ def generate_predictions(model, tokenizer, examples: list[Example], template: st
     tokens = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=stop_token_ids(tokenizer),
                              pad_id=tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-    return [extract_answer(text, ex) for text, ex in zip(texts, examples)], cut, texts
+    return [extract_answer(after_reasoning(text), ex) for text, ex in zip(texts, examples)], cut, texts
+
+
+def after_reasoning(text: str, end: str = "</think>") -> str:
+    """The answer part of a generation: what follows a reasoning block (Qwen3's chat template trains even a
+    direct answer as ``<think>\n\n</think>\n\nanswer``), else the whole text."""
+    return text.rsplit(end, 1)[1] if end in text else text
 
 
 def response_loss(model, tokenizer, examples: list[Example], *, template: str, seq_len: int,

@@ -168,6 +168,11 @@ def test_generation_stops_at_any_end_token(model, tmp_path):
 
 
 def test_answer_extraction_and_correctness():
+    from comoe_jax.evaluate import after_reasoning
+
+    free = Example("capitals", "Capital of France?", "Paris")
+    assert is_correct(extract_answer(after_reasoning("<think>\nIt is Paris, not Lyon.\n</think>\n\nParis"), free), free)
+    assert after_reasoning("no block: 12") == "no block: 12"
     choice = multiple_choice("t", "q", ["yes", "no"], "no", "s")
     assert extract_answer("The answer is (B) No", choice) == "B"
     assert extract_answer("a cat sat", choice) == ""  # a lowercase word is not the label A
