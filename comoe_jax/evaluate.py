@@ -301,8 +301,9 @@ def response_loss(model, tokenizer, examples: list[Example], *, template: str, s
             pairs.append((ids[:start].tolist(), ids[start:].tolist()))
     if not pairs:
         raise DataError(f"no validation item keeps a response token within data.seq_len={seq_len}")
-    scores = Scorer(model, tokenizer.pad_token_id, batch_size).continuation_logprobs(pairs)
-    return -sum(lp for lp, _ in scores) / sum(n for _, n in scores)
+    contexts, responses = zip(*pairs)  # packed rows: the shared header once per row, the LM head at the responses
+    scores = Scorer(model, tokenizer.pad_token_id, batch_size).option_logprobs(list(contexts), [[r] for r in responses])
+    return -sum(float(s[0]) for s in scores) / sum(map(len, responses))
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, mode: str, template: str, batch_size: int = 16,
