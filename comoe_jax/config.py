@@ -174,8 +174,10 @@ class DataConfig(_Strict):
     _section: ClassVar[str] = "data"
 
     train: tuple = _f(("mix",), "Training sources, concatenated: mix (comoe_jax/data/comoe_mix, the committed "
-                      "BIG-bench multi-task mix) | builtin[:task+task] | jsonl:PATH | llm_adapters:PATH | "
-                      "bigbench:PATH | hf:PATH (a datasets folder from save_to_disk). See comoe_jax/data/loaders.py.")
+                      "BIG-bench multi-task mix) | builtin[:task+task] | jsonl:PATH (JSON lines or a JSON list) | "
+                      "llm_adapters:PATH | bigbench:PATH | hf:PATH (a datasets folder from save_to_disk, or a "
+                      ".parquet / .csv / .tsv / .arrow file) | hf:org/name[:subset] (a hub dataset). See "
+                      "comoe_jax/data/loaders.py.")
     tasks: tuple = _f((), "Only these tasks of the sources (empty = all).")
     max_examples_per_task: int = _f(0, "At most this many training examples per task (0 = all).")
     mix_weights: dict = _f({}, "Sampling weight per task, e.g. {\"math_qa\": 2}; a task not named weighs its number "
@@ -620,7 +622,9 @@ def _format_hint(key: str, spec: str) -> str:
     elif name.endswith(".jsonl"):
         formats = ["jsonl"]
     elif name.endswith(".json"):  # a JSON list of records, or a BIG-bench task file under another name
-        formats = ["llm_adapters", "bigbench"]
+        formats = ["jsonl", "llm_adapters", "bigbench"]
+    elif name.lower().endswith((".parquet", ".csv", ".tsv", ".arrow")):
+        formats = ["hf"]
     else:
         return ""
     return "; for this path: " + " or ".join(f"{key}={f}:{spec}" for f in formats)

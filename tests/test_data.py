@@ -59,7 +59,7 @@ def test_jsonl_loader_and_its_errors(tmp_path):
         '{"question": "x", "options": [], "answer": "c"}\n': r"bad\.jsonl:1: field 'options' has 0 option\(s\)",
         '{"question": "x", "options": ["a", "a"], "answer": "a"}\n': r"field 'options' repeats an option",
         '{"question": "x", "options": "a,b", "answer": "a"}\n': r"field 'options' should be a list",
-        '[1, 2]\n': r"bad\.jsonl:1: expected a JSON object, got list",
+        '[1, 2]\n': r"bad\.jsonl record 0: expected a JSON object, got int",
         "\n": r"bad\.jsonl: no examples",
     }
     for text, message in cases.items():
@@ -181,8 +181,54 @@ def test_hf_dataset_loader(tmp_path):
     assert (m.options[m.answer_index], m.answer) == ("Paris", "B")
     with pytest.raises(DataError, match="not a dataset saved with save_to_disk"):
         load_hf_dataset(tmp_path, "test")
-    with pytest.raises(DataError, match=r"is a file; hf: reads a folder .* use jsonl:"):
+    with pytest.raises(DataError, match=r"x\.jsonl: hf: reads a folder .* or a data file ending in .* use jsonl:"):
         load_hf_dataset(_write(tmp_path / "x.jsonl", "{}"), "test")
+
+
+def test_hub_data_files_parquet_csv_tsv_arrow(tmp_path):
+    """The files a hub dataset repository holds read with the same column adapters as a save_to_disk folder."""
+    datasets = pytest.importorskip("datasets")
+    arc = datasets.Dataset.from_dict({"question": ["Which is a metal?", "Which is a gas?"], "answerKey": ["B", "A"],
+                                      "choices": [{"label": ["A", "B"], "text": ["wood", "iron"]},
+                                                  {"label": ["A", "B"], "text": ["air", "rock"]}]})
+    alpaca = datasets.Dataset.from_dict({"instruction": ["Name a colour.", "Add 2 and 3"], "input": ["", ""],
+                                         "output": ["Blue.", "5"]})
+    arc.to_parquet(tmp_path / "arc.parquet")
+    alpaca.to_csv(tmp_path / "alpaca.csv", index=False)
+    alpaca.to_csv(tmp_path / "alpaca.tsv", index=False, sep="\t")
+    alpaca.save_to_disk(tmp_path / "saved")
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    expected = [(ex.instruction, ex.options, ex.answer) for ex in load_jsonl(_write(
+        tmp_path / "arc.jsonl", "\n".join(json.dumps(r) for r in arc.to_list())))]
+    parquet = load_source(f"hf:{tmp_path / 'arc.parquet'}", "test")
+    assert [(ex.instruction, ex.options, ex.answer) for ex in parquet] == expected
+    assert [ex.task for ex in parquet] == ["arc", "arc"] and parquet[1].source.endswith("arc.parquet row 1")
+    for path in (tmp_path / "alpaca.csv", tmp_path / "alpaca.tsv", arrow):
+        rows = load_hf_dataset(path, "validation")  # a file has no splits: any split reads it, as JSONL
+        assert [(ex.instruction, ex.response) for ex in rows] == [("Name a colour.", "Blue."), ("Add 2 and 3", "5")]
+    with pytest.raises(DataError, match=r"broken\.parquet: not a readable parquet file \("):
+        load_hf_dataset(_write(tmp_path / "broken.parquet", "not parquet at all"), "train")
+    with pytest.raises(DataError, match=r"notes\.txt: hf: reads a folder .*\.parquet, \.csv, \.tsv, \.arrow$"):
+        load_hf_dataset(_write(tmp_path / "notes.txt", "x"), "train")
+
+
+def test_json_list_files_read_like_jsonl(tmp_path):
+    """Stanford Alpaca's alpaca_data.json (a pretty-printed JSON list) and to_json(lines=False) exports."""
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            {"question": "2+2?", "options": ["3", "4"], "answer": "B", "task": "sums"}]
+    lines = load_jsonl(_write(tmp_path / "data.jsonl", "\n".join(map(json.dumps, rows))))
+    for text in (json.dumps(rows, indent=4), json.dumps(rows), "\n  " + json.dumps(rows) + "\n"):
+        listed = load_jsonl(_write(tmp_path / "data.json", text))
+        assert [(e.instruction, e.options, e.answer, e.response, e.task) for e in listed] == \
+               [(e.instruction, e.options, e.answer, e.response, e.task) for e in lines]
+        assert listed[1].source.endswith("data.json record 1")
+    damaged = json.dumps(rows, indent=4)[:-30]
+    with pytest.raises(DataError, match=r"data\.json:1[0-9]: malformed JSON"):
+        load_jsonl(_write(tmp_path / "data.json", damaged))
+    with pytest.raises(DataError, match=r"data\.json record 1: missing field 'answer'"):
+        load_jsonl(_write(tmp_path / "data.json", json.dumps([rows[0], {"question": "x"}])))
+    with pytest.raises(DataError, match=r"data\.json:1: expected a JSON object, got list"):  # JSON lines, a list first
+        load_jsonl(_write(tmp_path / "data.json", '["a"]\n{"question": \n'))
 
 
 def test_sft_records_alpaca_and_chat_messages(tmp_path):
@@ -226,7 +272,7 @@ def test_benchmark_columns_in_jsonl(tmp_path):
              r"arc-no-labels\.jsonl:1: unexpected value \(KeyError: 'label'\)"),
             ("piqa-label", {"goal": "g", "sol1": "a", "sol2": "b", "label": 7},
              r"piqa-label\.jsonl:1: field 'label' is 7; with 2 options it should be 0 to 1"),
-            ("not-an-object", [1, 2], r"not-an-object\.jsonl:1: expected a JSON object, got list")]:
+            ("not-an-object", [[1, 2]], r"not-an-object\.jsonl record 0: expected a JSON object, got list")]:
         with pytest.raises(DataError, match=message):
             load_jsonl(_write(tmp_path / f"{name}.jsonl", json.dumps(row)))
 

@@ -7,9 +7,9 @@ Source strings (``data.train`` / ``data.eval`` in the config):
 
 - ``mix``: ``comoe_jax/data/comoe_mix/<split>.jsonl`` (built by ``scripts/build_mix.py``);
 - ``builtin`` or ``builtin:add+reverse``: the small procedural tasks of ``comoe_jax.data.builtin``;
-- ``jsonl:PATH``: one JSON object a line, fields ``instruction`` (or ``question``), ``answer``,
-  optional ``options`` (or ``choices``; ``answer`` is then the option's text, its letter or its
-  0-based index, as in MMLU), ``task``, ``input``, ``output``, ``labels``; a list of answers accepts
+- ``jsonl:PATH``: one JSON object a line (or one JSON list of them), fields ``instruction`` (or
+  ``question``), ``answer``, optional ``options`` (or ``choices``; ``answer`` is then the option's text,
+  its letter or its 0-based index, as in MMLU), ``task``, ``input``, ``output``, ``labels``; a list of answers accepts
   each (the first is trained on); Alpaca SFT records
   (``instruction``, ``input``, ``output``: the output is the answer); chat records
   ``{"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]}`` ending with the
@@ -20,8 +20,9 @@ Source strings (``data.train`` / ``data.eval`` in the config):
 - ``llm_adapters:PATH``: a JSON list of ``{instruction, input, output, answer}`` (the LLM-Adapters
   commonsense and math files; option labels come from the ``Answer format: a/b/c`` line);
 - ``bigbench:PATH``: a BIG-bench ``task.json`` (or its folder);
-- ``hf:PATH``: a ``datasets`` folder saved with ``save_to_disk`` (ARC, OBQA, CommonsenseQA, BoolQ,
-  PIQA, SIQA, HellaSwag, WinoGrande, MMLU columns, or the JSONL field names, chat ``messages`` included);
+- ``hf:PATH``: a ``datasets`` folder saved with ``save_to_disk``, or a Parquet / CSV / TSV / Arrow file
+  (ARC, OBQA, CommonsenseQA, BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, MMLU columns, or the JSONL field
+  names, chat ``messages`` included);
   ``hf:org/name[:subset]``: a hub dataset by name (``datasets.load_dataset``, its cache, streaming
   the first rows when a per-task cap is set).
 """
@@ -238,9 +239,13 @@ def _correct_option(record: dict, options: list, where: str) -> str:
 
 
 def load_jsonl(path: Path) -> list[Example]:
-    """One JSON object a line (blank lines skipped); the task defaults to the file's stem."""
+    """One JSON object a line (blank lines skipped), or one JSON list of such objects (Stanford Alpaca's
+    ``alpaca_data.json``, ``to_json(lines=False)``); the task defaults to the file's stem."""
+    text = _read_text(as_path(path))
+    if _is_json_list(text):
+        return _json_list(path, text)
     examples = []
-    for number, line in enumerate(_read_text(as_path(path)).splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -249,6 +254,31 @@ def load_jsonl(path: Path) -> list[Example]:
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         examples.append(_record(record, as_path(path).stem, where))
+    return _checked(examples, as_path(path))
+
+
+def _is_json_list(text: str) -> bool:
+    """A JSON list file: the text is one list, or it opens with '[' on a first line that is no JSON value alone
+    (a damaged pretty-printed list: its error is then reported at the whole file's line)."""
+    if not text.lstrip().startswith("["):
+        return False
+    try:
+        return isinstance(json.loads(text), list)
+    except json.JSONDecodeError:
+        first = text.lstrip().splitlines()[0]
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:
+            return True
+        return False
+
+
+def _json_list(path: Path, text: str) -> list[Example]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    examples = [_record(record, as_path(path).stem, f"{path} record {i}") for i, record in enumerate(data)]
     return _checked(examples, as_path(path))
 
 
@@ -431,16 +461,20 @@ def load_hub_dataset(name: str, split: str, limit: int = 0) -> list[Example]:
     return _hf_records(rows, task, f"hf:{name} ({split})")
 
 
+# data files ``datasets.load_dataset`` reads with a packaged builder (the hub's own formats)
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+
+
 def load_hf_dataset(path: Path, split: str) -> list[Example]:
-    """A folder written by ``datasets`` ``save_to_disk`` (a Dataset, or a DatasetDict holding ``split``)."""
+    """A folder written by ``datasets`` ``save_to_disk`` (a Dataset, or a DatasetDict holding ``split``), or
+    one data file (Parquet, CSV / TSV, Arrow: no splits, like a JSONL file)."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"{path}: reading Hugging Face datasets needs the 'datasets' package (pip install "
                         "datasets)") from None
     if as_path(path).is_file():
-        raise DataError(f"{path}: is a file; hf: reads a folder written by save_to_disk or a hub name (org/name); "
-                        f"for a JSON-lines file use jsonl:{path}")
+        return _hf_data_file(as_path(path), datasets)
     try:
         data = datasets.load_from_disk(str(_exists(as_path(path))))
     except (FileNotFoundError, ValueError) as e:
@@ -450,6 +484,21 @@ def load_hf_dataset(path: Path, split: str) -> list[Example]:
             raise DataError(f"{path}: split {split!r} not found; the dataset has {', '.join(data)}")
         data = data[split]
     return _hf_records(data, as_path(path).name, str(path))
+
+
+def _hf_data_file(path: Path, datasets) -> list[Example]:
+    builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        hint = f"; for JSON lines or a JSON list use jsonl:{path}" if path.suffix.lower() in (".json", ".jsonl") else ""
+        raise DataError(f"{path}: hf: reads a folder written by save_to_disk, a hub name (org/name) or a data file "
+                        f"ending in {', '.join(DATA_FILE_BUILDERS)}{hint}")
+    options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        data = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as e:  # the builders raise pyarrow / pandas errors of many kinds for a damaged file
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise DataError(f"{path}: not a readable {builder} file ({type(e).__name__}: {reason})") from None
+    return _hf_records(data, path.stem, str(path))
 
 
 def load_sources(specs, split: str, *, seed: int = 0, tasks=(), max_per_task: int = 0,
