@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -246,23 +247,36 @@ def load_adapters(directory: str | Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def set_adapters(model, per_layer: dict) -> None:
-    """Put per-layer adapter arrays (from :func:`load_adapters`) into ``model``, checking names and shapes."""
+def _model_key(path) -> str:
+    """A model path or hub id, compared after resolving local paths (relative, symlinked)."""
+    text = os.fspath(path)
+    return os.path.realpath(text) if os.path.exists(text) else text
+
+
+def set_adapters(model, per_layer: dict, *, source=None, base: tuple | None = None) -> None:
+    """Put per-layer adapter arrays (from :func:`load_adapters`) into ``model``, checking names and shapes.
+    ``source`` (the adapter folder) and ``base`` (``(recorded base model, the model used)``) name a mismatch."""
     from flax import nnx
 
+    where = f"{source}: " if source is not None else ""
+    hint = ""
+    if base and base[0] and base[1] and _model_key(base[0]) != _model_key(base[1]):
+        hint = (f"; the adapter was trained on base model {base[0]!r} (its {ADAPTER_CONFIG}), not on {base[1]!r}: an "
+                "adapter fits only its own base model")
     _, adapters, _ = split_model(model)
     current = flat_values(adapters)
     missing = [n for n in unstack(current, model.groups) if n not in per_layer]
     if missing:
-        raise AdapterFormatError(f"the adapter file lacks {len(missing)} tensors the model needs, e.g. {missing[0]} "
-                                 "(was it trained with other adapter.target_modules / adapter.layers?)")
+        raise AdapterFormatError(f"{where}the adapter file lacks {len(missing)} tensors the model needs, e.g. "
+                                 f"{missing[0]} " + (f"({hint[2:]})" if hint else "(was it trained with other "
+                                 "adapter.target_modules / adapter.layers?)"))
     for name, value in current.items():
         sources = stacked_sources(name, model.groups)  # per-layer names of a stacked array
         want = tuple(value.shape[1:] if sources else value.shape)
-        for source in sources or [name]:
-            if tuple(np.shape(per_layer[source])) != want:
-                raise AdapterFormatError(f"adapter tensor {source}: shape {tuple(np.shape(per_layer[source]))}, the "
-                                         f"model expects {want}")
+        for src in sources or [name]:
+            if tuple(np.shape(per_layer[src])) != want:
+                raise AdapterFormatError(f"{where}adapter tensor {src}: shape {tuple(np.shape(per_layer[src]))}, the "
+                                         f"model expects {want}{hint}")
     values = stack(per_layer, list(current), model.groups)
     nnx.update(model, state_from_flat(adapters, {n: jax.numpy.asarray(v, current[n].dtype) for n, v in values.items()}))
 
@@ -277,5 +291,6 @@ def load_run_model(cfg: Config, run_dir=None, mesh=None, rules=None):
         mesh, rules = shd.make_mesh(cfg.mesh), shd.rules_dict(cfg.mesh.rules)
     model = build_model(cfg, mesh, rules)
     if run_dir is not None:
-        set_adapters(model, load_adapters(as_path(run_dir) / "adapter")[0])
+        tensors, meta = load_adapters(as_path(run_dir) / "adapter")
+        set_adapters(model, tensors, source=as_path(run_dir) / "adapter", base=(meta.get("base_model"), cfg.model.path))
     return model

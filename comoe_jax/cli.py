@@ -39,6 +39,23 @@ def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
         except OSError as e:  # unreadable or unwritable paths, a full disk: the message names the file
             fail(f"file error: {e}")
             return EXIT_BAD_INPUT
+        except Exception as e:
+            if not _out_of_memory(e):
+                raise
+            fail(f"out of memory: {_first_line(e).rstrip('.')}; this run does not fit the device: lower "
+                 "train.batch_size (optim.grad_accum_steps keeps the batch), data.seq_len or eval.batch_size, set "
+                 "model.remat=true or model.dtype=bfloat16, or shard over more devices (mesh.fsdp)")
+            return EXIT_BAD_INPUT
         return EXIT_OK if code is None else code
 
     return run
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """XLA's allocation failure (a ``JaxRuntimeError`` whose status is RESOURCE_EXHAUSTED), or the host's."""
+    return isinstance(error, MemoryError) or (type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+                                              and "RESOURCE_EXHAUSTED" in str(error))
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

@@ -398,9 +398,17 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The config a run was trained with (``<run_dir>/config.json``)."""
+    if not str(run_dir).strip():
+        raise ConfigError("--run '': empty; give a run folder (a train.output_dir)")
     path = as_path(run_dir) / "config.json"
+    if as_path(run_dir).is_file():
+        parent = as_path(run_dir).parent
+        hint = f"; give its folder {parent}" if (parent / "config.json").exists() else ""
+        raise ConfigError(f"{run_dir} is a file, not a comoe-jax run folder{hint}")
     if not as_path(run_dir).is_dir():
         raise ConfigError(f"{run_dir} is not a comoe-jax run folder (no such folder)")
+    if as_path(run_dir).name == "adapter" and (as_path(run_dir).parent / "config.json").exists() and not path.exists():
+        raise ConfigError(f"{run_dir} is a run's adapter folder; give the run folder {as_path(run_dir).parent}")
     if not path.exists():
         raise ConfigError(f"{path} does not exist: {run_dir} is not a comoe-jax run folder")
     return config_from_dict(read_json(path, ConfigError), str(path))

@@ -237,7 +237,7 @@ def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str =
         adapter, tensors = read_peft(directory, model_spec(base).num_layers)
         loss = LossConfig(contrastive_weight=0.0)
     model = from_pretrained(base, adapter=adapter, loss=loss, dtype=dtype, mesh=mesh, rules=rules)
-    set_adapters(model, tensors)
+    set_adapters(model, tensors, source=directory, base=(recorded_base(directory), base))
     return model, load_tokenizer(base)
 
 

@@ -28,6 +28,7 @@ Nothing in comoe_jax imports this module: lm_eval stays an optional dependency.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import sys
@@ -55,7 +56,7 @@ from comoe_jax.config import MeshConfig
 from comoe_jax.errors import ConfigError
 from comoe_jax.evaluate import Scorer
 from comoe_jax.generate import greedy_generate, stop_token_ids
-from comoe_jax.loading import hf_config
+from comoe_jax.loading import DTYPES, hf_config
 from comoe_jax.paths import as_path
 
 MODEL_NAME = "comoe-jax"
@@ -71,11 +72,11 @@ log = logging.getLogger(__name__)
 
 def _mesh_config(base: MeshConfig, num_devices, fsdp, tensor) -> MeshConfig:
     if num_devices is not None:
-        base.num_devices = int(num_devices)
+        base.num_devices = _size("num_devices", num_devices)
     if fsdp is not None:
-        base.fsdp = int(fsdp)
+        base.fsdp = _size("fsdp", fsdp)
     if tensor is not None:
-        base.tensor = int(tensor)
+        base.tensor = _size("tensor", tensor)
     if fsdp is not None or tensor is not None:
         base.data = -1
     return base
@@ -96,6 +97,8 @@ def load_for_eval(path: str | None, adapter: str | None, dtype: str | None = Non
     from comoe_jax.loading import from_pretrained, load_tokenizer
 
     dtype = None if dtype in (None, "", "auto") else str(dtype)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"model_args dtype={dtype!r}: expected one of auto, {', '.join(DTYPES)}")
     if adapter:
         folder = as_path(adapter)
         if (folder / "config.json").is_file() and (folder / "adapter").is_dir():  # a run folder
@@ -157,6 +160,47 @@ def _int(name: str, value) -> int:
         raise ConfigError(f"model_args {name}={value!r}: expected an integer") from None
 
 
+def _positive(name: str, value) -> int:
+    number = _int(name, value)
+    if number < 1:
+        raise ConfigError(f"model_args {name}={value!r}: expected a positive integer")
+    return number
+
+
+def _size(name: str, value) -> int:
+    """A mesh size: positive, or -1 (all devices / the remaining ones)."""
+    number = _int(name, value)
+    if number != -1 and number < 1:
+        raise ConfigError(f"model_args {name}={value!r}: expected a positive number of devices, or -1 for all")
+    return number
+
+
+def _merged_args(args: dict, additional: dict | None) -> dict:
+    """model_args with lm_eval's own (``--batch_size``, ``--device``, ...) added; a key in both keeps the model_args
+    value, with a warning (lm_eval's CLI always passes its --batch_size default)."""
+    extra = {k: v for k, v in (additional or {}).items() if v is not None}
+    for key in sorted(set(args) & set(extra)):
+        if str(args[key]) != str(extra[key]):
+            log.warning("%s: model_args %s=%s overrides lm_eval's --%s %s", MODEL_NAME, key, args[key], key,
+                        extra[key])
+    return {**extra, **args}
+
+
+MODEL_ARGS = ("path", "pretrained", "adapter", "batch_size", "max_length", "dtype", "max_gen_toks", "num_devices",
+              "fsdp", "tensor", "add_bos_token", "prefix_token_id")
+LM_EVAL_ARGS = ("max_batch_size", "device")  # lm_eval passes them to every model
+
+
+def _refuse_unknown(unused: dict) -> None:
+    if not unused:
+        return
+    hints = []
+    for key in sorted(unused):
+        close = difflib.get_close_matches(key, MODEL_ARGS, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"model_args: unknown key {', '.join(hints)}; {MODEL_NAME} takes {', '.join(MODEL_ARGS)}")
+
+
 class ComoeJaxLM(TemplateLM):
     """lm_eval ``LM`` over a comoe-jax model (see the module docstring for the model args)."""
 
@@ -169,11 +213,12 @@ class ComoeJaxLM(TemplateLM):
                  max_batch_size: int | None = None, device: str | None = None, **unused):
         # max_batch_size / device: lm_eval passes them to every model; JAX runs on its default platform
         super().__init__()
-        if unused:
-            log.warning("%s: ignoring model args %s", MODEL_NAME, ", ".join(sorted(unused)))
+        _refuse_unknown(unused)
         if isinstance(batch_size, str) and batch_size.startswith("auto"):
             log.warning("%s: batch_size=%s not supported; using %d", MODEL_NAME, batch_size, DEFAULT_BATCH_SIZE)
             batch_size = DEFAULT_BATCH_SIZE
+        batch_size, max_gen_toks = _positive("batch_size", batch_size), _positive("max_gen_toks", max_gen_toks)
+        max_length = None if max_length in (None, "", "None") else _positive("max_length", max_length)
         self.path, self.adapter = path or pretrained, adapter
         self.model, self.tokenizer, model_cfg = load_for_eval(self.path, adapter, dtype, num_devices, fsdp, tensor)
         self.base = model_cfg.path
@@ -187,6 +232,14 @@ class ComoeJaxLM(TemplateLM):
         tok = self.tokenizer
         self.pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
         self.scorer = TokenScorer(self.model, self.pad_id, _int("batch_size", batch_size))
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        return cls(**_merged_args(lm_utils.simple_parse_args_string(arg_string), additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        return cls(**_merged_args(dict(arg_dict), additional_config))
 
     # ---- what lm_eval's TemplateLM needs (as its hf backend defines them)
 

@@ -63,6 +63,9 @@ def resolve_model_path(path: str, config_only: bool = False) -> Path:
     p = Path(os.path.expanduser(path))
     if not p.exists():
         raise LoadError(f"model path {p} does not exist")
+    if p.is_dir() and ((p / "adapter" / "adapter_config.json").exists() or (p / "checkpoints").is_dir()):
+        raise LoadError(f"{p} is a comoe-jax run folder, not a base model; give a run with --run {p} (evaluate.py, "
+                        "analyze.py) or its base model's path")
     if p.is_dir() and not (p / "config.json").exists():
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:

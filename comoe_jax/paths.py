@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import uuid
 
 from etils import epath
 
@@ -89,6 +90,10 @@ def output_folder(path, name: str) -> epath.Path:
         raise RunFolderError(f"{name}={path} is a file, not a folder; choose a folder path")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if is_local(path):  # an existing read-only folder passes mkdir: write (and remove) a probe file
+            probe = path / f".comoe-write-probe-{uuid.uuid4().hex}"  # hosts may share the folder
+            probe.write_bytes(b"")
+            probe.unlink()
     except OSError as e:
         raise RunFolderError(f"{name}={path} cannot be written ({e.strerror or e}); choose a writable folder") from None
     return path

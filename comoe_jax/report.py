@@ -91,7 +91,13 @@ def write_report(out: Path, cfg: Config, before: EvalResult | None, after: EvalR
     return path
 
 
-def load_history(run: Path) -> list[dict]:
-    """metrics.jsonl rows by step; a step logged twice (rerun after a crash) keeps its last row."""
-    rows = {row["step"]: row for row in read_jsonl(as_path(run) / "metrics.jsonl")[0]}  # damaged lines skipped
+def load_history(run: Path, warn=None) -> list[dict]:
+    """metrics.jsonl rows by step; a step logged twice (rerun after a crash) keeps its last row. Damaged lines are
+    skipped; ``warn(text)`` (if given) names them."""
+    path = as_path(run) / "metrics.jsonl"
+    found, bad = read_jsonl(path)
+    if bad and warn is not None:
+        lines = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        warn(f"warning: {path}: {len(bad)} damaged line(s) skipped (line {lines}); {len(found)} rows kept")
+    rows = {row["step"]: row for row in found}
     return [rows[s] for s in sorted(rows)]

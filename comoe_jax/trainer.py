@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from comoe_jax import sharding as shd
 from comoe_jax.checkpoint import Checkpointer, config_changes, save_adapters
 from comoe_jax.config import Config, ConfigError, negatives_per_anchor, parse_layer_range, read_json, validate
 from comoe_jax.data import BATCH_ARRAYS, TrainStream, assign_rows, check_tokenizer, load_sources, tokenize_rows
-from comoe_jax.errors import RunFolderError
+from comoe_jax.errors import CheckpointError, RunFolderError
 from comoe_jax.evaluate import EvalResult, evaluate, load_eval, require_choice, response_loss
 from comoe_jax.flops import device_peak, train_step_flops
 from comoe_jax.interop import export_peft
@@ -177,6 +178,10 @@ def _check_model(cfg: Config):
     checked before data and weights are loaded."""
     spec = model_spec(cfg.model.path, cfg.model.random_arch)
     parse_layer_range(cfg.adapter.layers, spec.num_layers)
+    context = spec.rope.max_position_embeddings
+    if cfg.data.seq_len > context and spec.rope.rope_type != "dynamic":  # dynamic NTK RoPE is made to extrapolate
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
+                          f"(max_position_embeddings={context} in {cfg.model.path}'s config); use at most {context}")
     return spec
 
 
@@ -369,11 +374,19 @@ def _accuracies(result: EvalResult) -> str:
 
 def _final_save(ckpt: Checkpointer, state: TrainState, cfg: Config, data_state: dict, progress: Progress,
                 say) -> None:
-    """Save the last completed step unless it diverged or its buffers were already donated."""
+    """Save the last completed step unless it diverged or its buffers were already donated. While an error is
+    on its way out (out of memory, a bug), a failed save is reported, not raised over it."""
+    in_flight = sys.exc_info()[1]
     try:
         donated = any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
         if progress.healthy and not donated:
-            ckpt.save(state, cfg, shd.merge_across_processes(data_state))
+            try:
+                ckpt.save(state, cfg, shd.merge_across_processes(data_state))
+            except Exception as e:
+                if in_flight is None or isinstance(e, CheckpointError):
+                    raise
+                say(f"could not save the current state ({type(e).__name__}); checkpoint {ckpt.latest_step()} is "
+                    "the latest good one")
         else:
             why = "training diverged" if not progress.healthy else "the step was cut off mid-way"
             say(f"not saving the current state ({why}); checkpoint {ckpt.latest_step()} is the latest good one")

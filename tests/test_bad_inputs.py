@@ -193,6 +193,17 @@ def _set_config(run: Path, **changes):
     _json(run / "config.json", cfg)
 
 
+def _set_adapter_config(run: Path, **changes):
+    meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    meta["adapter"].update(changes)
+    _json(run / "adapter" / "adapter_config.json", meta)
+
+
+def _link(target: Path, link: Path) -> Path:
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
 def _safetensors(path: Path, tensors: dict):
     from safetensors.numpy import save_file
 
@@ -258,6 +269,8 @@ CASES = [
     ("keep-best-alone", _override("eval.keep_best=true"), 2,
      r"eval\.keep_best=True is not allowed: only with eval\.every > 0"),
     ("seq-len", _override("data.seq_len=4"), 2, r"data\.seq_len=4 is not allowed: >= 8 tokens"),
+    ("seq-len-over-context", _override("data.seq_len=4096"), 2,
+     r"data\.seq_len=4096 is longer than the model's context \(max_position_embeddings=2048 in random's config\)"),
     ("source-format", _override("data.train=csv:/x.csv"), 2, r"data\.train='csv:/x\.csv' is not allowed: mix, "),
     ("source-missing", _override("data.train=jsonl:/no/such.jsonl"), 2, r"/no/such\.jsonl does not exist"),
     ("source-bare-jsonl", _bare_path("sft.jsonl", '{"instruction": "a", "output": "b"}\n'), 2,
@@ -478,6 +491,22 @@ CASES = [
     ("analyze-out-a-file", lambda ctx, tmp: ("analyze", [str(_copy(ctx["finished_run"], tmp)), "--out",
                                                          str(_write(tmp / "f", "x"))]), 2,
      r"--out=.*f is a file, not a folder"),
+    ("evaluate-run-empty", lambda ctx, tmp: ("evaluate", ["--run", ""]), 2, r"--run '': empty; give a run folder"),
+    ("evaluate-run-a-file", lambda ctx, tmp: ("evaluate", ["--run", str(_copy(ctx["finished_run"], tmp) /
+                                                                    "config.json")]), 2,
+     r"config\.json is a file, not a comoe-jax run folder; give its folder .*run$"),
+    ("evaluate-run-its-adapter", lambda ctx, tmp: ("evaluate", ["--run", str(_copy(ctx["finished_run"], tmp) /
+                                                                          "adapter")]), 2,
+     r"adapter is a run's adapter folder; give the run folder .*run$"),
+    ("evaluate-out-empty", _run(lambda run: None, "evaluate", "--out", ""), 2, r"--out '': empty; give an output"),
+    ("evaluate-out-a-folder", _run(lambda run: None, "evaluate", "--out", "{tmp}"), 2,
+     r"--out .* is a folder; give a path stem inside it such as .*eval"),
+    ("evaluate-other-base-model", lambda ctx, tmp: ("evaluate", ["--run", str(_copy(ctx["finished_run"], tmp)),
+                                                                 f"model.path={ctx['hf_model']}"]), 2,
+     r"adapter: .*the adapter was trained on base model 'random' \(its adapter_config\.json\), not on .*llama"),
+    ("model-path-a-run", lambda ctx, tmp: ("train", tiny(f"model.path={_copy(ctx['finished_run'], tmp)}",
+                                                         out(tmp))), 2,
+     r"run is a comoe-jax run folder, not a base model; give a run with --run"),
     ("evaluate-out-under-a-file", _run(lambda run: None, "evaluate", "--out", "{run}/config.json/stem"), 2,
      r"--out \(its folder\)=.*config\.json is a file, not a folder"),
     ("export-out-is-the-run", _export(lambda run: None, "--format", "comoe", "--out", "{run}", "--overwrite"), 2,
@@ -489,9 +518,21 @@ CASES = [
      r"adapter\.method=comoe-lora cannot export as merged: only lora / dora runs"),
     ("export-damaged-adapter-keeps-out", _export(lambda run: (
         _set_config(run, adapter__method="lora", adapter__num_experts=1),
+        _set_adapter_config(run, method="lora", num_experts=1),
         _write(run / "adapter" / "adapter_model.safetensors", b"xx" * 40),
-        _write(run.parent / "mine" / "keep.txt", "keep")), "--format", "peft", "--out", "{tmp}/mine", "--overwrite"),
-     2, r"adapter_model\.safetensors: not a readable safetensors file"),
+        _write(run.parent / "mine" / "adapter_config.json", "{}")), "--format", "peft", "--out", "{tmp}/mine",
+        "--overwrite"), 2, r"adapter_model\.safetensors: not a readable safetensors file"),
+    ("export-adapter-of-another-run", _export(lambda run: _set_config(run, adapter__method="lora",
+                                                                      adapter__num_experts=1), "--format", "merged"),
+     2, r"adapter_config\.json: method='comoe-lora', num_experts=4, but the run's config\.json says "
+        r"adapter\.method='lora', adapter\.num_experts=1; this adapter folder is not the run's own"),
+    ("export-out-a-link-to-the-run", lambda ctx, tmp: ("export", [
+        "--run", str(_link(_copy(ctx["finished_run"], tmp), tmp / "link")), "--format", "comoe", "--out", str(tmp),
+        "--overwrite"]), 2, r"--out .*: would replace the run .*link or what the export reads from it"),
+    ("export-overwrite-other-files", _export(lambda run: _write(run.parent / "mine" / "notes.txt", "keep"),
+                                             "--format", "comoe", "--out", "{tmp}/mine", "--overwrite"), 2,
+     r"--out .*mine holds files but no earlier export \(notes\.txt; no adapter_config\.json or config\.json\); "
+     r"--overwrite replaces only an earlier export"),
     ("export-unfinished-run", _export(lambda run: shutil.rmtree(run / "adapter"), "--format", "comoe"), 2,
      r"no finished adapter \(.*adapter_config\.json\); a run writes it when training ends"),
     ("export-format", _export(lambda run: None, "--format", "onnx"), 2, r"argument --format: invalid choice: 'onnx'"),

@@ -95,3 +95,71 @@ def test_compare_refuses_bad_seeds_and_settings(capsys):
     err = capsys.readouterr().err
     assert "--seeds='0,x': expected comma-separated non-negative integers" in err
     assert "--settings='mt,both': choose one or both of mt, st" in err
+
+
+def test_out_of_memory_is_one_line_with_what_to_change(capsys):
+    import jax
+    import pytest
+
+    from comoe_jax.cli import command
+
+    @command
+    def oom(argv=None):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 5448819524376 bytes.\nmore")
+
+    @command
+    def other(argv=None):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    assert oom([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("out of memory: RESOURCE_EXHAUSTED: Out of memory allocating 5448819524376 bytes; this run "
+                          "does not fit the device: lower train.batch_size") and "\n" not in err
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # not a user error: keeps its traceback
+        other([])
+
+
+def test_analyze_names_runs_by_their_shortest_distinct_path(tmp_path):
+    import pytest
+
+    from comoe_jax.commands.analyze import run_names
+    from comoe_jax.config import ConfigError
+
+    a, b, c = tmp_path / "x" / "run", tmp_path / "y" / "run", tmp_path / "y" / "other"
+    for folder in (a, b, c):
+        folder.mkdir(parents=True)
+    assert run_names([str(a), str(c)]) == ["run", "other"]
+    assert run_names([str(a), str(b), str(c)]) == ["x/run", "y/run", "y/other"]
+    (tmp_path / "link").symlink_to(a)
+    with pytest.raises(ConfigError, match=r"run .*link is given twice"):
+        run_names([str(a), str(tmp_path / "link")])
+
+
+def test_damaged_metrics_lines_are_named_when_a_history_is_read(tmp_path):
+    from comoe_jax.report import load_history
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\ngarbage\n{"step": 3}\n')
+    warnings = []
+    rows = load_history(tmp_path, warn=warnings.append)
+    assert [r["step"] for r in rows] == [1, 3]
+    assert warnings == [f"warning: {tmp_path / 'metrics.jsonl'}: 2 damaged line(s) skipped (line 2, 3); 2 rows kept"]
+
+
+def test_an_existing_folder_that_cannot_be_written_is_refused_at_once(tmp_path, monkeypatch):
+    """mkdir(exist_ok=True) passes on a read-only folder (root passes permission checks too, so the probe
+    write is made to fail here as a read-only filesystem makes it fail)."""
+    import errno
+
+    import pytest
+    from etils import epath
+
+    from comoe_jax.errors import RunFolderError
+    from comoe_jax.paths import output_folder
+
+    def read_only(self, data):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(epath.Path, "write_bytes", read_only)
+    with pytest.raises(RunFolderError, match=r"--out=.* cannot be written \(Read-only file system\)"):
+        output_folder(tmp_path, "--out")
+    assert list(tmp_path.iterdir()) == []

@@ -226,3 +226,29 @@ def test_adapter_run_scores_as_our_own_scorer(hf_folder, ours, tmp_path):
     assert folder.base == str(hf_folder)
     np.testing.assert_allclose([ll for ll, _ in folder.loglikelihood(_requests("loglikelihood", pairs))], got,
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("args, message", [
+    ("adpater=runs/x", r"model_args: unknown key 'adpater' \(did you mean 'adapter'\?\); comoe-jax takes path, "),
+    ("bogus=1", r"model_args: unknown key 'bogus'; comoe-jax takes path, pretrained, adapter"),
+    ("max_length=-5", r"model_args max_length=-5: expected a positive integer"),
+    ("dtype=float8", r"model_args dtype='float8': expected one of auto, float32, bfloat16"),
+    ("num_devices=0", r"model_args num_devices=0: expected a positive number of devices, or -1 for all"),
+    ("fsdp=abc", r"model_args fsdp='abc': expected an integer"),
+    ("batch_size=0", r"model_args batch_size=0: expected a positive integer"),
+])
+def test_bad_model_args_are_refused_before_loading(hf_folder, args, message):
+    from comoe_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        ComoeJaxLM.create_from_arg_string(f"path={hf_folder},{args}", {"batch_size": 4, "device": None})
+
+
+def test_batch_size_in_model_args_and_on_the_command_line(hf_folder, caplog):
+    """lm_eval always passes its --batch_size: model_args' value wins, with a warning (no duplicate-key crash)."""
+    # (sizes that are multiples of 8: the scorer rounds a batch up to a multiple of the devices)
+    lm = ComoeJaxLM.create_from_arg_string(f"path={hf_folder},batch_size=16", {"batch_size": 8, "max_batch_size": None,
+                                                                                "device": "cpu"})
+    assert lm.batch_size == 16
+    assert "model_args batch_size=16 overrides lm_eval's --batch_size 8" in caplog.text
+    assert ComoeJaxLM.create_from_arg_obj({"path": str(hf_folder)}, {"batch_size": "24"}).batch_size == 24

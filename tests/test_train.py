@@ -386,3 +386,36 @@ def test_sparse_experts_give_the_dense_step_loss_and_gradients(tiny_config, setu
         np.testing.assert_allclose(m_sparse[name], m_dense[name], rtol=1e-5, atol=1e-7, err_msg=name)
     for name in g_dense:
         np.testing.assert_allclose(g_sparse[name], g_dense[name], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+class _FailingCheckpointer:
+    closed = False
+
+    def save(self, *args):
+        raise RuntimeError("RESOURCE_EXHAUSTED while saving")
+
+    def latest_step(self):
+        return 2
+
+    def wait(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_failed_final_save_never_hides_the_error_that_stopped_the_run():
+    import types
+
+    _final_save = trainer._final_save
+    healthy, state, said = types.SimpleNamespace(healthy=True), {"w": jnp.ones(3)}, []
+    ckpt = _FailingCheckpointer()
+    with pytest.raises(ValueError, match="what stopped the run"):
+        try:
+            raise ValueError("what stopped the run")
+        finally:
+            _final_save(ckpt, state, None, {}, healthy, said.append)
+    assert said == ["could not save the current state (RuntimeError); checkpoint 2 is the latest good one"]
+    assert ckpt.closed
+    with pytest.raises(RuntimeError, match="while saving"):  # with nothing else on its way out, the save's own error
+        _final_save(_FailingCheckpointer(), state, None, {}, healthy, said.append)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+from pathlib import PurePosixPath
 
 from comoe_jax.cli import command
 from comoe_jax.config import ConfigError, apply_overrides, load_run_config, negatives_per_anchor, validate
 from comoe_jax.constants import METHODS, SINGLE_EXPERT_METHODS
-from comoe_jax.paths import as_path, output_folder
+from comoe_jax.paths import absolute, as_path, is_local, output_folder
 
 
 @command
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module", help="adapted module for the 2-D projection (default: a middle one)")
     args, overrides = parser.parse_known_args(argv)
     configs = [load_run_config(run) for run in args.runs]
+    names = run_names(args.runs)
     for run, cfg in zip(args.runs, configs):
         if cfg.adapter.method in SINGLE_EXPERT_METHODS:
             routed = ", ".join(m for m in METHODS if m not in SINGLE_EXPERT_METHODS)
@@ -52,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = jax.process_index() == 0  # every process computes (collectives), process 0 writes
     examples = evaluation_examples(probe_cfg)
     panels, rows, histories = {}, [], {}
-    for run, cfg in zip(args.runs, configs):
-        name = as_path(run).name
+    for run, cfg, name in zip(args.runs, configs, names):
         tokenizer = load_tokenizer(cfg.model.path)
         cfg.mesh = probe_cfg.mesh  # every run on the mesh this invocation uses
         model = load_run_model(cfg, run)
@@ -66,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         usage = collect_routing(model, tokenizer, examples, probe_cfg.data.template, probe_cfg.eval.batch_size,
                                 code_modules=(module,))
         if writer:
-            plot_workload(usage, out / f"workload_{name}.png")
+            plot_workload(usage, out / f"workload_{_file_name(name)}.png")
         panels[f"{name} (lambda = {cfg.loss.contrastive_weight})"] = expert_outputs_2d(model, usage, module)
         result = load_eval(as_path(run) / "eval_after.json")
         rows.append({"run": name, "lambda": cfg.loss.contrastive_weight, "experts": cfg.adapter.num_experts,
                      "accuracy": None if result is None else result.average, **summary(usage)})
-        histories[name] = load_history(as_path(run))
+        histories[name] = load_history(as_path(run), warn=lambda text: print(text, file=sys.stderr, flush=True))
         if writer:
             print(f"{name}: MI(task; expert set) {rows[-1]['mi_task_expert_set_bits']:.3f} bits", flush=True)
     if not writer:
@@ -85,13 +87,32 @@ def main(argv: list[str] | None = None) -> int:
           number(r["router_entropy_bits"])] for r in rows])
     text = (f"# Runs compared on {len(examples)} items ({', '.join(probe_cfg.eval.sources)}, {probe_cfg.eval.split})"
             "\n\n" + table + "\n![representations](representations.png)\n\n![MI gap](mi_gap.png)\n\n"
-            + "\n\n".join(f"![{r['run']}](workload_{r['run']}.png)" for r in rows) + "\n")
+            + "\n\n".join(f"![{r['run']}](workload_{_file_name(r['run'])}.png)" for r in rows) + "\n")
     (out / "compare.md").write_text(text)
     (out / "compare.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "per_module"} for r in rows],
                                                  indent=1))
     print(table, end="")
     print(f"written to {out}/compare.md")
     return 0
+
+
+def run_names(runs: list[str]) -> list[str]:
+    """Each run's shortest path suffix that no other run shares (``a/run``, ``b/run``); a run given twice is
+    refused (its figure would overwrite itself)."""
+    resolved = [os.path.realpath(run) if is_local(run) else str(absolute(run)) for run in runs]
+    twice = [run for i, run in enumerate(runs) if resolved[i] in resolved[:i]]
+    if twice:
+        raise ConfigError(f"run {twice[0]} is given twice; name each run once")
+    parts = [PurePosixPath(path.replace(os.sep, "/")).parts for path in resolved]
+    for k in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return resolved
+
+
+def _file_name(name: str) -> str:
+    return name.replace("/", "_")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from comoe_jax.cli import command
-from comoe_jax.config import apply_overrides, load_config_file, load_run_config, validate
+from comoe_jax.config import ConfigError, apply_overrides, load_config_file, load_run_config, validate
 from comoe_jax.paths import as_path, output_folder
 
 
@@ -26,10 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--config", default="configs/default.py", help="a configs/*.py file (base model)")
     parser.add_argument("--out", help="output path stem (default: <run>/eval_<split>_<mode>)")
     args, overrides = parser.parse_known_args(argv)
-    cfg = load_run_config(args.run) if args.run else load_config_file(args.config)
+    cfg = load_run_config(args.run) if args.run is not None else load_config_file(args.config)
     validate(apply_overrides(cfg, overrides))
-    if args.out:
-        output_folder(as_path(args.out).parent, "--out (its folder)")
+    if args.out is not None:
+        _check_out_stem(args.out)
+    results = "--out (its folder)" if args.out else "--run (the results go there)" if args.run else "--out (default)"
+    output_folder(as_path(args.out).parent if args.out else as_path(args.run or "runs/base"), results)
     import jax
 
     from comoe_jax import sharding as shd
@@ -48,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         print(result.to_markdown(f"{args.run or 'base model'}: {cfg.eval.split} split"))
         print(f"written to {out}.json and {out}.md ({result.seconds:.0f}s)")
     return 0
+
+
+def _check_out_stem(out: str) -> None:
+    if not out.strip():
+        raise ConfigError("--out '': empty; give an output path stem such as runs/x/eval_arc (writes .json and .md)")
+    if as_path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a path stem inside it such as {as_path(out) / 'eval'} "
+                          "(writes eval.json and eval.md there)")
 
 
 if __name__ == "__main__":

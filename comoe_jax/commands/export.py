@@ -8,20 +8,28 @@
 runs (one expert per layer: a routed mixture has no peft equivalent; such runs already hold
 ``<run>/peft`` from training); ``comoe`` copies the run's adapter folder, which
 ``comoe_jax.interop.load_adapted`` reads. An existing output folder is refused unless ``--overwrite``
-is given (it is then replaced).
+is given (it then replaces an earlier export folder, never a folder of other files).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import shutil
 import sys
 
+from etils import epath
+
 from comoe_jax.cli import command
-from comoe_jax.config import ConfigError, load_run_config
-from comoe_jax.paths import absolute, as_path, remove_tree
+from comoe_jax.config import ConfigError, load_run_config, read_json
+from comoe_jax.errors import AdapterFormatError
+from comoe_jax.paths import absolute, as_path, is_local, remove_tree
 
 FORMATS = ("peft", "merged", "comoe")
+# an earlier export (of any format, or a peft / transformers folder) holds one of these: only such a folder,
+# or an empty one, is replaced by --overwrite
+EXPORT_MARKERS = ("adapter_config.json", "config.json")
 
 
 @command
@@ -42,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (adapter_dir / "adapter_config.json").exists():
         raise ConfigError(f"{args.run}: no finished adapter ({adapter_dir}/adapter_config.json); a run writes it when "
                           "training ends (rerun its train command to resume and finish it)")
+    _check_adapter_is_the_runs(adapter_dir, cfg)
     _check_out(out, run, args.overwrite)
     if args.format == "comoe":
         remove_tree(out)
@@ -57,18 +66,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_adapter_is_the_runs(adapter_dir, cfg) -> None:
+    """The adapter folder must hold what the run's config.json says (a folder copied in from another run would
+    otherwise be exported under this run's method)."""
+    meta = read_json(adapter_dir / "adapter_config.json", AdapterFormatError)
+    saved = meta.get("adapter") if isinstance(meta, dict) else None
+    if not isinstance(saved, dict):
+        return  # not comoe-jax's layout: load_adapted names the problem
+    ours = dataclasses.asdict(cfg.adapter)
+    differ = [k for k in ("method", "num_experts", "top_k", "rank", "target_modules", "layers")
+              if k in saved and k in ours and _plain(saved[k]) != _plain(ours[k])]
+    if differ:
+        found = ", ".join(f"{k}={_plain(saved[k])!r}" for k in differ)
+        wanted = ", ".join(f"adapter.{k}={_plain(ours[k])!r}" for k in differ)
+        raise AdapterFormatError(f"{adapter_dir / 'adapter_config.json'}: {found}, but the run's config.json says "
+                                 f"{wanted}; this adapter folder is not the run's own (copied from another run?)")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _resolved(path):
+    """Local paths with symlinks and '..' resolved, so a link cannot hide that --out holds the run."""
+    return epath.Path(os.path.realpath(path)) if is_local(path) else absolute(path)
+
+
 def _check_out(out, run, overwrite: bool) -> None:
-    """Refuse an output folder that would replace the run or what the export reads, before anything is removed."""
+    """Refuse an output folder that would replace the run or what the export reads, or a folder of other files,
+    before anything is removed."""
     def within(path, folder) -> bool:
-        inner, outer = absolute(path).parts, absolute(folder).parts
+        inner, outer = _resolved(path).parts, _resolved(folder).parts
         return inner[:len(outer)] == outer
 
     read = [run / "adapter", run / "checkpoints", run / "config.json"]
     if within(run, out) or any(within(out, r) for r in read):
         raise ConfigError(f"--out {out}: would replace the run {run} or what the export reads from it (its adapter/, "
                           "checkpoints/, config.json); choose a folder outside them")
-    if out.exists() and not overwrite:
+    if not out.exists():
+        return
+    if not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it, or --out elsewhere")
+    if out.is_file():
+        raise ConfigError(f"--out {out} is a file; --overwrite replaces only an earlier export folder")
+    names = sorted(p.name for p in out.iterdir())
+    if names and not any(marker in names for marker in EXPORT_MARKERS):
+        raise ConfigError(f"--out {out} holds files but no earlier export ({', '.join(names[:3])}"
+                          f"{', ...' if len(names) > 3 else ''}; no {' or '.join(EXPORT_MARKERS)}); --overwrite "
+                          "replaces only an earlier export: choose another folder or remove it yourself")
 
 
 if __name__ == "__main__":
