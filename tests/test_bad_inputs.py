@@ -172,6 +172,11 @@ def _export(change, *argv):
     return setup
 
 
+def _no_adapter(run: Path) -> Path:
+    shutil.rmtree(run / "adapter")
+    return run
+
+
 def _no_checkpoints(run: Path, *others: str) -> None:
     for name in ("checkpoints", *others):
         shutil.rmtree(run / name)
@@ -486,6 +491,9 @@ CASES = [
     ("analyze-single-expert-run", _run(lambda run: _set_config(run, adapter__method="lora", adapter__num_experts=1),
                                        "analyze"), 2,
      r"adapter\.method=lora has one expert and no router; analyze\.py compares routed runs"),
+    ("analyze-second-run-unfinished", lambda ctx, tmp: ("analyze", [
+        str(_copy(ctx["finished_run"], tmp)), str(_no_adapter(_copy(ctx["finished_run"], tmp / "b"))), "--out",
+        str(tmp / "cmp")]), 2, r"b/run: no finished adapter \(.*adapter_config\.json\); a run writes it when training"),
     ("analyze-module-unknown", _run(lambda run: None, "analyze", "--module", "layers.0.mlp.nosuch"), 2,
      r"--module layers\.0\.mlp\.nosuch: not an adapted module of"),
     ("analyze-out-a-file", lambda ctx, tmp: ("analyze", [str(_copy(ctx["finished_run"], tmp)), "--out",

@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     configs = [load_run_config(run) for run in args.runs]
     names = run_names(args.runs)
-    for run, cfg in zip(args.runs, configs):
+    for run, cfg in zip(args.runs, configs):  # every run checked before the first is probed
+        if not (as_path(run) / "adapter" / "adapter_config.json").exists():
+            raise ConfigError(f"{run}: no finished adapter ({as_path(run) / 'adapter' / 'adapter_config.json'}); a run "
+                              "writes it when training ends (rerun its train command to resume and finish it)")
         if cfg.adapter.method in SINGLE_EXPERT_METHODS:
             routed = ", ".join(m for m in METHODS if m not in SINGLE_EXPERT_METHODS)
             raise ConfigError(f"{run}: adapter.method={cfg.adapter.method} has one expert and no router; analyze.py "
