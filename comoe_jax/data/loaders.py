@@ -242,8 +242,9 @@ def load_jsonl(path: Path) -> list[Example]:
     """One JSON object a line (blank lines skipped), or one JSON list of such objects (Stanford Alpaca's
     ``alpaca_data.json``, ``to_json(lines=False)``); the task defaults to the file's stem."""
     text = _read_text(as_path(path))
-    if _is_json_list(text):
-        return _json_list(path, text)
+    listed = _json_list(path, text)
+    if listed is not None:
+        return listed
     examples = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -257,27 +258,20 @@ def load_jsonl(path: Path) -> list[Example]:
     return _checked(examples, as_path(path))
 
 
-def _is_json_list(text: str) -> bool:
-    """A JSON list file: the text is one list, or it opens with '[' on a first line that is no JSON value alone
-    (a damaged pretty-printed list: its error is then reported at the whole file's line)."""
+def _json_list(path: Path, text: str) -> list[Example] | None:
+    """The records of a JSON list file, or None when ``text`` is JSON lines. A text that opens with '[' but is
+    no valid JSON is a damaged list unless its first line is a JSON value alone (JSON lines, whose reader
+    then names the line)."""
     if not text.lstrip().startswith("["):
-        return False
-    try:
-        return isinstance(json.loads(text), list)
-    except json.JSONDecodeError:
-        first = text.lstrip().splitlines()[0]
-        try:
-            json.loads(first)
-        except json.JSONDecodeError:
-            return True
-        return False
-
-
-def _json_list(path: Path, text: str) -> list[Example]:
+        return None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        try:
+            json.loads(text.lstrip().splitlines()[0])
+            return None
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     examples = [_record(record, as_path(path).stem, f"{path} record {i}") for i, record in enumerate(data)]
     return _checked(examples, as_path(path))
 
