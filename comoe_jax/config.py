@@ -7,6 +7,7 @@ A config file (``configs/*.py``) defines ``get_config() -> Config``. Every field
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib.util
@@ -180,8 +181,9 @@ class DataConfig(_Strict):
                       "comoe_jax/data/loaders.py.")
     tasks: tuple = _f((), "Only these tasks of the sources (empty = all).")
     max_examples_per_task: int = _f(0, "At most this many training examples per task (0 = all).")
-    mix_weights: dict = _f({}, "Sampling weight per task, e.g. {\"math_qa\": 2}; a task not named weighs its number "
-                           "of examples (the paper's concatenated multi-task setting).")
+    mix_weights: dict = _f({}, "Sampling weight per task (relative shares), e.g. {\"math_qa\": 2, \"social_iqa\": 1, "
+                           "\"strategyqa\": 1, \"winowhy\": 1}; a task not named weighs its number of examples (the "
+                           "paper's concatenated multi-task setting), so name every task to set the shares.")
     template: str = _f("alpaca", "Prompt template: alpaca (the paper's) | choice (MoE-PEFT's multiple-choice "
                        "prompt) | plain ('Q: ... A: ', for tiny models) | raw (prompt and response as written: "
                        "prompt-completion data, free-form items only) | chat (the tokenizer's chat template: "
@@ -502,15 +504,41 @@ def _parse_value(key: str, text: str, kind: type) -> Any:
         elif kind in (int, float):
             value = kind(text)
         elif kind in (tuple, dict):
-            if text.strip().startswith(("[", "{", "(")):
-                value = json.loads(text.replace("(", "[").replace(")", "]"))
-            else:  # "q_proj,v_proj" or "q_proj v_proj"
-                value = [v for v in text.replace(",", " ").split() if v]
+            value = _parse_collection(text, kind)
         else:
             value = text
-    except ValueError:  # json.JSONDecodeError is a ValueError
-        raise ConfigError(f"{key}={text!r} is not allowed: expected {_KINDS[kind]}") from None
+    except ValueError:  # json.JSONDecodeError and literal_eval's SyntaxError are ValueErrors here
+        example = '["q_proj", "v_proj"] (JSON) or q_proj,v_proj' if kind is tuple else '{"add": 2, "sort": 1} (JSON)'
+        raise ConfigError(f"{key}={text!r} is not allowed: expected {_KINDS[kind]}, e.g. {example}") from None
     return _typed(key, value, kind)
+
+
+def _parse_collection(text: str, kind: type):
+    """A list or dict from the command line: JSON, a Python literal (single quotes, tuples), a bare bracketed
+    list ``[q_proj,v_proj]``, or (lists) items separated by commas, else by spaces (a single existing path with
+    spaces in it stays whole)."""
+    stripped = text.strip()
+    if stripped.startswith(("[", "{", "(")):
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                return parse(stripped)
+            except (ValueError, SyntaxError):
+                pass
+        if kind is tuple and stripped[0] + stripped[-1] in ("[]", "()") and not re.search(r"[\[\]{}()\"']",
+                                                                                          stripped[1:-1]):
+            return [v.strip() for v in stripped[1:-1].split(",") if v.strip()]
+        raise ValueError(text)
+    if "," in stripped:
+        return [v.strip() for v in stripped.split(",") if v.strip()]
+    if " " in stripped and _names_existing_path(stripped):
+        return [stripped]
+    return stripped.split()
+
+
+def _names_existing_path(item: str) -> bool:
+    fmt, sep, path = item.partition(":")
+    candidate = path if sep and fmt in SOURCE_FORMATS else item
+    return "://" not in candidate and os.path.exists(os.path.expanduser(candidate))
 
 
 def _freeze(value):
@@ -611,6 +639,12 @@ def _check_source(key: str, spec: str) -> None:
     if fmt == "hf" and re.match(HUB_DATASET, path) and not as_path(path).exists():
         return  # a hub dataset by name: the loader reads it through the datasets cache
     _require(_url_ok(key, spec, path) and as_path(path).exists(), key, spec, f"{path} does not exist")
+
+
+def split_less(spec: str) -> bool:
+    """A source that reads the same items for every split (a data file, a BIG-bench task)."""
+    fmt, _, path = spec.partition(":")
+    return fmt in ("jsonl", "llm_adapters", "bigbench") or (fmt == "hf" and as_path(path).is_file())
 
 
 def _format_hint(key: str, spec: str) -> str:
@@ -730,6 +764,11 @@ def validate(cfg: Config) -> Config:
         _require(len(specs) > 0 or key == "eval.validation_sources", key, specs, "at least one source")
         for spec in specs:
             _check_source(key, spec)
+    unsplit = [spec for spec in cfg.eval.sources if split_less(spec)]
+    _require(not (cfg.eval.keep_best and unsplit and not cfg.eval.validation_sources), "eval.keep_best", True,
+             f"only with validation items apart from the test items: {', '.join(unsplit)} has no splits, so the "
+             "best step would be chosen on the very items eval.sources reports; name a validation file in "
+             "eval.validation_sources")
     for task, weight in d.mix_weights.items():
         _require(isinstance(task, str), "data.mix_weights", d.mix_weights, "task names (text) as keys")
         _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,

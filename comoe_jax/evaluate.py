@@ -42,7 +42,15 @@ from comoe_jax.paths import as_path
 from comoe_jax.progress import ItemProgress
 from comoe_jax.tables import markdown_table, percent
 
-MAX_LEN = 1024  # prompts longer than this are cut from the left (the question's end is kept)
+# Prompts longer than the model's context (less the scored or generated tokens) are cut from the left (the
+# question's end is kept); models with no recorded context use this many tokens.
+DEFAULT_CONTEXT = 2048
+
+
+def context_length(model) -> int:
+    """Tokens the model reads at once: its ``max_position_embeddings``."""
+    rope = getattr(getattr(model, "spec", None), "rope", None)
+    return int(getattr(rope, "max_position_embeddings", 0) or DEFAULT_CONTEXT)
 
 
 @dataclass
@@ -115,6 +123,7 @@ class Scorer:
 
     def __init__(self, model, pad_id: int, batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
                  buckets: tuple[int, ...] | int = LENGTH_BUCKETS, row_len: int = option_packing.ROW_LEN):
+        self.max_len = context_length(model)
         self.graphdef, self.state = nnx.split(model)
         self.mesh, self.batch_size = shd.eval_mesh(self.state, batch_size)
         self.pad_id, self.buckets, self.row_len = pad_id, buckets, row_len
@@ -197,7 +206,7 @@ def label_predictions(scorer: Scorer, tokenizer, examples: list[Example], templa
         prompt, _ = render(ex, template, tokenizer)
         context, options = _pairs(tokenizer, prompt, [separator(template) + ex.response_prefix + label
                                                       for label in ex.labels], template)
-        context, was_cut = _fit(context, MAX_LEN - max(map(len, options)))
+        context, was_cut = _fit(context, scorer.max_len - max(map(len, options)))
         contexts.append(context)
         conts.append(options)
         cut += was_cut
@@ -211,7 +220,7 @@ def loglik_predictions(scorer: Scorer, tokenizer, examples: list[Example], templ
     contexts, options, cut = [], [], 0
     for ex in examples:
         context, conts = _pairs(tokenizer, *render_cloze(ex, template, tokenizer), template)
-        context, was_cut = _fit(context, MAX_LEN - max(map(len, conts)))
+        context, was_cut = _fit(context, scorer.max_len - max(map(len, conts)))
         contexts.append(context)
         options.append(conts)
         cut += was_cut
@@ -273,7 +282,7 @@ def generate_predictions(model, tokenizer, examples: list[Example], template: st
     for ex in examples:
         prompt, _ = render(ex, template, tokenizer)
         ids, was_cut = _fit(_ids(tokenizer, prompt, prompt_special_tokens(template)),
-                            MAX_LEN - max_new_tokens)
+                            context_length(model) - max_new_tokens)
         prompts.append(ids)
         cut += was_cut
     tokens = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=stop_token_ids(tokenizer),
@@ -333,6 +342,9 @@ def evaluate(model, tokenizer, examples: list[Example], *, mode: str, template: 
     for r in per_task.values():
         r["accuracy"] = r["correct"] / r["total"]
     average = float(np.mean([r["accuracy"] for r in per_task.values()])) if per_task else 0.0
+    if cut and say is not None:
+        say(f"warning: {cut} of {len(examples)} prompts are longer than the model's context ({context_length(model)} "
+            "tokens) and were cut from the left")
     return EvalResult(mode, per_task, average, records, cut, time.perf_counter() - start)
 
 
@@ -350,13 +362,26 @@ def load_eval(path: Path) -> EvalResult | None:
 
 
 def comparison_markdown(before: EvalResult, after: EvalResult, title: str) -> str:
-    """Before / after accuracy per task, the paper's table layout."""
-    tasks = list(after.per_task)
-    accuracy = lambda r, t: r.per_task[t]["accuracy"]  # noqa: E731
+    """Before / after accuracy per task, the paper's table layout. Evaluations on other items or in another
+    mode (a run resumed with changed ``eval.*`` settings) are shown side by side, without a change row."""
+    tasks = list(dict.fromkeys([*after.per_task, *before.per_task]))
+
+    def accuracy(result: EvalResult, task: str):
+        return result.per_task[task]["accuracy"] if task in result.per_task else None
+
+    def items(result: EvalResult) -> int:
+        return sum(r["total"] for r in result.per_task.values())
+
     rows = [[name] + [percent(accuracy(r, t)) for t in tasks] + [percent(r.average)]
             for name, r in (("before", before), ("after", after))]
+    same = before.mode == after.mode and {t: r["total"] for t, r in before.per_task.items()} == \
+        {t: r["total"] for t, r in after.per_task.items()}
+    if not same:
+        return (f"## {title}\n\naccuracy %; not comparable: before training mode `{before.mode}` on "
+                f"{items(before)} items, after training mode `{after.mode}` on {items(after)} items (the run was "
+                "resumed with other eval.* settings; `evaluate.py` scores both on the same items)\n\n"
+                + markdown_table(["", *tasks, "Avg"], rows))
     rows.append(["change"] + [percent(accuracy(after, t) - accuracy(before, t), signed=True) for t in tasks]
                 + [percent(after.average - before.average, signed=True)])
-    items = sum(r["total"] for r in after.per_task.values())
-    return (f"## {title}\n\naccuracy %, mode `{after.mode}`, {items} items\n\n"
+    return (f"## {title}\n\naccuracy %, mode `{after.mode}`, {items(after)} items\n\n"
             + markdown_table(["", *tasks, "Avg"], rows))

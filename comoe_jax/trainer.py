@@ -24,7 +24,15 @@ from jax.experimental import multihost_utils
 
 from comoe_jax import sharding as shd
 from comoe_jax.checkpoint import Checkpointer, config_changes, save_adapters
-from comoe_jax.config import Config, ConfigError, negatives_per_anchor, parse_layer_range, read_json, validate
+from comoe_jax.config import (
+    Config,
+    ConfigError,
+    negatives_per_anchor,
+    parse_layer_range,
+    read_json,
+    split_less,
+    validate,
+)
 from comoe_jax.data import BATCH_ARRAYS, TrainStream, assign_rows, check_tokenizer, load_sources, tokenize_rows
 from comoe_jax.errors import CheckpointError, RunFolderError
 from comoe_jax.evaluate import EvalResult, evaluate, load_eval, require_choice, response_loss
@@ -105,8 +113,11 @@ def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None) 
     examples = load_sources(d.train, "train", seed=cfg.train.seed, tasks=d.tasks, max_per_task=d.max_examples_per_task)
     tasks = tuple(dict.fromkeys(ex.task for ex in examples))
     rows = list(range(batch_size)) if rows is None else sorted(rows)
-    mine = [(row, ex) for row, ex in zip(assign_rows(examples, batch_size), examples) if row in set(rows)]
-    records, counts = tokenize_rows(tokenizer, [ex for _, ex in mine], [row for row, _ in mine], d.template,
+    wanted = set(rows)
+    assigned = [(ex, tuple(r for r in ex_rows if r in wanted))
+                for ex, ex_rows in zip(examples, assign_rows(examples, batch_size, cfg.train.seed))]
+    mine = [(ex_rows, ex) for ex, ex_rows in assigned if ex_rows]
+    records, counts = tokenize_rows(tokenizer, [ex for _, ex in mine], [r for r, _ in mine], d.template,
                                     d.seq_len, tasks)
     share = "" if len(rows) == batch_size else f" (the {len(rows)} of {batch_size} batch rows this process feeds)"
     say(counts.summary(d.seq_len) + share)
@@ -114,6 +125,11 @@ def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None) 
                          seed=cfg.train.seed, packing=d.packing, pad_id=tokenizer.pad_token_id,
                          task_sizes=dict(Counter(ex.task for ex in examples)), weights=d.mix_weights)
     say("mix: " + ", ".join(f"{t} {w:.0%}" for t, w in stream.weights.items()))
+    rare = [t for t, w in stream.weights.items() if w < 0.01]
+    if d.mix_weights and rare:
+        unnamed = [t for t in stream.weights if t not in d.mix_weights]
+        say(f"warning: data.mix_weights leaves {', '.join(rare)} under 1% of the examples: tasks it does not name "
+            f"({', '.join(unnamed) or 'none'}) weigh their number of examples; name every task to set the shares")
     return stream
 
 
@@ -215,6 +231,10 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     # evaluation and validation items are read and checked now, not after minutes of loading and training
     eval_items = evaluation_examples(cfg) if cfg.eval.before_training or cfg.eval.after_training else []
     val_items = validation_examples(cfg) if cfg.eval.every else []
+    unsplit = [spec for spec in cfg.eval.sources if split_less(spec)]
+    if cfg.eval.every and unsplit and not cfg.eval.validation_sources:
+        say(f"warning: validation reads {', '.join(unsplit)}, which has no splits: the validation items are the "
+            "test items; name a validation file in eval.validation_sources")
     if cfg.eval.mode != "generate":
         require_choice(eval_items + val_items, cfg.eval.mode, need_options=cfg.eval.mode == "loglik")
     model = build_model(cfg, mesh, rules)

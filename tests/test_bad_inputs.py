@@ -273,6 +273,11 @@ CASES = [
      r"eval\.mode=label needs multiple-choice items, but task 'add' has free-form answers"),
     ("keep-best-alone", _override("eval.keep_best=true"), 2,
      r"eval\.keep_best=True is not allowed: only with eval\.every > 0"),
+    ("keep-best-on-the-test-items", lambda ctx, tmp: ("train", tiny(
+        f"eval.sources=jsonl:{_write(tmp / 'qa.jsonl', json.dumps({'question': 'q', 'answer': 'a'}))}",
+        "eval.every=2", "eval.keep_best=true", out(tmp))), 2,
+     r"eval\.keep_best=True is not allowed: only with validation items apart from the test items: jsonl:.*qa\.jsonl "
+     r"has no splits"),
     ("seq-len", _override("data.seq_len=4"), 2, r"data\.seq_len=4 is not allowed: >= 8 tokens"),
     ("seq-len-over-context", _override("data.seq_len=4096"), 2,
      r"data\.seq_len=4096 is longer than the model's context \(max_position_embeddings=2048 in random's config\)"),

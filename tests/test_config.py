@@ -94,6 +94,26 @@ def test_overrides_parse_types():
     assert cfg.mesh.rules == (("batch", ("data",)),)
 
 
+def test_list_and_dict_overrides_in_the_forms_users_type(tmp_path):
+    """JSON, Python literals, bare bracketed lists, commas or spaces; a path with spaces and parentheses stays
+    whole (JSON strings are no longer rewritten: '(' inside a path used to become '[')."""
+    data = tmp_path / "my data (1).jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    for text in ("[q_proj,v_proj]", "q_proj,v_proj", "q_proj, v_proj", "q_proj v_proj", '["q_proj", "v_proj"]',
+                 "('q_proj', 'v_proj')", "(q_proj, v_proj)"):
+        assert _cfg(f"adapter.target_modules={text}").adapter.target_modules == ("q_proj", "v_proj"), text
+    for text in (f'["jsonl:{data}"]', f"jsonl:{data}"):
+        assert _cfg(f"data.train={text}").data.train == (f"jsonl:{data}",), text
+    for text in ('{"add": 2}', "{'add': 2}"):
+        assert _cfg(f"data.mix_weights={text}").data.mix_weights == {"add": 2}, text
+    with pytest.raises(ConfigError, match=r"data\.mix_weights='\{add:2\}' is not allowed: expected a dict, e\.g\. "
+                                          r"\{\"add\": 2, \"sort\": 1\} \(JSON\)"):
+        _cfg("data.mix_weights={add:2}")
+    with pytest.raises(ConfigError, match=r"expected a list, e\.g\. \[\"q_proj\", \"v_proj\"\] \(JSON\) or "
+                                          r"q_proj,v_proj"):
+        _cfg("adapter.target_modules=[q_proj,")
+
+
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(ConfigError, match=r"unknown config key 'adapter.rnak'; did you mean adapter\.rank"):
         _cfg("adapter.rnak=4")

@@ -18,6 +18,7 @@ from comoe_jax.data import (
     render,
     render_cloze,
     tokenize,
+    tokenize_rows,
 )
 from comoe_jax.data.loaders import MIX_DIR, load_bigbench, load_hf_dataset, load_jsonl, load_llm_adapters
 from comoe_jax.loading import byte_tokenizer
@@ -547,6 +548,34 @@ def test_stream_resumes_exactly_and_mixes_by_weight():
         _stream(False, weights={"chess": 1.0})
 
 
+def test_every_batch_mixes_tasks_in_an_order_of_its_own_and_small_tasks_keep_their_share():
+    """grain's weighted mix interleaves tasks in one fixed pattern: without the window shuffle every row
+    of a batch held the same task, and a task with fewer examples than rows lived in only some rows."""
+    from comoe_jax.data import assign_rows
+
+    examples = (load_source("builtin:add+antonym+reverse", "train")[:48]
+                + [ex for ex in load_source("builtin:sort", "train")[:2]])
+    tasks = ("add", "antonym", "reverse", "sort")
+    assert sorted(Counter(ex.task for ex in examples).items()) == [("add", 16), ("antonym", 16), ("reverse", 16),
+                                                                   ("sort", 2)]
+    rows = assign_rows(examples, 8, seed=0)
+    for task in tasks:
+        mine = [r for ex, rs in zip(examples, rows) if ex.task == task for r in rs]
+        assert sorted(set(mine)) == list(range(8))  # every row holds every task, the small one lent around
+        if task != "sort":
+            assert Counter(mine).most_common()[0][1] - Counter(mine).most_common()[-1][1] <= 1
+    assert rows != assign_rows(examples, 8, seed=1)  # a seeded order, not the file's
+    tok = byte_tokenizer()
+    records, _ = tokenize_rows(tok, examples, rows, "plain", 96, tasks)
+    stream = TrainStream(records, batch_size=8, seq_len=96, seed=0, packing=False, pad_id=tok.pad_token_id,
+                         task_sizes={t: 1 for t in tasks})  # equal weights
+    first = np.stack([stream.next_batch()["task_ids"][:, 0] for _ in range(64)])  # [steps, rows]
+    assert np.mean([len(set(step)) > 1 for step in first]) > 0.9  # batches hold several tasks
+    assert not all(np.array_equal(first[:, 0], first[:, r]) for r in range(1, 8))  # rows differ
+    share = np.bincount(first.ravel(), minlength=4) / first.size
+    np.testing.assert_allclose(share, 0.25, atol=0.05)  # sort (2 examples, batch of 8) keeps its quarter
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_processes_feeding_their_own_rows_make_up_the_single_process_batch(packing, tiny_config):
     from comoe_jax.trainer import training_stream
@@ -566,3 +595,18 @@ def test_processes_feeding_their_own_rows_make_up_the_single_process_batch(packi
     resumed = training_stream(cfg, tok, lambda text: None)
     resumed.set_state(json.loads(json.dumps(state)))
     np.testing.assert_array_equal(resumed.next_batch()["input_ids"], whole.next_batch()["input_ids"])
+
+
+def test_byte_order_mark_json_booleans_and_empty_replies(tmp_path):
+    rows = [{"question": "Is water wet?", "options": ["true", "false"], "answer": True},
+            {"instruction": "Is ice cold?", "output": False},
+            {"question": "2+2?", "options": ["3", "4"], "answer": 1}]
+    text = "\n".join(map(json.dumps, rows))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Windows editors save UTF-8
+    wet, ice, four = load_jsonl(bom)
+    assert (wet.instruction, wet.options[wet.answer_index]) == ("Is water wet?", "true")  # JSON true, not "True"
+    assert ice.response == "false" and four.options[four.answer_index] == "4"
+    reply = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}
+    with pytest.raises(DataError, match=r"empty\.jsonl:1: the assistant's last reply in field 'messages' is empty"):
+        load_jsonl(_write(tmp_path / "empty.jsonl", json.dumps(reply)))

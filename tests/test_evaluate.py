@@ -324,3 +324,39 @@ def test_packing_places_every_token_once_at_its_own_position():
     for i, (context, opts) in enumerate(zip(contexts, options)):
         for j, option in enumerate(opts):  # target t predicted at position len(context) + t - 1
             assert seen[i, j] == [(len(context) + t - 1, tok) for t, tok in enumerate(option)]
+
+
+def test_before_after_table_of_a_run_resumed_with_other_eval_settings():
+    from comoe_jax.evaluate import EvalResult, comparison_markdown
+
+    def result(mode, **tasks):
+        per_task = {t: {"accuracy": c / n, "correct": c, "total": n} for t, (c, n) in tasks.items()}
+        return EvalResult(mode, per_task, sum(r["accuracy"] for r in per_task.values()) / len(per_task))
+
+    same = comparison_markdown(result("label", add=(1, 4), sort=(2, 4)), result("label", add=(3, 4), sort=(2, 4)),
+                               "T")
+    assert "| change | +50.0 | +0.0 | +25.0 |" in same and "mode `label`, 8 items" in same
+    other = comparison_markdown(result("label", add=(1, 4), sort=(2, 4), copy=(0, 4)),
+                                result("generate", add=(3, 4), dup=(1, 2)), "T")  # a task missing on either side
+    assert "not comparable: before training mode `label` on 12 items, after training mode `generate` on 6" in other
+    assert "|  | add | dup | sort | copy | Avg |" in other and "| change |" not in other
+    assert "| before | 25.0 | - | 50.0 | 0.0 | 25.0 |" in other and "| after | 75.0 | 50.0 | - | - | 62.5 |" in other
+
+
+def test_prompts_are_cut_at_the_models_own_context_and_the_cut_is_reported(tok):
+    """The cut used to be a fixed 1024 tokens whatever the model; now it is the model's context."""
+    from comoe_jax.evaluate import context_length, evaluate
+
+    short = from_pretrained("random", random_arch=ARCH | {"max_position_embeddings": 192}, seed=0)
+    assert context_length(short) == 192
+    long_item = multiple_choice("long", "Which is a colour? " + "Think about it. " * 12, ["red", "run"], "red", "l#0")
+    items = [long_item, *_items()[:2]]
+    said = []
+    for mode in ("label", "loglik", "generate"):
+        result = evaluate(short, tok, items, mode=mode, template="choice", batch_size=2, max_new_tokens=2,
+                          say=said.append)
+        assert result.truncated == 1, mode
+    assert said.count("warning: 1 of 3 prompts are longer than the model's context (192 tokens) and were cut "
+                      "from the left") == 3
+    wide = from_pretrained("random", random_arch=ARCH | {"max_position_embeddings": 4096}, seed=0)
+    assert evaluate(wide, tok, items, mode="label", template="choice", batch_size=2).truncated == 0

@@ -86,7 +86,7 @@ def _read_text(path: Path) -> str:
     """The file's text; bytes that are not UTF-8 are a DataError naming the line."""
     raw = _file(path).read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is dropped
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
@@ -101,6 +101,8 @@ def _text(record: dict, field: str, where: str, *, required: bool = True) -> str
         return ""
     if not isinstance(value, (str, int, float, bool)):
         raise DataError(f"{where}: field {field!r} should be text, got {type(value).__name__}")
+    if isinstance(value, bool):  # JSON true / false, as written (Python's str() would give True / False)
+        return "true" if value else "false"
     return str(value)
 
 
@@ -151,6 +153,9 @@ def _conversation(turns: list[tuple[str, str]], record: dict, task: str, where: 
         "\n".join(f"{role.capitalize()}: {text}" for role, text in dialogue)
     system = "\n".join(text for role, text in turns if role == "system")
     reply = turns[-1][1]
+    if not reply.strip():
+        raise DataError(f"{where}: the assistant's last reply in field {field!r} is empty; a conversation needs the "
+                        "reply to train on")
     return Example(task=_text(record, "task", where, required=False) or task, instruction=instruction.strip(),
                    answer=reply.strip(), output=reply, context=system.strip(), source=where, messages=tuple(turns))
 

@@ -8,10 +8,12 @@
   the same example), ``task_ids`` (index into ``TrainStream.tasks``, -1 for padding).
 
 Rows are independent streams, so that several processes can each feed only their own rows of the
-global batch: the j-th example of each task belongs to row ``j % batch_size`` (:func:`assign_rows`),
-and row r's grain pipeline shuffles and repeats its share of each task with a seed of its own,
-mixes the tasks by ``data.mix_weights`` (default: in proportion to the tasks' sizes in the whole
-data) and packs examples first-fit into ``PACKING_BINS`` open rows (emitted one at a time) or pads
+global batch: in a seeded random order of each task's examples, the j-th belongs to row ``j % batch_size``
+(a task with fewer examples than rows lends each to several rows; :func:`assign_rows`), and row r's grain
+pipeline shuffles and repeats its share of each task with a seed of its own, mixes the tasks by
+``data.mix_weights`` (default: in proportion to the tasks' sizes in the whole data) in an order of its
+own (windows of ``MIX_WINDOW`` examples shuffled, so a batch holds several tasks and the weights hold
+exactly per window) and packs examples first-fit into ``PACKING_BINS`` open rows (emitted one at a time) or pads
 one example per row. A process tokenizes
 only the examples of its rows; whatever the number of processes, row r holds the same tokens.
 ``get_state()`` is a small JSON dict per row stored in every checkpoint, so a resumed run (on any
@@ -30,6 +32,7 @@ from comoe_jax.data.records import DataError, Example
 from comoe_jax.data.templates import prompt_special_tokens, render
 
 PACKING_BINS = 8  # first-fit packing keeps this many rows of each row stream open at a time
+MIX_WINDOW = 1024  # examples of a row's mixed stream shuffled together (the task weights hold exactly per window)
 BATCH_ARRAYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions", "segment_ids")
 
 
@@ -91,13 +94,20 @@ def encode(tokenizer, prompt: str, response: str, seq_len: int,
     return np.array(ids, np.int32), np.array(is_response, np.int32), len(p) + len(r) > seq_len + 1
 
 
-def assign_rows(examples: list[Example], batch_size: int) -> list[int]:
-    """The batch row each example feeds: the j-th example of each task goes to row ``j % batch_size``."""
-    seen: Counter = Counter()
-    rows = []
-    for ex in examples:
-        rows.append(seen[ex.task] % batch_size)
-        seen[ex.task] += 1
+def assign_rows(examples: list[Example], batch_size: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """The batch rows each example feeds. Each task's examples are put in a seeded random order (so that
+    what a row holds does not follow the file's order, e.g. long and short items alternating) and the j-th
+    goes to row ``j % batch_size``; a task with fewer examples than rows gives each example to several rows
+    (row r holds example ``r % n``), so that every row mixes every task and the tasks' shares hold."""
+    by_task: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_task.setdefault(ex.task, []).append(i)
+    rows: list[tuple[int, ...]] = [()] * len(examples)
+    for t, (task, members) in enumerate(by_task.items()):
+        order = np.random.default_rng([seed, t]).permutation(len(members))
+        n = len(members)
+        for j, k in enumerate(order):
+            rows[members[k]] = tuple(range(j, batch_size, n)) if n < batch_size else (j % batch_size,)
     return rows
 
 
@@ -108,13 +118,15 @@ def tokenize(tokenizer, examples: list[Example], template: str, seq_len: int,
     return by_rows[0], counts
 
 
-def tokenize_rows(tokenizer, examples: list[Example], rows: list[int], template: str, seq_len: int,
+def tokenize_rows(tokenizer, examples: list[Example], rows: list, template: str, seq_len: int,
                   tasks: tuple[str, ...]) -> tuple[dict[int, dict[str, list[dict]]], TokenCounts]:
-    """Records ``{ids, response, task}`` per row (``rows[i]`` is example i's) and task; examples with no
-    response token left are left out and counted."""
-    out: dict[int, dict[str, list[dict]]] = {r: {t: [] for t in tasks} for r in dict.fromkeys(rows)}
+    """Records ``{ids, response, task}`` per row (``rows[i]``: example i's row, or a tuple of rows) and task;
+    examples with no response token left are left out and counted (once, whatever their number of rows)."""
+    rows = [(r,) if isinstance(r, (int, np.integer)) else tuple(r) for r in rows]
+    out: dict[int, dict[str, list[dict]]] = {r: {t: [] for t in tasks} for r in dict.fromkeys(r for rs in rows
+                                                                                                for r in rs)}
     counts = TokenCounts()
-    for ex, row in zip(examples, rows):
+    for ex, ex_rows in zip(examples, rows):
         prompt, response = render(ex, template, tokenizer)
         ids, is_response, cut = encode(tokenizer, prompt, response, seq_len, prompt_special_tokens(template))
         if not is_response[1:].any():
@@ -122,8 +134,9 @@ def tokenize_rows(tokenizer, examples: list[Example], rows: list[int], template:
             continue
         counts.kept[ex.task] += 1
         counts.truncated[ex.task] += cut
-        out[row][ex.task].append({"ids": ids, "response": is_response,
-                                  "task": np.full(len(ids), tasks.index(ex.task), np.int32)})
+        record = {"ids": ids, "response": is_response, "task": np.full(len(ids), tasks.index(ex.task), np.int32)}
+        for row in ex_rows:
+            out[row][ex.task].append(record)
     empty = [t for t in tasks if not any(out[r][t] for r in out)]
     if empty:
         raise DataError(f"no usable training examples for task(s) {', '.join(empty)}: every response was cut "
@@ -150,6 +163,24 @@ def _to_model_batch(b: dict) -> dict[str, np.ndarray]:
             "loss_mask": (b["response"][:, 1:] * same).astype(np.int32),
             "attention_mask": (seg[:, :-1] > 0).astype(np.int32), "positions": b["ids_positions"][:, :-1],
             "segment_ids": seg[:, :-1].astype(np.int32), "task_ids": task[:, :-1].astype(np.int32)}
+
+
+class WindowShuffled:
+    """A sequence view of ``items`` (indexable, of any length) whose consecutive windows of ``window``
+    elements are each put in a random order of their own (seeded by ``seed`` and the window's number)."""
+
+    def __init__(self, items, window: int, seed):
+        self.items, self.window, self.seed = items, window, list(seed)
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        block, offset = divmod(int(index), self.window)
+        if self._cached is None or self._cached[0] != block:  # reads are sequential: one window at a time
+            self._cached = (block, np.random.default_rng([*self.seed, block]).permutation(self.window))
+        return self.items[block * self.window + int(self._cached[1][offset])]
 
 
 def by_row(records: dict[str, list[dict]], batch_size: int, rows=None) -> dict[int, dict[str, list[dict]]]:
@@ -188,12 +219,15 @@ class TrainStream:
              pad_id: int):
         tasks = [t for t in self.tasks if records.get(t)]
         if not tasks:
-            raise DataError(f"batch row {row} has no training example: the data has fewer examples than "
-                            f"train.batch_size={self.batch_size}")
+            raise DataError(f"batch row {row} has no training example: every example assigned to it was left "
+                            f"out (no response token within data.seq_len); raise data.seq_len")
         per_task = [grain.MapDataset.source(records[t]).shuffle(seed=seed + 7919 * row + self.tasks.index(t))
                     .repeat() for t in tasks]
+        # grain's mix interleaves the tasks in one fixed pattern (the same in every row: a batch would hold one
+        # task at a time); shuffling it in windows keeps the weights exact per window and makes rows differ.
+        mixed = grain.MapDataset.mix(per_task, weights=[mix[t] for t in tasks])
         # The records are in memory: reading them on prefetch threads only adds GIL contention (grain's advice).
-        stream = grain.MapDataset.mix(per_task, weights=[mix[t] for t in tasks]).to_iter_dataset(
+        stream = grain.MapDataset.source(WindowShuffled(mixed, MIX_WINDOW, seed=[seed, row])).to_iter_dataset(
             grain.ReadOptions(num_threads=0))
         if packing:
             return grain.experimental.FirstFitPackIterDataset(
