@@ -33,7 +33,15 @@ from comoe_jax.config import (
     split_less,
     validate,
 )
-from comoe_jax.data import BATCH_ARRAYS, TrainStream, assign_rows, check_tokenizer, load_sources, tokenize_rows
+from comoe_jax.data import (
+    BATCH_ARRAYS,
+    TrainStream,
+    assign_rows,
+    check_tokenizer,
+    data_fingerprint,
+    load_sources,
+    tokenize_rows,
+)
 from comoe_jax.errors import CheckpointError, RunFolderError
 from comoe_jax.evaluate import EvalResult, evaluate, load_eval, require_choice, response_loss
 from comoe_jax.flops import device_peak, train_step_flops
@@ -123,7 +131,8 @@ def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None) 
     say(counts.summary(d.seq_len) + share)
     stream = TrainStream({r: records.get(r, {}) for r in rows}, batch_size=batch_size, seq_len=d.seq_len,
                          seed=cfg.train.seed, packing=d.packing, pad_id=tokenizer.pad_token_id,
-                         task_sizes=dict(Counter(ex.task for ex in examples)), weights=d.mix_weights)
+                         task_sizes=dict(Counter(ex.task for ex in examples)), weights=d.mix_weights,
+                         fingerprint=data_fingerprint(examples))
     say("mix: " + ", ".join(f"{t} {w:.0%}" for t, w in stream.weights.items()))
     rare = [t for t, w in stream.weights.items() if w < 0.01]
     if d.mix_weights and rare:

@@ -265,6 +265,27 @@ def test_changed_config_is_not_resumed(tmp_path, tiny_config):
     assert int(extended.state.step) == 3
 
 
+def test_a_run_is_not_resumed_over_changed_data_files(tmp_path, tiny_config):
+    from comoe_jax.data import DataError
+
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": f"{i} + 1 =", "answer": str(i + 1), "task": "inc"} for i in range(24)]
+    data.write_text("\n".join(map(json.dumps, rows)))
+    sources = dict(data__train=(f"jsonl:{data}",), eval__sources=(f"jsonl:{data}",))
+    trainer.train(tiny_config(tmp_path, train__steps=2, **sources))
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    data.write_text("\n".join(map(json.dumps, rows[:20])))
+    with pytest.raises(DataError, match=r"the training data changed since this run was checkpointed \(examples per "
+                                        r"task inc: 24 -> 20\): its saved position would continue over other"):
+        trainer.train(tiny_config(tmp_path, train__steps=3, **sources))
+    data.write_text("\n".join(map(json.dumps, rows[:23] + [rows[23] | {"answer": "99"}])))
+    with pytest.raises(DataError, match=r"\(same counts, other contents\)"):
+        trainer.train(tiny_config(tmp_path, train__steps=3, **sources))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == saved
+    data.write_text("\n".join(map(json.dumps, rows)))  # the data restored: the run goes on
+    assert int(trainer.train(tiny_config(tmp_path, train__steps=3, **sources)).state.step) == 3
+
+
 def _poison(monkeypatch, steps, where="one gradient"):
     """Make the step's gradients (one leaf) or its loss non-finite, inside jit, at the given 0-based steps."""
     real = TrainStep.gradients

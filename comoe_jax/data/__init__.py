@@ -9,6 +9,7 @@ from comoe_jax.data.pipeline import (
     assign_rows,
     by_row,
     check_tokenizer,
+    data_fingerprint,
     encode,
     encode_pair,
     tokenize,
@@ -19,6 +20,7 @@ from comoe_jax.data.templates import TEMPLATES, render, render_cloze
 
 __all__ = [
     "BATCH_ARRAYS", "BUILTIN_TASKS", "DataError", "Example", "FORMATS", "TEMPLATES", "TokenCounts", "TrainStream",
-    "assign_rows", "by_row", "check_tokenizer", "encode", "encode_pair", "load_builtin", "load_source", "load_sources",
+    "assign_rows", "by_row", "check_tokenizer", "data_fingerprint", "encode", "encode_pair", "load_builtin",
+    "load_source", "load_sources",
     "multiple_choice", "render", "render_cloze", "tokenize", "tokenize_rows",
 ]

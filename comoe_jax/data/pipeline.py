@@ -22,6 +22,9 @@ number of processes) continues with exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -183,6 +186,21 @@ class WindowShuffled:
         return self.items[block * self.window + int(self._cached[1][offset])]
 
 
+def data_fingerprint(examples: list[Example]) -> dict:
+    """Examples per task and a hash of every example's text and fields, in order (what a run reads)."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps(dataclasses.astuple(ex), default=str).encode())
+    return {"examples": dict(Counter(ex.task for ex in examples)), "sha256": digest.hexdigest()[:16]}
+
+
+def _data_change(saved: dict, now: dict) -> str:
+    before, after = saved.get("examples", {}), now["examples"]
+    changed = [f"{t}: {before.get(t, 0)} -> {after.get(t, 0)}" for t in dict.fromkeys([*before, *after])
+               if before.get(t, 0) != after.get(t, 0)]
+    return "examples per task " + ", ".join(changed) if changed else "same counts, other contents"
+
+
 def by_row(records: dict[str, list[dict]], batch_size: int, rows=None) -> dict[int, dict[str, list[dict]]]:
     """Records of every task split over the rows (record j of a task to row ``j % batch_size``)."""
     rows = range(batch_size) if rows is None else rows
@@ -201,8 +219,9 @@ class TrainStream:
 
     def __init__(self, records_by_row: dict[int, dict[str, list[dict]]], *, batch_size: int, seq_len: int,
                  seed: int, packing: bool, pad_id: int, task_sizes: dict[str, int],
-                 weights: dict[str, float] | None = None):
+                 weights: dict[str, float] | None = None, fingerprint: dict | None = None):
         self.tasks = tuple(task_sizes)
+        self.fingerprint = fingerprint  # saved with the position: a resumed run must read the same examples
         weights = weights or {}
         unknown = sorted(set(weights) - set(self.tasks))
         if unknown:
@@ -240,11 +259,20 @@ class TrainStream:
         return _to_model_batch({k: np.stack([row[k] for row in rows]) for k in rows[0]})
 
     def get_state(self) -> dict:
-        """Per row (keys are row numbers as text, JSON-ready) the position of its stream."""
-        return {str(r): it.get_state() for r, it in self.iterators.items()}
+        """Per row (keys are row numbers as text, JSON-ready) the position of its stream; ``"data"``: the
+        fingerprint of the examples it reads."""
+        fingerprint = {} if self.fingerprint is None else {"data": self.fingerprint}
+        return {str(r): it.get_state() for r, it in self.iterators.items()} | fingerprint
 
     def set_state(self, state: dict) -> None:
-        """Continue from :meth:`get_state` output (of any process: only this process's rows are read)."""
+        """Continue from :meth:`get_state` output (of any process: only this process's rows are read). A
+        position saved over other examples (the data files changed since) is refused."""
+        saved = state.get("data")
+        if saved is not None and self.fingerprint is not None and saved != self.fingerprint:
+            change = _data_change(saved, self.fingerprint)
+            raise DataError(f"the training data changed since this run was checkpointed ({change}): its saved "
+                            "position would continue over other examples; restore the data, or train a new run in "
+                            "another train.output_dir")
         missing = [r for r in self.rows if str(r) not in state]
         if missing:
             raise DataError(f"the saved data position has no entry for batch row(s) {missing[:4]}; it was written "
