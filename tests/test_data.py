@@ -492,6 +492,10 @@ def test_truncation_is_counted_and_empty_responses_left_out():
     assert counts.kept["upper"] + counts.dropped["upper"] == 16 and counts.dropped["upper"] > 0
     assert counts.truncated["upper"] == counts.kept["upper"]
     assert "left out" in counts.summary(180)
+    assert counts.summary(180).endswith("\nwarning: every example of upper is cut at data.seq_len=180 (the model "
+                                        "never sees a whole answer and its end of sequence); raise data.seq_len")
+    _, whole = tokenize(tok, examples, "alpaca", 2048, ("upper",))
+    assert not whole.truncated["upper"] and "warning" not in whole.summary(2048)
     with pytest.raises(DataError, match="no usable training examples for task\\(s\\) upper"):
         tokenize(tok, examples, "alpaca", 20, ("upper",))
 

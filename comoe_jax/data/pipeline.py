@@ -51,7 +51,10 @@ class TokenCounts:
         parts = [f"{t} {self.kept[t]}" + (f" ({self.truncated[t]} truncated)" if self.truncated[t] else "")
                  + (f" ({self.dropped[t]} left out: no response token within data.seq_len={seq_len})"
                     if self.dropped[t] else "") for t in sorted(self.kept | self.dropped)]
-        return "data: " + ", ".join(parts)
+        all_cut = [t for t in sorted(self.kept) if self.kept[t] and self.truncated[t] == self.kept[t]]
+        warning = (f"\nwarning: every example of {', '.join(all_cut)} is cut at data.seq_len={seq_len} (the model "
+                   "never sees a whole answer and its end of sequence); raise data.seq_len") if all_cut else ""
+        return "data: " + ", ".join(parts) + warning
 
 
 def check_tokenizer(tokenizer) -> None:
