@@ -453,6 +453,8 @@ def test_option_ids_are_those_of_the_whole_text():
     from comoe_jax.evaluate import label_predictions, loglik_predictions
 
     class Recorder:
+        max_len = 2048  # the model's context (Scorer.max_len)
+
         def option_logprobs(self, contexts, options):
             self.contexts, self.options = contexts, options
             return [np.arange(len(o), dtype=float) for o in options]
