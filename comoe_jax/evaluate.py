@@ -42,15 +42,22 @@ from comoe_jax.paths import as_path
 from comoe_jax.progress import ItemProgress
 from comoe_jax.tables import markdown_table, percent
 
-# Prompts longer than the model's context (less the scored or generated tokens) are cut from the left (the
-# question's end is kept); models with no recorded context use this many tokens.
-DEFAULT_CONTEXT = 2048
+# Prompts longer than the length budget (less the scored or generated tokens) are cut from the left (the
+# question's end is kept). The budget is eval.max_len, else the model's context up to DEFAULT_MAX_LEN: scoring
+# and generation attend over whole rows, whose memory grows with the square of their length.
+DEFAULT_MAX_LEN = 2048
 
 
 def context_length(model) -> int:
     """Tokens the model reads at once: its ``max_position_embeddings``."""
     rope = getattr(getattr(model, "spec", None), "rope", None)
-    return int(getattr(rope, "max_position_embeddings", 0) or DEFAULT_CONTEXT)
+    return int(getattr(rope, "max_position_embeddings", 0) or DEFAULT_MAX_LEN)
+
+
+def length_budget(model, max_len: int = 0) -> int:
+    """Tokens of a prompt and its continuation at most: ``max_len`` (0: ``DEFAULT_MAX_LEN``), within the
+    model's context."""
+    return min(max_len or DEFAULT_MAX_LEN, context_length(model))
 
 
 @dataclass
@@ -122,8 +129,9 @@ class Scorer:
     :func:`generate.bucket`); ``row_len``: the length of packed rows (:mod:`option_packing`)."""
 
     def __init__(self, model, pad_id: int, batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
-                 buckets: tuple[int, ...] | int = LENGTH_BUCKETS, row_len: int = option_packing.ROW_LEN):
-        self.max_len = context_length(model)
+                 buckets: tuple[int, ...] | int = LENGTH_BUCKETS, row_len: int = option_packing.ROW_LEN,
+                 max_len: int = 0):
+        self.max_len = length_budget(model, max_len)
         self.graphdef, self.state = nnx.split(model)
         self.mesh, self.batch_size = shd.eval_mesh(self.state, batch_size)
         self.pad_id, self.buckets, self.row_len = pad_id, buckets, row_len
@@ -184,6 +192,7 @@ def _pairs(tokenizer, prompt: str, continuations: list[str], template: str) -> t
 
 
 def _fit(context: list[int], room: int) -> tuple[list[int], bool]:
+    room = max(room, 1)  # a continuation as long as the budget still gets its last context token
     return (context[-room:], True) if len(context) > room else (context, False)
 
 
@@ -276,13 +285,13 @@ def is_correct(prediction: str, example: Example) -> bool:
 
 
 def generate_predictions(model, tokenizer, examples: list[Example], template: str, *, max_new_tokens: int,
-                         batch_size: int, progress=None) -> tuple[list[str], int, list[str]]:
+                         batch_size: int, progress=None, max_len: int = 0) -> tuple[list[str], int, list[str]]:
     """Extracted answers, cut prompts, and the raw generations."""
     prompts, cut = [], 0
     for ex in examples:
         prompt, _ = render(ex, template, tokenizer)
         ids, was_cut = _fit(_ids(tokenizer, prompt, prompt_special_tokens(template)),
-                            context_length(model) - max_new_tokens)
+                            length_budget(model, max_len) - max_new_tokens)
         prompts.append(ids)
         cut += was_cut
     tokens = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=stop_token_ids(tokenizer),
@@ -316,18 +325,18 @@ def response_loss(model, tokenizer, examples: list[Example], *, template: str, s
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, mode: str, template: str, batch_size: int = 16,
-             max_new_tokens: int = 16, say=None) -> EvalResult:
+             max_new_tokens: int = 16, say=None, max_len: int = 0) -> EvalResult:
     """Accuracy per task (and macro average) of ``model`` on ``examples``; ``say`` prints progress lines
-    (items/s, ETA)."""
+    (items/s, ETA); ``max_len``: see :func:`length_budget`."""
     start = time.perf_counter()
     generations = None
     progress = ItemProgress(f"eval ({mode})", say=say) if say is not None else None
     if mode == "generate":
         preds, cut, generations = generate_predictions(model, tokenizer, examples, template,
                                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                       progress=progress)
+                                                       progress=progress, max_len=max_len)
     else:
-        scorer = Scorer(model, tokenizer.pad_token_id, batch_size, progress)
+        scorer = Scorer(model, tokenizer.pad_token_id, batch_size, progress, max_len=max_len)
         scorer_fn = label_predictions if mode == "label" else loglik_predictions
         preds, cut = scorer_fn(scorer, tokenizer, examples, template)
     per_task: dict[str, dict] = {}
@@ -343,8 +352,9 @@ def evaluate(model, tokenizer, examples: list[Example], *, mode: str, template: 
         r["accuracy"] = r["correct"] / r["total"]
     average = float(np.mean([r["accuracy"] for r in per_task.values()])) if per_task else 0.0
     if cut and say is not None:
-        say(f"warning: {cut} of {len(examples)} prompts are longer than the model's context ({context_length(model)} "
-            "tokens) and were cut from the left")
+        say(f"warning: {cut} of {len(examples)} prompts are longer than the length budget "
+            f"({length_budget(model, max_len)} tokens: eval.max_len, else the model's context up to "
+            f"{DEFAULT_MAX_LEN}) and were cut from the left")
     return EvalResult(mode, per_task, average, records, cut, time.perf_counter() - start)
 
 

@@ -188,7 +188,7 @@ def _merged_args(args: dict, additional: dict | None) -> dict:
 
 MODEL_ARGS = ("path", "pretrained", "adapter", "batch_size", "max_length", "dtype", "max_gen_toks", "num_devices",
               "fsdp", "tensor", "add_bos_token", "prefix_token_id")
-LM_EVAL_ARGS = ("max_batch_size", "device")  # lm_eval passes them to every model
+LM_EVAL_ARGS = ("max_batch_size", "device", "trust_remote_code")  # lm_eval passes them; accepted and ignored
 
 
 def _refuse_unknown(unused: dict) -> None:
@@ -198,7 +198,8 @@ def _refuse_unknown(unused: dict) -> None:
     for key in sorted(unused):
         close = difflib.get_close_matches(key, MODEL_ARGS, n=1)
         hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ConfigError(f"model_args: unknown key {', '.join(hints)}; {MODEL_NAME} takes {', '.join(MODEL_ARGS)}")
+    raise ConfigError(f"model_args: unknown key {', '.join(hints)}; {MODEL_NAME} takes {', '.join(MODEL_ARGS)} "
+                      f"(and lm_eval's {', '.join(LM_EVAL_ARGS)}, ignored)")
 
 
 class ComoeJaxLM(TemplateLM):
@@ -210,8 +211,9 @@ class ComoeJaxLM(TemplateLM):
                  max_length: int | None = None, dtype: str | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
                  num_devices: int | None = None, fsdp: int | None = None, tensor: int | None = None,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, pretrained: str | None = None,
-                 max_batch_size: int | None = None, device: str | None = None, **unused):
-        # max_batch_size / device: lm_eval passes them to every model; JAX runs on its default platform
+                 max_batch_size: int | None = None, device: str | None = None, trust_remote_code=None, **unused):
+        # max_batch_size / device: lm_eval passes them to every model; JAX runs on its default platform.
+        # trust_remote_code (lm_eval's --trust_remote_code adds it): our loader runs no model code anyway.
         super().__init__()
         _refuse_unknown(unused)
         if isinstance(batch_size, str) and batch_size.startswith("auto"):

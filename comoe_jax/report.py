@@ -37,7 +37,8 @@ def validation_examples(cfg: Config) -> list[Example]:
 def evaluate_and_save(cfg: Config, model, tokenizer, examples: list[Example], stem: Path, say=None) -> EvalResult:
     """Evaluate with ``cfg.eval`` settings (``say``: progress lines); write ``<stem>.json`` and ``<stem>.md``."""
     result = evaluate(model, tokenizer, examples, mode=cfg.eval.mode, template=cfg.data.template,
-                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, say=say)
+                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, say=say,
+                      max_len=cfg.eval.max_len)
     if jax.process_index() == 0:
         result.write(stem)
     return result

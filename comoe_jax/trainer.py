@@ -198,6 +198,20 @@ def _prepare_output(out) -> None:
                              "folder") from None
 
 
+def _check_validation_items(cfg: Config, say) -> None:
+    """Validation on a source without splits reads the test items: refused for choosing the best step,
+    warned about otherwise."""
+    unsplit = [spec for spec in cfg.eval.sources if split_less(spec)]
+    if not cfg.eval.every or not unsplit or cfg.eval.validation_sources:
+        return
+    if cfg.eval.keep_best:
+        raise ConfigError(f"eval.keep_best=True is not allowed: only with validation items apart from the test "
+                          f"items: {', '.join(unsplit)} has no splits, so the best step would be chosen on the very "
+                          "items eval.sources reports; name a validation file in eval.validation_sources")
+    say(f"warning: validation reads {', '.join(unsplit)}, which has no splits: the validation items are the test "
+        "items; name a validation file in eval.validation_sources")
+
+
 def _check_model(cfg: Config):
     """The architecture of ``model.path`` (config.json or the GGUF header only) and the adapter layer range,
     checked before data and weights are loaded."""
@@ -224,6 +238,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     say = (lambda text: print(text, flush=True, file=stream)) if jax.process_index() == 0 else (lambda text: None)
     mesh, rules = shd.make_mesh(cfg.mesh), shd.rules_dict(cfg.mesh.rules)
     _check_batch(cfg, mesh)
+    _check_validation_items(cfg, say)
     out = as_path(cfg.train.output_dir)
     _prepare_output(out)
     _check_model(cfg)
@@ -240,10 +255,6 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     # evaluation and validation items are read and checked now, not after minutes of loading and training
     eval_items = evaluation_examples(cfg) if cfg.eval.before_training or cfg.eval.after_training else []
     val_items = validation_examples(cfg) if cfg.eval.every else []
-    unsplit = [spec for spec in cfg.eval.sources if split_less(spec)]
-    if cfg.eval.every and unsplit and not cfg.eval.validation_sources:
-        say(f"warning: validation reads {', '.join(unsplit)}, which has no splits: the validation items are the "
-            "test items; name a validation file in eval.validation_sources")
     if cfg.eval.mode != "generate":
         require_choice(eval_items + val_items, cfg.eval.mode, need_options=cfg.eval.mode == "loglik")
     model = build_model(cfg, mesh, rules)
@@ -259,6 +270,10 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     if resume_from is not None:
         resume_from, state, data_state = ckpt.restore_intact(step_fn.abstract_state())
         batches.set_state(data_state)  # the positions of every process's rows: this one reads its own
+        if batches.unverified:
+            say("warning: this checkpoint predates the data fingerprint (and the per-row task order of comoe-jax "
+                "2026-12-07): the run goes on, but its batches differ from those an uninterrupted run would have "
+                "seen, and edited data files cannot be detected")
         say(f"resumed from step {resume_from} of {out}")
     else:
         state = step_fn.init_state(flat_values(adapters))
@@ -356,7 +371,7 @@ class Validator:
         loss = response_loss(model, self.tokenizer, self.items, template=template, seq_len=self.cfg.data.seq_len,
                              batch_size=e.batch_size)
         result = evaluate(model, self.tokenizer, self.items, mode=e.mode, template=template, batch_size=e.batch_size,
-                          max_new_tokens=e.max_new_tokens)
+                          max_new_tokens=e.max_new_tokens, max_len=e.max_len)
         row = {"step": step, "loss": loss} | _accuracy_scalars(result)
         self.say(f"validation at step {step}: loss {loss:.4f} | " + _accuracies(result))
         self.sinks.log("val", row, step)
@@ -419,6 +434,11 @@ def _final_save(ckpt: Checkpointer, state: TrainState, cfg: Config, data_state: 
         else:
             why = "training diverged" if not progress.healthy else "the step was cut off mid-way"
             say(f"not saving the current state ({why}); checkpoint {ckpt.latest_step()} is the latest good one")
-        ckpt.wait()
+        try:
+            ckpt.wait()
+        except Exception as e:
+            if in_flight is None:
+                raise
+            say(f"could not finish writing the last checkpoint ({type(e).__name__})")
     finally:
         ckpt.close()

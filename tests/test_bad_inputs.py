@@ -204,6 +204,13 @@ def _set_adapter_config(run: Path, **changes):
     _json(run / "adapter" / "adapter_config.json", meta)
 
 
+def _hf_run(ctx, tmp) -> Path:
+    """A copy of the finished run whose config names a copy of the tiny transformers model as model.path."""
+    run = _copy(ctx["finished_run"], tmp)
+    _set_config(run, model__path=str(_hf_copy(ctx, tmp)))
+    return run
+
+
 def _link(target: Path, link: Path) -> Path:
     link.symlink_to(target, target_is_directory=True)
     return link
@@ -542,6 +549,13 @@ CASES = [
     ("export-out-a-link-to-the-run", lambda ctx, tmp: ("export", [
         "--run", str(_link(_copy(ctx["finished_run"], tmp), tmp / "link")), "--format", "comoe", "--out", str(tmp),
         "--overwrite"]), 2, r"--out .*: would replace the run .*link or what the export reads from it"),
+    ("export-overwrite-another-run", lambda ctx, tmp: ("export", [
+        "--run", str(_copy(ctx["finished_run"], tmp)), "--format", "comoe", "--out",
+        str(_copy(ctx["finished_run"], tmp / "other")), "--overwrite"]), 2,
+     r"--out .*other/run is a training run \(it holds checkpoints/ or metrics\.jsonl\); --overwrite replaces only"),
+    ("export-out-the-base-model", lambda ctx, tmp: ("export", [
+        "--run", str(_hf_run(ctx, tmp)), "--format", "comoe", "--out", str(tmp / "llama"), "--overwrite"]), 2,
+     r"--out .*llama: would replace the base model .*llama \(model\.path\), which the export reads"),
     ("export-overwrite-other-files", _export(lambda run: _write(run.parent / "mine" / "notes.txt", "keep"),
                                              "--format", "comoe", "--out", "{tmp}/mine", "--overwrite"), 2,
      r"--out .*mine holds files but no earlier export \(notes\.txt; no adapter_config\.json or config\.json\); "

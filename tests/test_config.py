@@ -104,11 +104,14 @@ def test_list_and_dict_overrides_in_the_forms_users_type(tmp_path):
         assert _cfg(f"adapter.target_modules={text}").adapter.target_modules == ("q_proj", "v_proj"), text
     for text in (f'["jsonl:{data}"]', f"jsonl:{data}"):
         assert _cfg(f"data.train={text}").data.train == (f"jsonl:{data}",), text
+    assert _cfg('adapter.target_modules=("q_proj")').adapter.target_modules == ("q_proj",)
     for text in ('{"add": 2}', "{'add': 2}"):
         assert _cfg(f"data.mix_weights={text}").data.mix_weights == {"add": 2}, text
     with pytest.raises(ConfigError, match=r"data\.mix_weights='\{add:2\}' is not allowed: expected a dict, e\.g\. "
                                           r"\{\"add\": 2, \"sort\": 1\} \(JSON\)"):
         _cfg("data.mix_weights={add:2}")
+    with pytest.raises(ConfigError, match=r"expected a dict"):
+        _cfg('data.mix_weights={["a"]: 1}')  # literal_eval's TypeError (an unhashable key)
     with pytest.raises(ConfigError, match=r"expected a list, e\.g\. \[\"q_proj\", \"v_proj\"\] \(JSON\) or "
                                           r"q_proj,v_proj"):
         _cfg("adapter.target_modules=[q_proj,")

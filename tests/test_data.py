@@ -613,6 +613,35 @@ def test_byte_order_mark_json_booleans_and_empty_replies(tmp_path):
     wet, ice, four = load_jsonl(bom)
     assert (wet.instruction, wet.options[wet.answer_index]) == ("Is water wet?", "true")  # JSON true, not "True"
     assert ice.response == "false" and four.options[four.answer_index] == "4"
+    bom.write_bytes(b"\xef\xbb\xbf{}\n\xff")
+    with pytest.raises(DataError, match=r"bom\.jsonl:2: not UTF-8 text \(byte 0xff at offset 6\)"):
+        load_jsonl(bom)
     reply = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}
     with pytest.raises(DataError, match=r"empty\.jsonl:1: the assistant's last reply in field 'messages' is empty"):
         load_jsonl(_write(tmp_path / "empty.jsonl", json.dumps(reply)))
+
+
+def test_the_data_fingerprint_is_about_contents_not_paths(tmp_path):
+    from comoe_jax.data import data_fingerprint
+
+    text = "\n".join(json.dumps({"question": f"{i}?", "answer": str(i)}) for i in range(5))
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    here, there = _write(tmp_path / "a" / "qa.jsonl", text), _write(tmp_path / "b" / "qa.jsonl", text)
+    first, second = load_jsonl(here), load_jsonl(there)
+    assert first[0].source != second[0].source
+    assert data_fingerprint(first) == data_fingerprint(second)  # another checkout, machine or host
+    assert data_fingerprint(first[:4]) != data_fingerprint(first)
+    assert data_fingerprint(first)["examples"] == {"qa": 5}
+
+
+def test_a_position_saved_without_a_fingerprint_is_resumed_and_flagged():
+    _, stream = _stream(True, seed=3)
+    stream.fingerprint = {"examples": {"add": 1}, "sha256": "x"}
+    state = {k: v for k, v in stream.get_state().items() if k != "data"}  # an older checkpoint
+    stream.set_state(state)
+    assert stream.unverified
+    stream.set_state(stream.get_state())
+    assert not stream.unverified
+    with pytest.raises(DataError, match=r"examples per task add: 2 -> 1"):
+        stream.set_state(stream.get_state() | {"data": {"examples": {"add": 2}, "sha256": "y"}})

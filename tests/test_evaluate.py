@@ -345,7 +345,7 @@ def test_before_after_table_of_a_run_resumed_with_other_eval_settings():
 
 def test_prompts_are_cut_at_the_models_own_context_and_the_cut_is_reported(tok):
     """The cut used to be a fixed 1024 tokens whatever the model; now it is the model's context."""
-    from comoe_jax.evaluate import context_length, evaluate
+    from comoe_jax.evaluate import _fit, context_length, evaluate, length_budget
 
     short = from_pretrained("random", random_arch=ARCH | {"max_position_embeddings": 192}, seed=0)
     assert context_length(short) == 192
@@ -356,7 +356,10 @@ def test_prompts_are_cut_at_the_models_own_context_and_the_cut_is_reported(tok):
         result = evaluate(short, tok, items, mode=mode, template="choice", batch_size=2, max_new_tokens=2,
                           say=said.append)
         assert result.truncated == 1, mode
-    assert said.count("warning: 1 of 3 prompts are longer than the model's context (192 tokens) and were cut "
-                      "from the left") == 3
+    assert said.count("warning: 1 of 3 prompts are longer than the length budget (192 tokens: eval.max_len, else "
+                      "the model's context up to 2048) and were cut from the left") == 3
     wide = from_pretrained("random", random_arch=ARCH | {"max_position_embeddings": 4096}, seed=0)
     assert evaluate(wide, tok, items, mode="label", template="choice", batch_size=2).truncated == 0
+    assert evaluate(wide, tok, items, mode="label", template="choice", batch_size=2, max_len=150).truncated == 1
+    assert length_budget(wide) == 2048 and length_budget(wide, 8192) == 4096 and length_budget(short, 100) == 100
+    assert _fit([1, 2, 3], 0) == ([3], True)  # a continuation filling the budget keeps the last context token

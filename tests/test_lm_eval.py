@@ -244,6 +244,13 @@ def test_bad_model_args_are_refused_before_loading(hf_folder, args, message):
         ComoeJaxLM.create_from_arg_string(f"path={hf_folder},{args}", {"batch_size": 4, "device": None})
 
 
+def test_lm_eval_flags_every_model_receives_are_accepted(hf_folder):
+    """lm_eval's --trust_remote_code puts trust_remote_code=True into every model's args."""
+    lm = ComoeJaxLM.create_from_arg_string(f"path={hf_folder},trust_remote_code=True",
+                                           {"batch_size": 8, "max_batch_size": 64, "device": "cuda"})
+    assert lm.batch_size == 8
+
+
 def test_batch_size_in_model_args_and_on_the_command_line(hf_folder, caplog):
     """lm_eval always passes its --batch_size: model_args' value wins, with a warning (no duplicate-key crash)."""
     # (sizes that are multiples of 8: the scorer rounds a batch up to a multiple of the devices)

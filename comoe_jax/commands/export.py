@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{args.run}: no finished adapter ({adapter_dir}/adapter_config.json); a run writes it when "
                           "training ends (rerun its train command to resume and finish it)")
     _check_adapter_is_the_runs(adapter_dir, cfg)
-    _check_out(out, run, args.overwrite)
+    _check_out(out, run, args.overwrite, cfg.model.path)
     if args.format == "comoe":
         remove_tree(out)
         shutil.copytree(adapter_dir, out)
@@ -92,9 +92,9 @@ def _resolved(path):
     return epath.Path(os.path.realpath(path)) if is_local(path) else absolute(path)
 
 
-def _check_out(out, run, overwrite: bool) -> None:
-    """Refuse an output folder that would replace the run or what the export reads, or a folder of other files,
-    before anything is removed."""
+def _check_out(out, run, overwrite: bool, base: str) -> None:
+    """Refuse an output folder that would replace the run, what the export reads (its adapter, the base model)
+    or another run, or a folder of other files, before anything is removed."""
     def within(path, folder) -> bool:
         inner, outer = _resolved(path).parts, _resolved(folder).parts
         return inner[:len(outer)] == outer
@@ -103,12 +103,19 @@ def _check_out(out, run, overwrite: bool) -> None:
     if within(run, out) or any(within(out, r) for r in read):
         raise ConfigError(f"--out {out}: would replace the run {run} or what the export reads from it (its adapter/, "
                           "checkpoints/, config.json); choose a folder outside them")
+    if is_local(base) and os.path.exists(os.path.expanduser(base)) and (
+            within(os.path.expanduser(base), out) or within(out, os.path.expanduser(base))):
+        raise ConfigError(f"--out {out}: would replace the base model {base} (model.path), which the export reads; "
+                          "choose another folder")
     if not out.exists():
         return
     if not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it, or --out elsewhere")
     if out.is_file():
         raise ConfigError(f"--out {out} is a file; --overwrite replaces only an earlier export folder")
+    if any((out / name).exists() for name in ("checkpoints", "metrics.jsonl")):
+        raise ConfigError(f"--out {out} is a training run (it holds checkpoints/ or metrics.jsonl); --overwrite "
+                          "replaces only an earlier export: choose another folder")
     names = sorted(p.name for p in out.iterdir())
     if names and not any(marker in names for marker in EXPORT_MARKERS):
         raise ConfigError(f"--out {out} holds files but no earlier export ({', '.join(names[:3])}"

@@ -29,6 +29,7 @@ Source strings (``data.train`` / ``data.eval`` in the config):
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from pathlib import Path
@@ -84,12 +85,14 @@ def _file(path: Path) -> Path:
 
 def _read_text(path: Path) -> str:
     """The file's text; bytes that are not UTF-8 are a DataError naming the line."""
-    raw = _file(path).read_bytes()
+    whole = _file(path).read_bytes()
+    raw = whole.removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Windows editors write one) is dropped
     try:
-        return raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is dropped
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
+        offset = e.start + len(whole) - len(raw)  # in the file, the mark included
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {offset}); save the "
                         "file as UTF-8") from None
 
 

@@ -13,11 +13,11 @@ global batch: in a seeded random order of each task's examples, the j-th belongs
 pipeline shuffles and repeats its share of each task with a seed of its own, mixes the tasks by
 ``data.mix_weights`` (default: in proportion to the tasks' sizes in the whole data) in an order of its
 own (windows of ``MIX_WINDOW`` examples shuffled, so a batch holds several tasks and the weights hold
-exactly per window) and packs examples first-fit into ``PACKING_BINS`` open rows (emitted one at a time) or pads
-one example per row. A process tokenizes
-only the examples of its rows; whatever the number of processes, row r holds the same tokens.
-``get_state()`` is a small JSON dict per row stored in every checkpoint, so a resumed run (on any
-number of processes) continues with exactly the batches it would have seen.
+per window, within an example) and packs examples first-fit into ``PACKING_BINS`` open rows (emitted one at
+a time) or pads one example per row. A process tokenizes only the examples of its rows; whatever the
+number of processes, row r holds the same tokens. ``get_state()`` is a small JSON dict per row (and a
+fingerprint of the examples) stored in every checkpoint, so a resumed run (on any number of processes)
+continues with exactly the batches it would have seen, and is refused if the data changed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from comoe_jax.data.records import DataError, Example
 from comoe_jax.data.templates import prompt_special_tokens, render
 
 PACKING_BINS = 8  # first-fit packing keeps this many rows of each row stream open at a time
-MIX_WINDOW = 1024  # examples of a row's mixed stream shuffled together (the task weights hold exactly per window)
+MIX_WINDOW = 1024  # examples of a row's mixed stream shuffled together (the task weights hold per window)
 BATCH_ARRAYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions", "segment_ids")
 
 
@@ -173,7 +173,8 @@ def _to_model_batch(b: dict) -> dict[str, np.ndarray]:
 
 class WindowShuffled:
     """A sequence view of ``items`` (indexable, of any length) whose consecutive windows of ``window``
-    elements are each put in a random order of their own (seeded by ``seed`` and the window's number)."""
+    elements (the last one possibly shorter) are each put in a random order of their own (seeded by ``seed``
+    and the window's number)."""
 
     def __init__(self, items, window: int, seed):
         self.items, self.window, self.seed = items, window, list(seed)
@@ -185,15 +186,17 @@ class WindowShuffled:
     def __getitem__(self, index: int):
         block, offset = divmod(int(index), self.window)
         if self._cached is None or self._cached[0] != block:  # reads are sequential: one window at a time
-            self._cached = (block, np.random.default_rng([*self.seed, block]).permutation(self.window))
+            size = min(self.window, len(self.items) - block * self.window)
+            self._cached = (block, np.random.default_rng([*self.seed, block]).permutation(size))
         return self.items[block * self.window + int(self._cached[1][offset])]
 
 
 def data_fingerprint(examples: list[Example]) -> dict:
-    """Examples per task and a hash of every example's text and fields, in order (what a run reads)."""
+    """Examples per task and a hash of every example's contents, in order (what a run reads). Not where they
+    were read from (``source`` holds a path), so a run resumes from another checkout, machine or host."""
     digest = hashlib.sha256()
     for ex in examples:
-        digest.update(json.dumps(dataclasses.astuple(ex), default=str).encode())
+        digest.update(json.dumps(dataclasses.astuple(dataclasses.replace(ex, source="")), default=str).encode())
     return {"examples": dict(Counter(ex.task for ex in examples)), "sha256": digest.hexdigest()[:16]}
 
 
@@ -225,6 +228,7 @@ class TrainStream:
                  weights: dict[str, float] | None = None, fingerprint: dict | None = None):
         self.tasks = tuple(task_sizes)
         self.fingerprint = fingerprint  # saved with the position: a resumed run must read the same examples
+        self.unverified = False  # set_state: the saved position had no fingerprint to check
         weights = weights or {}
         unknown = sorted(set(weights) - set(self.tasks))
         if unknown:
@@ -246,7 +250,7 @@ class TrainStream:
         per_task = [grain.MapDataset.source(records[t]).shuffle(seed=seed + 7919 * row + self.tasks.index(t))
                     .repeat() for t in tasks]
         # grain's mix interleaves the tasks in one fixed pattern (the same in every row: a batch would hold one
-        # task at a time); shuffling it in windows keeps the weights exact per window and makes rows differ.
+        # task at a time); shuffling it in windows keeps the weights per window and makes rows differ.
         mixed = grain.MapDataset.mix(per_task, weights=[mix[t] for t in tasks])
         # The records are in memory: reading them on prefetch threads only adds GIL contention (grain's advice).
         stream = grain.MapDataset.source(WindowShuffled(mixed, MIX_WINDOW, seed=[seed, row])).to_iter_dataset(
@@ -271,6 +275,7 @@ class TrainStream:
         """Continue from :meth:`get_state` output (of any process: only this process's rows are read). A
         position saved over other examples (the data files changed since) is refused."""
         saved = state.get("data")
+        self.unverified = saved is None  # a checkpoint from before fingerprints: the caller warns
         if saved is not None and self.fingerprint is not None and saved != self.fingerprint:
             change = _data_change(saved, self.fingerprint)
             raise DataError(f"the training data changed since this run was checkpointed ({change}): its saved "
