@@ -54,14 +54,13 @@ from comoe_jax import sharding as shd
 from comoe_jax.cli import command
 from comoe_jax.config import MeshConfig
 from comoe_jax.errors import ConfigError
-from comoe_jax.evaluate import Scorer
+from comoe_jax.evaluate import DEFAULT_MAX_LEN, Scorer
 from comoe_jax.generate import greedy_generate, stop_token_ids
 from comoe_jax.loading import DTYPES, hf_config
 from comoe_jax.paths import as_path
 
 MODEL_NAME = "comoe-jax"
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_MAX_LENGTH = 2048  # lm_eval's fallback when the model records no context length
 DEFAULT_MAX_GEN_TOKS = 256  # as lm_eval's hf backend
 
 log = logging.getLogger(__name__)
@@ -229,7 +228,7 @@ class ComoeJaxLM(TemplateLM):
         self.custom_prefix_token_id = None if prefix_token_id is None else _int("prefix_token_id", prefix_token_id)
         # as the hf backend: the model's context length (config.json, GGUF header), else the tokenizer's
         self._max_length = (_int("max_length", max_length) if max_length else
-                            resolve_max_length(hf_config(model_cfg), self.tokenizer, default=DEFAULT_MAX_LENGTH))
+                            resolve_max_length(hf_config(model_cfg), self.tokenizer, default=DEFAULT_MAX_LEN))
         self._max_gen_toks = _int("max_gen_toks", max_gen_toks)
         tok = self.tokenizer
         self.pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)

@@ -122,10 +122,9 @@ def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None) 
     tasks = tuple(dict.fromkeys(ex.task for ex in examples))
     rows = list(range(batch_size)) if rows is None else sorted(rows)
     wanted = set(rows)
-    assigned = [(ex, tuple(r for r in ex_rows if r in wanted))
-                for ex, ex_rows in zip(examples, assign_rows(examples, batch_size, cfg.train.seed))]
-    mine = [(ex_rows, ex) for ex, ex_rows in assigned if ex_rows]
-    records, counts = tokenize_rows(tokenizer, [ex for _, ex in mine], [r for r, _ in mine], d.template,
+    mine = [(ex, kept) for ex, ex_rows in zip(examples, assign_rows(examples, batch_size, cfg.train.seed))
+            if (kept := tuple(r for r in ex_rows if r in wanted))]
+    records, counts = tokenize_rows(tokenizer, [ex for ex, _ in mine], [r for _, r in mine], d.template,
                                     d.seq_len, tasks)
     share = "" if len(rows) == batch_size else f" (the {len(rows)} of {batch_size} batch rows this process feeds)"
     say(counts.summary(d.seq_len) + share)

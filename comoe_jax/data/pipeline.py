@@ -120,17 +120,15 @@ def assign_rows(examples: list[Example], batch_size: int, seed: int = 0) -> list
 def tokenize(tokenizer, examples: list[Example], template: str, seq_len: int,
              tasks: tuple[str, ...]) -> tuple[dict[str, list[dict]], TokenCounts]:
     """Records ``{ids, response, task}`` per task; examples with no response token left are left out."""
-    by_rows, counts = tokenize_rows(tokenizer, examples, [0] * len(examples), template, seq_len, tasks)
+    by_rows, counts = tokenize_rows(tokenizer, examples, [(0,)] * len(examples), template, seq_len, tasks)
     return by_rows[0], counts
 
 
-def tokenize_rows(tokenizer, examples: list[Example], rows: list, template: str, seq_len: int,
+def tokenize_rows(tokenizer, examples: list[Example], rows: list[tuple[int, ...]], template: str, seq_len: int,
                   tasks: tuple[str, ...]) -> tuple[dict[int, dict[str, list[dict]]], TokenCounts]:
-    """Records ``{ids, response, task}`` per row (``rows[i]``: example i's row, or a tuple of rows) and task;
-    examples with no response token left are left out and counted (once, whatever their number of rows)."""
-    rows = [(r,) if isinstance(r, (int, np.integer)) else tuple(r) for r in rows]
-    out: dict[int, dict[str, list[dict]]] = {r: {t: [] for t in tasks} for r in dict.fromkeys(r for rs in rows
-                                                                                                for r in rs)}
+    """Records ``{ids, response, task}`` per row (``rows[i]``: the rows example i feeds) and task; examples
+    with no response token left are left out and counted (once, whatever their number of rows)."""
+    out: dict[int, dict[str, list[dict]]] = {r: {t: [] for t in tasks} for rs in rows for r in rs}
     counts = TokenCounts()
     for ex, ex_rows in zip(examples, rows):
         prompt, response = render(ex, template, tokenizer)
