@@ -177,9 +177,19 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     for section, values in now.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            if name not in resumable and saved.get(section, {}).get(key) != value:
-                changed.append(f"{name}: checkpoint {saved.get(section, {}).get(key)!r}, now {value!r}")
+            before = saved.get(section, {}).get(key)
+            if name == "model.path" and isinstance(before, str) and _same_file(before, value):
+                continue  # an older run stored the path as typed (relative)
+            if name not in resumable and before != value:
+                changed.append(f"{name}: checkpoint {before!r}, now {value!r}")
     return changed
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(os.path.expanduser(a), os.path.expanduser(b))
+    except OSError:
+        return False
 
 
 def save_adapters(directory: str | Path, params: dict, groups: tuple[range, ...], cfg: Config) -> Path:
@@ -281,16 +291,19 @@ def set_adapters(model, per_layer: dict, *, source=None, base: tuple | None = No
     nnx.update(model, state_from_flat(adapters, {n: jax.numpy.asarray(v, current[n].dtype) for n, v in values.items()}))
 
 
-def load_run_model(cfg: Config, run_dir=None, mesh=None, rules=None):
+def load_run_model(cfg: Config, run_dir=None, mesh=None, rules=None, adapter_dir=None):
     """The model of ``cfg`` on ``mesh`` (default: ``cfg.mesh``), with the adapters exported to
-    ``<run_dir>/adapter`` (none given: the base model, adapters at initialisation)."""
+    ``<run_dir>/adapter`` or ``adapter_dir`` (e.g. ``<run>/best_adapter``; neither given: the base model,
+    adapters at initialisation)."""
     from comoe_jax import sharding as shd
     from comoe_jax.loading import build_model
 
     if mesh is None:
         mesh, rules = shd.make_mesh(cfg.mesh), shd.rules_dict(cfg.mesh.rules)
     model = build_model(cfg, mesh, rules)
-    if run_dir is not None:
-        tensors, meta = load_adapters(as_path(run_dir) / "adapter")
-        set_adapters(model, tensors, source=as_path(run_dir) / "adapter", base=(meta.get("base_model"), cfg.model.path))
+    if adapter_dir is None and run_dir is not None:
+        adapter_dir = as_path(run_dir) / "adapter"
+    if adapter_dir is not None:
+        tensors, meta = load_adapters(adapter_dir)
+        set_adapters(model, tensors, source=as_path(adapter_dir), base=(meta.get("base_model"), cfg.model.path))
     return model

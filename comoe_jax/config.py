@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from comoe_jax.constants import (
     ANCHOR_MODES,
+    CHAT_REPLIES,
     CONTRASTIVE_FORMS,
     DTYPES,
     EVAL_MODES,
@@ -177,8 +178,8 @@ class DataConfig(_Strict):
     train: tuple = _f(("mix",), "Training sources, concatenated: mix (comoe_jax/data/comoe_mix, the committed "
                       "BIG-bench multi-task mix) | builtin[:task+task] | jsonl:PATH (JSON lines or a JSON list) | "
                       "llm_adapters:PATH | bigbench:PATH | hf:PATH (a datasets folder from save_to_disk, or a "
-                      ".parquet / .csv / .tsv / .arrow file) | hf:org/name[:subset] (a hub dataset). See "
-                      "comoe_jax/data/loaders.py.")
+                      ".parquet / .csv / .tsv / .arrow file) | hf:org/name[:subset][@split] (a hub dataset; "
+                      "@split: its own split name, e.g. @train_sft). See comoe_jax/data/loaders.py.")
     tasks: tuple = _f((), "Only these tasks of the sources (empty = all).")
     max_examples_per_task: int = _f(0, "At most this many training examples per task (0 = all).")
     mix_weights: dict = _f({}, "Sampling weight per task (relative shares), e.g. {\"math_qa\": 2, \"social_iqa\": 1, "
@@ -188,6 +189,9 @@ class DataConfig(_Strict):
                        "prompt) | plain ('Q: ... A: ', for tiny models) | raw (prompt and response as written: "
                        "prompt-completion data, free-form items only) | chat (the tokenizer's chat template: "
                        "chat records' messages, or the instruction as the user's turn).")
+    chat_replies: str = _f("all", "Multi-turn chat records with data.template=chat: all (the loss is taken on every "
+                           "assistant reply and its end of turn, as TRL's assistant_only_loss, axolotl and "
+                           "LLaMA-Factory do) | last (on the last reply only; earlier turns are context).")
     seq_len: int = _f(128, "Tokens per row (cutoff length): longer examples are truncated; shorter ones are packed "
                       "or padded.")
     packing: bool = _f(True, "Pack several examples per row (attention and positions stay within each example); "
@@ -222,7 +226,8 @@ class EvalConfig(_Strict):
                                    "validation split). A jsonl / llm_adapters / bigbench file has no splits: "
                                    "name its validation file here.", resumable=True)
     keep_best: bool = _f(False, "With eval.every: keep the adapters of the step with the best validation accuracy "
-                         "in <output_dir>/best_adapter (best.json names the step).", resumable=True)
+                         "(ties: the lower validation loss) in <output_dir>/best_adapter (best.json names the step; "
+                         "evaluate.py --run <run> --adapter <run>/best_adapter evaluates it).", resumable=True)
 
 
 @dataclass
@@ -416,7 +421,13 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise ConfigError(f"{run_dir} is a run's adapter folder; give the run folder {as_path(run_dir).parent}")
     if not path.exists():
         raise ConfigError(f"{path} does not exist: {run_dir} is not a comoe-jax run folder")
-    return config_from_dict(read_json(path, ConfigError), str(path))
+    cfg = config_from_dict(read_json(path, ConfigError), str(path))
+    # How the run was launched is not part of it: a multi-host run read on one machine would wait for the other
+    # hosts. A multi-host evaluation passes mesh.coordinator_address / num_processes / process_id again.
+    defaults = MeshConfig()
+    for key in ("coordinator_address", "num_processes", "process_id"):
+        setattr(cfg.mesh, key, getattr(defaults, key))
+    return cfg
 
 
 def read_json(path: Path, error: type[Exception] = ConfigError):
@@ -698,6 +709,8 @@ def validate(cfg: Config) -> Config:
         _require(not local.is_file() or local.suffix == ".gguf", "model.path", m.path,
                  f"a {local.suffix or 'plain'} file; give the folder that holds config.json and the weights "
                  f"({local.parent}), or a .gguf file")
+        if local.exists():  # the run's config.json and adapters name the base wherever they are read from
+            m.path = os.path.abspath(local)
     _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
     _require(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {', '.join(DTYPES)}")
     _require(a.method in METHODS, "adapter.method", a.method, f"one of {', '.join(METHODS)}")
@@ -761,6 +774,7 @@ def validate(cfg: Config) -> Config:
     _require(not cfg.eval.keep_best or cfg.eval.every > 0, "eval.keep_best", cfg.eval.keep_best,
              "only with eval.every > 0 (the best step is chosen among the validation steps)")
     _require(d.template in TEMPLATES, "data.template", d.template, f"one of {', '.join(TEMPLATES)}")
+    _require(d.chat_replies in CHAT_REPLIES, "data.chat_replies", d.chat_replies, f"one of {', '.join(CHAT_REPLIES)}")
     _require(d.seq_len >= 8, "data.seq_len", d.seq_len, ">= 8 tokens")
     _require(d.max_examples_per_task >= 0, "data.max_examples_per_task", d.max_examples_per_task, ">= 0 (0 = all)")
     for key, specs in (("data.train", d.train), ("eval.sources", cfg.eval.sources),

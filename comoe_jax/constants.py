@@ -14,10 +14,15 @@ DTYPES = ("float32", "bfloat16")
 SPLITS = ("train", "validation", "test")
 EVAL_MODES = ("label", "loglik", "generate")
 SOURCE_FORMATS = ("jsonl", "llm_adapters", "bigbench", "hf")
-HUB_DATASET = r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$"  # hf:org/name[:subset], when no such local folder exists
+# hf:org/name[:subset][@split], when no such local folder exists (split: the hub's own name, e.g. train_sft, or a
+# datasets slice such as train[:1000]; without it, the split asked for: train, validation or eval.split)
+HUB_DATASET = r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?(@[\w.\[\]:%+-]+)?$"
 TEMPLATES = ("alpaca", "choice", "plain", "raw", "chat")
 CHAT_ROLES = ("system", "user", "assistant")
+CHAT_REPLIES = ("all", "last")  # data.chat_replies: which assistant replies of a conversation are trained on
 MODEL_ALIASES = ("smollm2-135m", "gemma3-270m", "random")
+# The hub models the GGUF aliases were quantised from: a peft export names them (peft cannot read a GGUF).
+ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 MESH_AXES = ("dcn", "data", "fsdp", "tensor")  # dcn: TPU slices (data-center network); the rest: within one
 # Logical axis names that parameters and activations carry (mesh.rules maps them to MESH_AXES).
 LOGICAL_AXES = ("batch", "length", "act_embed", "embed", "heads", "kv_heads", "mlp", "vocab", "expert", "rank", "norm",

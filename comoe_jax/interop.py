@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from comoe_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, load_adapters, read_safetensors, set_adapters
 from comoe_jax.config import AdapterConfig, Config, LossConfig, config_from_dict, read_json
-from comoe_jax.constants import TARGET_MODULES
+from comoe_jax.constants import ALIAS_HUB_IDS, TARGET_MODULES
 from comoe_jax.errors import AdapterFormatError, ConfigError
 from comoe_jax.generate import greedy_generate, stop_token_ids
 from comoe_jax.loading import _hf_name, from_pretrained, hf_config, load_tokenizer, model_spec, resolve_model_path
@@ -27,6 +27,8 @@ from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, uns
 from comoe_jax.paths import as_path, hub_id
 
 PEFT_PREFIX = "base_model.model."
+# Beside a peft export: the base model as comoe-jax loaded it (a GGUF alias: peft's field names its hub model).
+BASE_MODEL_FILE = "comoe_base_model.json"
 # Our per-layer leaf -> (peft suffix, transpose?)
 _PEFT_LEAVES = {"lora_a": ("lora_A.weight", True), "lora_b": ("lora_B.weight", True),
                 "magnitude": ("lora_magnitude_vector", False)}
@@ -73,17 +75,21 @@ def export_peft(model, cfg: Config, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / ADAPTER_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
     (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
+    (directory / BASE_MODEL_FILE).write_text(json.dumps({"base_model": cfg.model.path}))
     return directory
 
 
 def base_model_fields(path: str) -> dict:
     """peft's ``base_model_name_or_path`` and ``revision`` for ``model.path``: a hub id as its repository and
-    revision, a local model as an absolute path (so ``AutoPeftModelForCausalLM`` finds it from any folder).
-    A GGUF base (the default ``smollm2-135m``) is recorded as its file, which transformers reads only with
-    ``gguf_file=``: export such runs with ``comoe-export --format merged``."""
+    revision, a local model as an absolute path (so ``AutoPeftModelForCausalLM`` finds it from any folder),
+    the GGUF aliases as the hub models they were quantised from (the adapter was trained on the dequantised
+    4-bit weights, as a QLoRA adapter is). Another GGUF file is recorded as itself, which transformers reads
+    only with ``gguf_file=``: export such runs with ``comoe-export --format merged``."""
     hub = hub_id(path)
     if hub:
         return {"base_model_name_or_path": hub[0], "revision": hub[1]}
+    if path in ALIAS_HUB_IDS:
+        return {"base_model_name_or_path": ALIAS_HUB_IDS[path], "revision": None}
     if path == "random":
         return {"base_model_name_or_path": path, "revision": None}
     local = Path(path) if Path(path).exists() else resolve_model_path(path)
@@ -99,6 +105,11 @@ def recorded_base(directory: str | Path) -> str | None:
                                  f"{type(meta).__name__}")
     if meta.get("format") == FORMAT:
         return meta.get("base_model")
+    ours = as_path(directory) / BASE_MODEL_FILE  # a peft folder comoe-jax wrote: the base exactly as trained
+    if ours.exists():
+        saved = read_json(ours, AdapterFormatError)
+        if isinstance(saved, dict) and isinstance(saved.get("base_model"), str):
+            return saved["base_model"]
     base, revision = meta.get("base_model_name_or_path"), meta.get("revision")
     return f"{base}@{revision}" if base and revision and hub_id(base) else base
 
@@ -178,7 +189,7 @@ def _positive(path: Path, meta: dict, key: str, kind: type):
 
 def read_peft(directory: str | Path, num_layers: int) -> tuple[AdapterConfig, dict[str, np.ndarray]]:
     """(AdapterConfig, per-layer arrays in our layout) from a peft LoRA / DoRA folder."""
-    directory = Path(directory)
+    directory = as_path(directory)
     path = directory / ADAPTER_CONFIG
     meta = read_json(path, AdapterFormatError)
     adapter = _peft_fields(path, meta, num_layers)
@@ -197,7 +208,7 @@ def read_peft(directory: str | Path, num_layers: int) -> tuple[AdapterConfig, di
 
 def adapter_format(directory: str | Path) -> str:
     """``'comoe'`` or ``'peft'``, from the folder's adapter_config.json."""
-    path = Path(directory) / ADAPTER_CONFIG
+    path = as_path(directory) / ADAPTER_CONFIG
     if not path.exists():
         raise AdapterFormatError(f"{path} does not exist: not an adapter folder")
     meta = read_json(path, AdapterFormatError)
@@ -210,21 +221,23 @@ def adapter_format(directory: str | Path) -> str:
     raise AdapterFormatError(f"{path}: neither comoe-jax ('format': {FORMAT!r}) nor peft LoRA ('peft_type': 'LORA')")
 
 
-def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str = "float32", mesh=None, rules=None):
+def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str = "float32", mesh=None, rules=None,
+                 random_arch: dict | None = None, seed: int = 0):
     """Inference entry point: (model, tokenizer) with a saved adapter on its base model.
 
     ``directory`` is a comoe-jax adapter folder (``<run>/adapter``, any method) or a peft
-    LoRA / DoRA folder; ``base`` overrides the base model path recorded there. The model
+    LoRA / DoRA folder; ``base`` overrides the base model path recorded there (``random_arch`` and ``seed``:
+    the random base of a ``model.path=random`` run, as its config names them). The model
     runs without any training code: ``model(ids)``, ``comoe_jax.evaluate``,
     ``comoe_jax.generate.greedy_generate`` / :func:`generate_text`.
     """
     kind = adapter_format(directory)
-    meta = read_json(Path(directory) / ADAPTER_CONFIG, AdapterFormatError)
+    meta = read_json(as_path(directory) / ADAPTER_CONFIG, AdapterFormatError)
     base = base or recorded_base(directory)
     if not base:
-        raise AdapterFormatError(f"{Path(directory) / ADAPTER_CONFIG}: no base model recorded; pass base=")
+        raise AdapterFormatError(f"{as_path(directory) / ADAPTER_CONFIG}: no base model recorded; pass base=")
     if kind == "comoe":
-        where = str(Path(directory) / ADAPTER_CONFIG)
+        where = str(as_path(directory) / ADAPTER_CONFIG)
         try:
             saved = config_from_dict({"adapter": meta["adapter"], "loss": meta["loss"]}, where)
         except KeyError as e:
@@ -236,7 +249,8 @@ def load_adapted(directory: str | Path, base: str | None = None, *, dtype: str =
     else:
         adapter, tensors = read_peft(directory, model_spec(base).num_layers)
         loss = LossConfig(contrastive_weight=0.0)
-    model = from_pretrained(base, adapter=adapter, loss=loss, dtype=dtype, mesh=mesh, rules=rules)
+    model = from_pretrained(base, adapter=adapter, loss=loss, dtype=dtype, mesh=mesh, rules=rules,
+                            random_arch=random_arch, seed=seed)
     set_adapters(model, tensors, source=directory, base=(recorded_base(directory), base))
     return model, load_tokenizer(base)
 

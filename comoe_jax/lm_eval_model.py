@@ -299,7 +299,14 @@ class ComoeJaxLM(TemplateLM):
 
     def _progress(self, total: int, desc: str, disable: bool):
         bar = tqdm(total=total, desc=desc, disable=disable)
-        return bar, (lambda done, _total: bar.update(done))
+
+        def advance(done: int, of: int) -> None:  # the scorer counts contexts (a question's choices share one)
+            if bar.total != of:
+                bar.total = of
+                bar.refresh()
+            bar.update(done)
+
+        return bar, advance
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """``requests``: ((context, continuation) or None, context ids, continuation ids). As the hf backend:
@@ -362,7 +369,9 @@ class ComoeJaxLM(TemplateLM):
             if room <= 0:
                 raise ValueError(f"{MODEL_NAME}: max_gen_toks={max_gen_toks} leaves no room for the prompt in "
                                  f"max_length={self.max_length}")
-            prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=room) for i in members]
+            # an empty context starts from the prefix token (BOS or EOS), as loglikelihood's empty contexts do
+            prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=room) or [self.prefix_token_id]
+                       for i in members]
             order = sorted(range(len(members)), key=lambda j: len(prompts[j]))  # similar lengths share a batch
             tokens = greedy_generate(self.model, [prompts[j] for j in order], max_new_tokens=max_gen_toks,
                                      eos_id=stop_token_ids(self.tokenizer) or -1,  # as generate() stops

@@ -40,6 +40,8 @@ def is_local(path) -> bool:
 def as_path(path) -> epath.Path:
     """``path`` (str, pathlib or epath) as an ``epath.Path``; an unsupported URL scheme is a ConfigError."""
     text = os.fspath(path)
+    if text.startswith("file://"):  # file:///abs/path: a local path written as a URL
+        text = text.removeprefix("file://")
     if is_local(text):
         return epath.Path(os.path.expanduser(text))
     if not text.startswith(URL_SCHEMES):
@@ -97,6 +99,17 @@ def output_folder(path, name: str) -> epath.Path:
     except OSError as e:
         raise RunFolderError(f"{name}={path} cannot be written ({e.strerror or e}); choose a writable folder") from None
     return path
+
+
+def copy_tree(src, dst) -> None:
+    """Copy the files of folder ``src`` (and its subfolders) into ``dst``, local or remote."""
+    src, dst = as_path(src), as_path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_dir():
+            copy_tree(item, dst / item.name)
+        else:
+            (dst / item.name).write_bytes(item.read_bytes())
 
 
 def remove_tree(path) -> None:

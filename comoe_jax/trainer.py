@@ -125,7 +125,7 @@ def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None) 
     mine = [(ex, kept) for ex, ex_rows in zip(examples, assign_rows(examples, batch_size, cfg.train.seed))
             if (kept := tuple(r for r in ex_rows if r in wanted))]
     records, counts = tokenize_rows(tokenizer, [ex for ex, _ in mine], [r for _, r in mine], d.template,
-                                    d.seq_len, tasks)
+                                    d.seq_len, tasks, d.chat_replies)
     share = "" if len(rows) == batch_size else f" (the {len(rows)} of {batch_size} batch rows this process feeds)"
     say(counts.summary(d.seq_len) + share)
     stream = TrainStream({r: records.get(r, {}) for r in rows}, batch_size=batch_size, seq_len=d.seq_len,
@@ -359,7 +359,9 @@ class Validator:
         self.rows = read_jsonl(out / "validation.jsonl")[0]  # earlier sessions of a resumed run
         best = out / "best.json"
         meta = read_json(best, RunFolderError) if best.exists() else {}
-        self.best = meta.get("accuracy_average", -1.0) if isinstance(meta, dict) else -1.0
+        meta = meta if isinstance(meta, dict) else {}
+        # best: the highest accuracy, ties (e.g. free-form generation still at 0) to the lower validation loss
+        self.best = (meta.get("accuracy_average", -1.0), -meta.get("loss", float("inf")))
 
     def due(self, step: int) -> bool:
         return step % self.cfg.eval.every == 0
@@ -378,8 +380,8 @@ class Validator:
         if jax.process_index() == 0:
             write_atomic(self.out / "validation.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
             plot_validation(self.rows, self.out / "validation.png")
-        if e.keep_best and result.average > self.best:
-            self.best = result.average
+        if e.keep_best and (result.average, -loss) > self.best:
+            self.best = (result.average, -loss)
             save_adapters(self.out / "best_adapter", params, self.groups, self.cfg)
             if jax.process_index() == 0:
                 write_atomic(self.out / "best.json", json.dumps({"step": step, "accuracy_average": result.average,

@@ -185,6 +185,38 @@ def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
     assert all(np.array_equal(np.asarray(v), np.asarray(frozen_before[k])) for k, v in flat_values(frozen).items())
 
 
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "qwen3_attention_bias_tied"])
+def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path):
+    """A trained LoRA on every projection of Mistral / Qwen2 (biases) / Qwen3 (q/k norms, tied embeddings):
+    the merged folder (AutoModelForCausalLM, no peft) and the peft folder give our adapted logits."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from comoe_jax.config import Config
+    from comoe_jax.interop import export_merged, export_peft
+    from comoe_jax.loading import byte_tokenizer
+    from comoe_jax.model import state_from_flat
+
+    ref = saved(name)
+    byte_tokenizer().save_pretrained(ref.folder)  # the merged folder carries the base's tokenizer
+    cfg = Config()
+    cfg.model.path = ref.folder
+    cfg.adapter.method, cfg.adapter.num_experts, cfg.adapter.top_k = "lora", 1, 1
+    cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.target_modules = 4, 8.0, ALL_PROJECTIONS
+    model = from_pretrained(ref.folder, adapter=cfg.adapter)
+    _, adapters, _ = split_model(model)
+    rng = np.random.default_rng(11)
+    nnx.update(model, state_from_flat(adapters, {k: jnp.asarray(rng.normal(size=v.shape) * 0.2, jnp.float32)
+                                                 for k, v in flat_values(adapters).items()}))
+    ours = _ours(model, ref.ids, ref.mask)
+    real = ref.mask.astype(bool)
+    assert np.abs(ours[real] - ref.got[real]).max() > 1e-2  # the adapters change the logits
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(model, cfg, tmp_path / "merged"))
+    np.testing.assert_allclose(_logits(merged, ref.ids, ref.mask)[real], ours[real], atol=1e-4, rtol=0)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(export_peft(model, cfg, tmp_path / "peft")))
+    np.testing.assert_allclose(_logits(peft_model, ref.ids, ref.mask)[real], ours[real], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "phi3"])
 def test_unsupported_model_types_are_refused_with_the_supported_list(model_type, tmp_path):
     (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}", "num_hidden_layers": 2}}')

@@ -273,6 +273,8 @@ CASES = [
     ("model-missing", _override("model.path=/no/such/model"), 2, r"model\.path='/no/such/model' is not allowed: no "),
     ("random-arch", _override('model.random_arch={"hidden_size": "big"}'), 2, r"model\.random_arch=.* not a transf"),
     ("template", _override("data.template=chatml"), 2, r"data\.template='chatml' is not allowed: one of alpaca"),
+    ("chat-replies", _override("data.chat_replies=first"), 2, r"data\.chat_replies='first' is not allowed: one of all, "
+     r"last"),
     ("template-chat-without-one", _override("data.template=chat"), 2,
      r"data\.template=chat needs a tokenizer with a chat template"),
     ("eval-every", _override("eval.every=-2"), 2, r"eval\.every=-2 is not allowed: >= 0"),

@@ -1,5 +1,6 @@
 """Config loading, overrides and every refusal's message."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,16 @@ def test_every_key_is_documented():
     text = describe()
     for line in text.splitlines()[1::2]:
         assert len(line.strip()) > 10, line
+
+
+def test_a_run_is_read_without_how_it_was_launched(tmp_path):
+    """A pod run's folder read on one machine must not wait for the pod's other hosts."""
+    from comoe_jax.config import load_run_config
+
+    cfg = Config()
+    cfg.mesh.coordinator_address, cfg.mesh.num_processes, cfg.mesh.process_id = "10.0.0.1:1234", 4, 2
+    cfg.mesh.fsdp, cfg.train.steps = 4, 7
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    read = load_run_config(tmp_path)
+    assert (read.mesh.coordinator_address, read.mesh.num_processes, read.mesh.process_id) == ("", 1, 0)
+    assert (read.mesh.fsdp, read.train.steps) == (4, 7)  # the rest is the run's

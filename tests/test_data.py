@@ -342,6 +342,66 @@ def test_chat_template_masks_exactly_the_assistant_reply():
         render(item, "chat", byte_tokenizer())
 
 
+# Chat templates as their models ship them (shortened to what shapes a conversation).
+_MISTRAL_V1 = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 "
+               "== 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') "
+               "}}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{%"
+               " elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_excep"
+               "tion('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+_MISTRAL_V3 = ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}{%- set"
+               ' loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}{{- bos_'
+               "token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}{%- if loop.last and"
+               " system_message is defined %}{{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INS"
+               "T]' }}{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}{%- elif message['ro"
+               "le'] == 'assistant' %}{{- ' ' + message['content']|trim + eos_token}}{%- endif %}{%- endfor %}")
+_LLAMA3 = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_hea"
+           "der_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content "
+           "= bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|st"
+           "art_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+_GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not support"
+          "ed') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set rol"
+          "e = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '"
+          "\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{"
+          "'<start_of_turn>model\n'}}{% endif %}")
+
+
+@pytest.mark.parametrize("template, replies, context", [
+    (None, (" Four. <|im_end|>", "Eight."), ["<|im_start|>system\nBe brief.", "Doubled?<|im_end|>"]),
+    (_MISTRAL_V1, (" Four. <|im_end|>", "Eight."), ["[INST] Be brief.\n\nWhat is 2+2? [/INST]"]),  # system folded
+    (_MISTRAL_V3, (" Four.<|im_end|>", " Eight."), ["[INST] What is 2+2?[/INST]"]),  # drops the system turn itself
+    (_LLAMA3, ("Four.<|eot_id|>", "Eight.<|eot_id|>"), ["system<|end_header_id|>\n\nBe brief.<|eot_id|>"]),
+    (_GEMMA, ("Four.<end_of_turn>", "Eight.<end_of_turn>"), ["user\nBe brief.\n\nWhat is 2+2?<end_of_turn>"]),
+], ids=["chatml", "mistral-v0.1", "mistral-v0.3", "llama3", "gemma"])
+def test_multi_turn_chat_trains_on_every_reply_or_the_last(template, replies, context):
+    from comoe_jax.data import encode_segments, render_segments
+    from comoe_jax.data.records import Example
+    from comoe_jax.loading import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")  # its EOS is <|im_end|>, appended after the last reply
+    if template:  # the real tokenizers have their turn markers as single special tokens
+        tok.chat_template = template
+        tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                                                              "<start_of_turn>", "<end_of_turn>", "[INST]", "[/INST]"]})
+    turns = (("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", " Four. "), ("user", "Doubled?"),
+             ("assistant", "Eight."))
+    ex = Example(task="t", instruction="Doubled?", answer="Eight.", output="Eight.", context="Be brief.",
+                 messages=turns)
+    eos = "<|im_end|>"
+    for which, trained in (("all", replies), ("last", replies[-1:])):
+        segments = render_segments(ex, "chat", tok, which)
+        assert [text for text, on in segments if on] == list(trained)
+        text = "".join(t for t, _ in segments)
+        assert all(piece in text for piece in context)
+        ids, mask, cut = encode_segments(tok, segments, 256, special_tokens=False)
+        assert tok.decode(ids) == text + eos and not cut  # (a token across a boundary: the generation prompt's split)
+        spans = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))  # starts and ends of trained runs
+        runs = [tok.decode(ids[a:b]) for a, b in zip(spans[::2], spans[1::2])]
+        assert "".join(runs) == "".join(trained) + eos and len(runs) == len(trained)
+    # evaluation prompts end where the last reply starts, as training renders it
+    prompt, response = render(ex, "chat", tok)
+    assert prompt + response == "".join(t for t, _ in render_segments(ex, "chat", tok, "last"))
+
+
 def test_hub_datasets_by_name_load_and_stream_through_datasets(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     from huggingface_hub import constants
@@ -364,8 +424,10 @@ def test_hub_datasets_by_name_load_and_stream_through_datasets(tmp_path, monkeyp
     assert [ex.instruction for ex in load_sources(["hf:acme/sft"], "train", max_per_task=2)] == ["q0", "q1"]
     (val,) = load_source("hf:acme/sft:chat", "validation")
     assert val.messages[-1] == ("assistant", "Hello") and val.task == "sft_chat"
+    (own,) = load_source("hf:acme/sft@validation", "train")  # @split: the hub's split name wins
+    assert own.messages[-1] == ("assistant", "Hello") and own.task == "sft"
     assert calls == [("acme/sft", None, "train", False), ("acme/sft", None, "train", True),
-                     ("acme/sft", "chat", "validation", False)]
+                     ("acme/sft", "chat", "validation", False), ("acme/sft", None, "validation", False)]
     monkeypatch.setattr(datasets, "load_dataset", real)  # the real loader, offline, on a dataset never loaded
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)

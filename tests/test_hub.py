@@ -94,6 +94,11 @@ def test_peft_records_hub_bases_with_their_revision_and_local_bases_absolute(hub
     (folder / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", **base_model_fields(f"acme/tiny-llama@{COMMIT}")}))
     assert recorded_base(folder) == f"acme/tiny-llama@{COMMIT}"
+    # a GGUF alias: peft is told the hub model it was quantised from; comoe-jax reads back the alias
+    assert base_model_fields("smollm2-135m") == {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                 "revision": None}
+    (folder / "comoe_base_model.json").write_text(json.dumps({"base_model": "smollm2-135m"}))
+    assert recorded_base(folder) == "smollm2-135m"
 
 
 def test_train_command_on_a_hub_id(hub_cache, tmp_path):

@@ -56,6 +56,7 @@ def test_urls_are_never_turned_into_local_folders():
     assert str(as_path("gs://bucket/run") / "checkpoints") == "gs://bucket/run/checkpoints"
     assert str(as_path("s3://b/r/adapter")) == "s3://b/r/adapter"
     assert str(as_path("~/runs/x")) == os.path.expanduser("~/runs/x")
+    assert str(as_path("file:///tmp/runs/x")) == "/tmp/runs/x"  # a local path written as a URL
     from comoe_jax.errors import ConfigError
 
     with pytest.raises(ConfigError, match="memory://x: URL scheme not supported; use a local path or one of gs://"):
@@ -82,6 +83,13 @@ def test_a_run_writes_resumes_and_exports_through_gs(fake_gcs, tmp_path, capsys)
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert evaluate.main(["--run", "gs://bucket/run", "eval.mode=generate"]) == 0
     assert (run / "eval_test_generate.json").exists()
+    from comoe_jax.commands import export
+    from comoe_jax.interop import adapter_format, recorded_base
+
+    assert export.main(["--run", "gs://bucket/run", "--format", "comoe"]) == 0  # copied through the object store
+    assert (run / "comoe" / "adapter_model.safetensors").read_bytes() == \
+        (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (adapter_format("gs://bucket/run/comoe"), recorded_base("gs://bucket/run/comoe")) == ("comoe", "random")
     assert not any(p.name.startswith("gs:") for p in tmp_path.rglob("*")), "a URL became a local folder"
 
 

@@ -228,9 +228,12 @@ def test_validation_during_training_logs_plots_and_keeps_the_best_adapter(tmp_pa
     assert {"accuracy_add", "accuracy_antonym"} <= set(rows[0])
     assert rows[0]["loss"] > rows[-1]["loss"]  # training on the same tasks lowers the validation loss
     best = json.loads((run / "best.json").read_text())
-    accuracies = [r["accuracy_average"] for r in rows]
-    assert best["step"] == rows[accuracies.index(max(accuracies))]["step"]
+    assert best["step"] == max(rows, key=lambda r: (r["accuracy_average"], -r["loss"]))["step"]  # ties: lower loss
     assert (run / "best_adapter" / "adapter_model.safetensors").exists() and (run / "validation.png").exists()
+    import evaluate
+
+    assert evaluate.main(["--run", str(run), "--adapter", str(run / "best_adapter"), "eval.max_per_task=2"]) == 0
+    assert (run / "best_adapter" / "eval_test_generate.json").exists()
 
 
 def test_response_loss_is_the_mean_response_token_cross_entropy(tiny_config):

@@ -24,14 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--run", help="a run folder (its config.json and adapter/)")
     source.add_argument("--config", default="configs/default.py", help="a configs/*.py file (base model)")
-    parser.add_argument("--out", help="output path stem (default: <run>/eval_<split>_<mode>)")
+    parser.add_argument("--adapter", help="with --run: this adapter folder instead of <run>/adapter, e.g. "
+                        "<run>/best_adapter (eval.keep_best)")
+    parser.add_argument("--out", help="output path stem (default: <run>/eval_<split>_<mode>; with --adapter: "
+                        "<adapter>/eval_<split>_<mode>)")
     args, overrides = parser.parse_known_args(argv)
+    if args.adapter is not None and args.run is None:
+        raise ConfigError("--adapter needs --run (the run whose config the adapter was trained with)")
     cfg = load_run_config(args.run) if args.run is not None else load_config_file(args.config)
     validate(apply_overrides(cfg, overrides))
     if args.out is not None:
         _check_out_stem(args.out)
+    if args.adapter is not None and not (as_path(args.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {args.adapter}: no adapter_config.json there; give an adapter folder such as "
+                          f"{as_path(args.run) / 'best_adapter'}")
+    home = args.adapter or args.run  # where the results go by default
     results = "--out (its folder)" if args.out else "--run (the results go there)" if args.run else "--out (default)"
-    output_folder(as_path(args.out).parent if args.out else as_path(args.run or "runs/base"), results)
+    output_folder(as_path(args.out).parent if args.out else as_path(home or "runs/base"), results)
     import jax
 
     from comoe_jax import sharding as shd
@@ -41,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     shd.init_distributed(cfg.mesh)  # a multi-host evaluation: every host runs this script with its process id
     tokenizer = load_tokenizer(cfg.model.path)
-    model = load_run_model(cfg, args.run)  # on the run's mesh; each device scores its share of the items
+    model = load_run_model(cfg, args.run, adapter_dir=args.adapter)  # on the run's mesh; each device scores a share
     stem = f"eval_{cfg.eval.split}_{cfg.eval.mode}"
-    out = as_path(args.out) if args.out else as_path(args.run or "runs/base") / stem
+    out = as_path(args.out) if args.out else as_path(home or "runs/base") / stem
     say = print if jax.process_index() == 0 else (lambda text: None)
     result = evaluate_and_save(cfg, model, tokenizer, evaluation_examples(cfg), out, say)
     if jax.process_index() == 0:

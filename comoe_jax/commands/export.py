@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 
 from etils import epath
@@ -24,7 +23,7 @@ from etils import epath
 from comoe_jax.cli import command
 from comoe_jax.config import ConfigError, load_run_config, read_json
 from comoe_jax.errors import AdapterFormatError
-from comoe_jax.paths import absolute, as_path, is_local, remove_tree
+from comoe_jax.paths import absolute, as_path, copy_tree, is_local, remove_tree
 
 FORMATS = ("peft", "merged", "comoe")
 # an earlier export (of any format, or a peft / transformers folder) holds one of these: only such a folder,
@@ -54,12 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     _check_out(out, run, args.overwrite, cfg.model.path)
     if args.format == "comoe":
         remove_tree(out)
-        shutil.copytree(adapter_dir, out)
+        copy_tree(adapter_dir, out)
         print(f"comoe-jax adapter copied to {out}")
         return 0
     from comoe_jax.interop import export_merged, export_peft, load_adapted
 
-    model, _ = load_adapted(adapter_dir, cfg.model.path)  # a damaged adapter fails here, before out is replaced
+    # a damaged adapter fails here, before out is replaced
+    model, _ = load_adapted(adapter_dir, cfg.model.path, random_arch=cfg.model.random_arch, seed=cfg.train.seed)
     remove_tree(out)
     (export_peft if args.format == "peft" else export_merged)(model, cfg, out)
     print(f"{args.format} export of {args.run} written to {out}")

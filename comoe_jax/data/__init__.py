@@ -12,15 +12,17 @@ from comoe_jax.data.pipeline import (
     data_fingerprint,
     encode,
     encode_pair,
+    encode_segments,
     tokenize,
     tokenize_rows,
 )
 from comoe_jax.data.records import DataError, Example, multiple_choice
-from comoe_jax.data.templates import TEMPLATES, render, render_cloze
+from comoe_jax.data.templates import TEMPLATES, render, render_cloze, render_segments
 
 __all__ = [
     "BATCH_ARRAYS", "BUILTIN_TASKS", "DataError", "Example", "FORMATS", "TEMPLATES", "TokenCounts", "TrainStream",
-    "assign_rows", "by_row", "check_tokenizer", "data_fingerprint", "encode", "encode_pair", "load_builtin",
+    "assign_rows", "by_row", "check_tokenizer", "data_fingerprint", "encode", "encode_pair", "encode_segments",
+    "load_builtin",
     "load_source", "load_sources",
-    "multiple_choice", "render", "render_cloze", "tokenize", "tokenize_rows",
+    "multiple_choice", "render", "render_cloze", "render_segments", "tokenize", "tokenize_rows",
 ]

@@ -23,8 +23,8 @@ Source strings (``data.train`` / ``data.eval`` in the config):
 - ``hf:PATH``: a ``datasets`` folder saved with ``save_to_disk``, or a Parquet / CSV / TSV / Arrow file
   (ARC, OBQA, CommonsenseQA, BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, MMLU columns, or the JSONL field
   names, chat ``messages`` included);
-  ``hf:org/name[:subset]``: a hub dataset by name (``datasets.load_dataset``, its cache, streaming
-  the first rows when a per-task cap is set).
+  ``hf:org/name[:subset][@split]``: a hub dataset by name (``datasets.load_dataset``, its cache, streaming
+  the first rows when a per-task cap is set; ``@split``: the hub's own split name, e.g. ``@train_sft``).
 """
 
 from __future__ import annotations
@@ -432,7 +432,7 @@ def _hf_records(rows, task: str, where: str) -> list[Example]:
     return examples
 
 
-HUB_DATASET = re.compile(constants.HUB_DATASET)  # hf:org/name[:subset], when no such local folder exists
+HUB_DATASET = re.compile(constants.HUB_DATASET)  # hf:org/name[:subset][@split], when no such local folder exists
 
 
 def _first_rows(rows, limit: int) -> list:
@@ -446,10 +446,13 @@ def _first_rows(rows, limit: int) -> list:
 
 
 def load_hub_dataset(name: str, split: str, limit: int = 0) -> list[Example]:
-    """A Hugging Face hub dataset (``org/name[:subset]``) through ``datasets.load_dataset`` and its cache
+    """A Hugging Face hub dataset (``org/name[:subset][@split]``: ``@split`` names the hub's split, e.g.
+    ``train_sft``, in place of ``split``) through ``datasets.load_dataset`` and its cache
     (``HF_DATASETS_OFFLINE=1`` reads only datasets loaded before); ``limit`` > 0 streams the first rows only."""
     import datasets
 
+    name, _, own_split = name.partition("@")
+    split = own_split or split
     repo, _, subset = name.partition(":")
     try:
         data = datasets.load_dataset(repo, subset or None, split=split, streaming=limit > 0)

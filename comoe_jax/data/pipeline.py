@@ -32,7 +32,7 @@ import grain
 import numpy as np
 
 from comoe_jax.data.records import DataError, Example
-from comoe_jax.data.templates import prompt_special_tokens, render
+from comoe_jax.data.templates import prompt_special_tokens, render_segments
 
 PACKING_BINS = 8  # first-fit packing keeps this many rows of each row stream open at a time
 MIX_WINDOW = 1024  # examples of a row's mixed stream shuffled together (the task weights hold per window)
@@ -93,11 +93,23 @@ def encode(tokenizer, prompt: str, response: str, seq_len: int,
     is False (a chat template writes its own); the response is followed by EOS and is the only part
     the loss sees.
     """
+    return encode_segments(tokenizer, [(prompt, False), (response, True)], seq_len, special_tokens)
+
+
+def encode_segments(tokenizer, segments: list[tuple[str, bool]], seq_len: int,
+                    special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
+    """:func:`encode` for a text in (text, trained on) pieces ending with the response (several replies
+    of a conversation): each piece's ids are those the text up to it has after the ids before it."""
     check_tokenizer(tokenizer)
-    p, r = encode_pair(tokenizer, prompt, response, special_tokens)
-    r = r + [tokenizer.eos_token_id]
-    ids, is_response = (p + r)[: seq_len + 1], ([0] * len(p) + [1] * len(r))[: seq_len + 1]
-    return np.array(ids, np.int32), np.array(is_response, np.int32), len(p) + len(r) > seq_len + 1
+    ids, mask, text = [], [], ""
+    for k, (piece, trained) in enumerate(segments):
+        if k == 0:  # with the special tokens the tokenizer adds to a text (BOS)
+            new = tokenizer(piece, add_special_tokens=special_tokens)["input_ids"]
+        else:
+            new = encode_pair(tokenizer, text, piece, special_tokens, prompt_ids=ids)[1]
+        ids, mask, text = ids + new, mask + [int(trained)] * len(new), text + piece
+    ids, mask = ids + [tokenizer.eos_token_id], mask + [1]
+    return np.array(ids[: seq_len + 1], np.int32), np.array(mask[: seq_len + 1], np.int32), len(ids) > seq_len + 1
 
 
 def assign_rows(examples: list[Example], batch_size: int, seed: int = 0) -> list[tuple[int, ...]]:
@@ -118,21 +130,22 @@ def assign_rows(examples: list[Example], batch_size: int, seed: int = 0) -> list
 
 
 def tokenize(tokenizer, examples: list[Example], template: str, seq_len: int,
-             tasks: tuple[str, ...]) -> tuple[dict[str, list[dict]], TokenCounts]:
+             tasks: tuple[str, ...], replies: str = "all") -> tuple[dict[str, list[dict]], TokenCounts]:
     """Records ``{ids, response, task}`` per task; examples with no response token left are left out."""
-    by_rows, counts = tokenize_rows(tokenizer, examples, [(0,)] * len(examples), template, seq_len, tasks)
+    by_rows, counts = tokenize_rows(tokenizer, examples, [(0,)] * len(examples), template, seq_len, tasks, replies)
     return by_rows[0], counts
 
 
 def tokenize_rows(tokenizer, examples: list[Example], rows: list[tuple[int, ...]], template: str, seq_len: int,
-                  tasks: tuple[str, ...]) -> tuple[dict[int, dict[str, list[dict]]], TokenCounts]:
+                  tasks: tuple[str, ...], replies: str = "all") -> tuple[dict[int, dict[str, list[dict]]], TokenCounts]:
     """Records ``{ids, response, task}`` per row (``rows[i]``: the rows example i feeds) and task; examples
-    with no response token left are left out and counted (once, whatever their number of rows)."""
+    with no response token left are left out and counted (once, whatever their number of rows).
+    ``replies``: which replies of a multi-turn chat record are trained on (``data.chat_replies``)."""
     out: dict[int, dict[str, list[dict]]] = {r: {t: [] for t in tasks} for rs in rows for r in rs}
     counts = TokenCounts()
     for ex, ex_rows in zip(examples, rows):
-        prompt, response = render(ex, template, tokenizer)
-        ids, is_response, cut = encode(tokenizer, prompt, response, seq_len, prompt_special_tokens(template))
+        segments = render_segments(ex, template, tokenizer, replies)
+        ids, is_response, cut = encode_segments(tokenizer, segments, seq_len, prompt_special_tokens(template))
         if not is_response[1:].any():
             counts.dropped[ex.task] += 1
             continue

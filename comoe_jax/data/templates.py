@@ -8,7 +8,8 @@
 - ``raw``: the instruction as written (after the context and a newline, if there is one) and the response
   as written (prompt-completion data that carries its own format; free-form items only);
 - ``chat``: the tokenizer's own chat template (``apply_chat_template``): a chat record's turns, or
-  the instruction as the user's message; the response is the assistant's reply and its end of turn.
+  the instruction as the user's message; the response is the assistant's reply and its end of turn
+  (every reply of a multi-turn record with ``data.chat_replies=all``), found where the template puts it.
 
 Multiple-choice examples list their options as ``(A) text`` lines and are answered with the label.
 """
@@ -66,29 +67,73 @@ def chat_messages(example: Example, with_options: bool = True) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": example.response}]
 
 
-def _chat(example: Example, tokenizer, with_options: bool) -> tuple[str, str]:
-    """(generation prompt, reply + end of turn) with the tokenizer's chat template."""
+# Stands in for one reply's text to find where the template puts it (never tokenized, never trained on).
+_SLOT = "\u2063comoe-reply\u2063"
+
+
+def _apply(tokenizer, messages: list[dict], example: Example, **options) -> str:
+    """``apply_chat_template`` to text; a template that refuses a system turn (Mistral v0.1 / v0.2, Gemma) gets
+    the system text folded into the first user turn, as those models' own instructions do."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DataError("data.template=chat needs a tokenizer with a chat template (chat_template.jinja or "
                         "tokenizer_config.json's chat_template); this one has none: use alpaca, choice, plain or raw")
-    messages = chat_messages(example, with_options)
     try:
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except ImportError as e:  # transformers renders chat templates with jinja2
         raise DataError(f"data.template=chat needs jinja2 to render the chat template: pip install jinja2 ({e})") \
             from None
     except Exception as e:  # noqa: BLE001  (a template that raises on this conversation: jinja's error types)
+        folded = _fold_system(messages)
+        if folded is not None:
+            return _apply(tokenizer, folded, example, **options)
         raise DataError(f"{example.source}: the tokenizer's chat template cannot render this conversation "
                         f"({type(e).__name__}: {e})") from None
-    if not full.startswith(prompt):
-        raise DataError(f"{example.source}: the chat template renders the conversation before the reply differently "
-                        "from its generation prompt, so the reply cannot be told apart; use another data.template")
-    response = full[len(prompt):].rstrip()
+
+
+def _fold_system(messages: list[dict]) -> list[dict] | None:
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    if not system or not rest or rest[0]["role"] != "user":
+        return None
+    rest[0]["content"] = "\n\n".join(system + [rest[0]["content"]])
+    return rest
+
+
+def _reply_span(tokenizer, messages: list[dict], i: int, full: str, example: Example) -> tuple[int, int]:
+    """Where reply ``messages[i]`` and its end of turn lie in ``full`` (the rendered conversation), found by
+    rendering the conversation with a placeholder for that reply."""
+    marked = [dict(m, content=_SLOT) if j == i else m for j, m in enumerate(messages)]
+    before, _, after = _apply(tokenizer, marked, example).partition(_SLOT)
+    if not (full.startswith(before) and full.endswith(after) and len(before) + len(after) <= len(full)):
+        raise DataError(f"{example.source}: the chat template renders assistant turn {i} in a way that depends on its "
+                        "text, so the reply cannot be told apart from the rest; use another data.template")
+    end = len(full) - len(after)
+    # The turn's end marker (<|im_end|>, </s>, <end_of_turn>): what the template writes after the reply when
+    # the conversation stops there; the next turn's header is context.
+    closing = _apply(tokenizer, marked[: i + 1], example).partition(_SLOT)[2].rstrip()
+    return len(before), end + len(closing) if after.startswith(closing) else end
+
+
+def _chat_segments(example: Example, tokenizer, with_options: bool, replies: str) -> list[tuple[str, bool]]:
+    """The conversation as (text, trained on) pieces: the assistant's replies (the last one, or all with
+    ``replies="all"``) with their end of turn, and the context between them."""
+    messages = chat_messages(example, with_options)
+    full = _apply(tokenizer, messages, example)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    segments, at = [], 0
+    for i in turns if replies == "all" else turns[-1:]:
+        start, end = _reply_span(tokenizer, messages, i, full, example)
+        if start < at:
+            raise DataError(f"{example.source}: the chat template renders the replies out of order; use another "
+                            "data.template")
+        start = max(at, len(full[:start].rstrip(" ")))  # ' reply': the word-start space goes with the reply
+        segments += [(full[at:start], False), (full[start:end], True)]
+        at = end
     eos = tokenizer.eos_token
-    if eos and response.endswith(eos):  # the encoder appends EOS itself
-        response = response[: -len(eos)]
-    return prompt, response
+    last = segments[-1][0]
+    if eos and last.endswith(eos):  # the encoder appends EOS itself
+        segments[-1] = (last[: -len(eos)], True)
+    return segments
 
 
 def prompt_special_tokens(template: str) -> bool:
@@ -101,14 +146,25 @@ def separator(template: str) -> str:
     return " " if template == "choice" else ""
 
 
-def render(example: Example, template: str, tokenizer=None) -> tuple[str, str]:
-    """(prompt, response) for training and for label scoring (``tokenizer``: for ``chat`` only)."""
+def render_segments(example: Example, template: str, tokenizer=None, replies: str = "last") -> list[tuple[str, bool]]:
+    """The training text as (text, trained on) pieces, ending with the response; ``replies``: ``all`` trains
+    on every assistant reply of a chat record (``data.template=chat``), ``last`` on the last one."""
     if template == "chat":
-        return _chat(example, tokenizer, True)
-    return _prompt(example, template, True), separator(template) + example.response
+        return _chat_segments(example, tokenizer, True, replies)
+    return [(_prompt(example, template, True), False), (separator(template) + example.response, True)]
+
+
+def render(example: Example, template: str, tokenizer=None) -> tuple[str, str]:
+    """(prompt, response) for evaluation and the validation loss (``tokenizer``: for ``chat`` only): the prompt is
+    the text before the last reply as training sees it."""
+    segments = render_segments(example, template, tokenizer)
+    return "".join(text for text, _ in segments[:-1]), segments[-1][0]
 
 
 def render_cloze(example: Example, template: str, tokenizer=None) -> tuple[str, list[str]]:
     """(prompt without the options listed, one continuation per option) for option log-likelihood."""
-    prompt = _chat(example, tokenizer, False)[0] if template == "chat" else _prompt(example, template, False)
+    if template == "chat":
+        prompt = "".join(text for text, _ in _chat_segments(example, tokenizer, False, "last")[:-1])
+    else:
+        prompt = _prompt(example, template, False)
     return prompt, [separator(template) + option for option in example.options]
