@@ -177,7 +177,9 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     for section, values in now.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            before = saved.get(section, {}).get(key)
+            if key not in saved.get(section, {}):
+                continue  # a key added since the run started: the run had the behaviour it has by default
+            before = saved[section][key]
             if name == "model.path" and isinstance(before, str) and _same_file(before, value):
                 continue  # an older run stored the path as typed (relative)
             if name not in resumable and before != value:

@@ -180,3 +180,18 @@ def test_a_run_is_read_without_how_it_was_launched(tmp_path):
     read = load_run_config(tmp_path)
     assert (read.mesh.coordinator_address, read.mesh.num_processes, read.mesh.process_id) == ("", 1, 0)
     assert (read.mesh.fsdp, read.train.steps) == (4, 7)  # the rest is the run's
+
+
+def test_resuming_an_older_run_ignores_keys_added_since_and_relative_model_paths(tmp_path, monkeypatch):
+    from comoe_jax.checkpoint import config_changes
+
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = validate(_cfg("model.path=base"))
+    assert cfg.model.path == str(tmp_path / "base")  # stored absolute: read from any folder later
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    del saved["data"]["chat_replies"]  # a run started before the key existed
+    saved["model"]["path"] = "base"  # ... and stored the path as typed
+    assert config_changes(saved, cfg) == []
+    saved["adapter"]["rank"] = 99
+    assert config_changes(saved, cfg) == [f"adapter.rank: checkpoint 99, now {cfg.adapter.rank}"]
