@@ -256,27 +256,32 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     val_items = validation_examples(cfg) if cfg.eval.every else []
     if cfg.eval.mode != "generate":
         require_choice(eval_items + val_items, cfg.eval.mode, need_options=cfg.eval.mode == "loglik")
-    model = build_model(cfg, mesh, rules)
-    graphdef, adapters, frozen_state = split_model(model)
-    counts = trainable_parameters(model)
-    if jax.process_index() == 0:
-        (out / "parameters.json").write_text(json.dumps(counts, indent=1))
-    say(f"model {cfg.model.path}: {model.spec.num_layers} layers, {model.num_adapters} adapted modules "
-        f"({cfg.adapter.method}), {counts['total']:,} trainable parameters "
-        f"({', '.join(f'{k} {v:,}' for k, v in counts.items() if k != 'total')}); "
-        f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices")
-    step_fn = TrainStep(cfg, graphdef, adapters, frozen_state, mesh, rules)
-    if resume_from is not None:
-        resume_from, state, data_state = ckpt.restore_intact(step_fn.abstract_state())
-        batches.set_state(data_state)  # the positions of every process's rows: this one reads its own
-        if batches.unverified:
-            say("warning: this checkpoint predates the data fingerprint (and the per-row task order of comoe-jax "
-                "2026-12-07): the run goes on, but its batches differ from those an uninterrupted run would have "
-                "seen, and edited data files cannot be detected")
-        say(f"resumed from step {resume_from} of {out}")
-    else:
-        state = step_fn.init_state(flat_values(adapters))
-    with metric_sinks(cfg, out) as sinks:
+    sinks = metric_sinks(cfg, out)  # W&B starts (or fails: no login, no network) now, not after the model loads
+    try:
+        model = build_model(cfg, mesh, rules)
+        graphdef, adapters, frozen_state = split_model(model)
+        counts = trainable_parameters(model)
+        if jax.process_index() == 0:
+            (out / "parameters.json").write_text(json.dumps(counts, indent=1))
+        say(f"model {cfg.model.path}: {model.spec.num_layers} layers, {model.num_adapters} adapted modules "
+            f"({cfg.adapter.method}), {counts['total']:,} trainable parameters "
+            f"({', '.join(f'{k} {v:,}' for k, v in counts.items() if k != 'total')}); "
+            f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices")
+        step_fn = TrainStep(cfg, graphdef, adapters, frozen_state, mesh, rules)
+        if resume_from is not None:
+            resume_from, state, data_state = ckpt.restore_intact(step_fn.abstract_state())
+            batches.set_state(data_state)  # the positions of every process's rows: this one reads its own
+            if batches.unverified:
+                say("warning: this checkpoint predates the data fingerprint (and the per-row task order of comoe-jax "
+                    "2026-12-07): the run goes on, but its batches differ from those an uninterrupted run would have "
+                    "seen, and edited data files cannot be detected")
+            say(f"resumed from step {resume_from} of {out}")
+        else:
+            state = step_fn.init_state(flat_values(adapters))
+    except BaseException:  # nothing logged yet: close the writers (and the W&B run) before the error goes on
+        sinks.__exit__(None, None, None)
+        raise
+    with sinks:
         if resume_from is None and cfg.eval.before_training:
             # adapters at initialisation: this is the base model
             before = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_before", say)

@@ -153,6 +153,21 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, s
         np.testing.assert_allclose(_params(resumed)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+def test_a_wandb_that_cannot_start_stops_the_run_before_the_model_loads(tmp_path, tiny_config, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    def no_login(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    loaded = []
+    monkeypatch.setattr(wandb, "init", no_login)
+    monkeypatch.setattr(trainer, "build_model", lambda *args: loaded.append(args))
+    cfg = tiny_config(tmp_path, log__wandb=True)
+    with pytest.raises(ConfigError, match=r"log\.wandb=true: Weights & Biases could not start a run \(.*api_key"):
+        trainer.train(cfg)
+    assert not loaded
+
+
 def test_end_to_end_run_writes_every_artefact(tmp_path, tiny_config, monkeypatch):
     from comoe_jax.progress import WandbSink
 
