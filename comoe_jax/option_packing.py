@@ -29,6 +29,9 @@ import numpy as np
 from comoe_jax.generate import bucket
 
 ROW_LEN = 256  # tokens per packed row unless one item needs more
+# Rows x length^2 of one call at most: attention scores grow with the square of the row length, so long rows
+# (lm_eval's rolling windows of a model's whole context) go fewer to a call; up to 2048 tokens nothing changes.
+ATTENTION_BUDGET = 16 * 2048 * 2048
 
 
 @dataclass
@@ -85,9 +88,10 @@ def pack_calls(contexts: list[list[int]], options: list[list[list[int]]], *, row
         by_length.setdefault(length, []).append(items)
     calls = []
     for length, rows in sorted(by_length.items()):
-        for start in range(0, len(rows), rows_per_call):
-            chunk = rows[start:start + rows_per_call]
-            count = min(rows_per_call, 1 << (len(chunk) - 1).bit_length())
+        per_call = max(1, min(rows_per_call, ATTENTION_BUDGET // (length * length)))
+        for start in range(0, len(rows), per_call):
+            chunk = rows[start:start + per_call]
+            count = min(per_call, 1 << (len(chunk) - 1).bit_length())
             count = -(-count // row_multiple) * row_multiple
             calls.append(_call(chunk, count, length, prefix, contexts, options, pad_id))
     return calls

@@ -326,6 +326,22 @@ def test_packing_places_every_token_once_at_its_own_position():
             assert seen[i, j] == [(len(context) + t - 1, tok) for t, tok in enumerate(option)]
 
 
+def test_long_rows_go_fewer_to_a_call(monkeypatch):
+    """Attention memory grows with rows x length^2: long rows (lm_eval's rolling windows) are split finer."""
+    from comoe_jax import option_packing
+
+    rng = np.random.default_rng(6)
+    contexts = [list(rng.integers(4, 99, size=n)) for n in (20, 30, 150, 200, 180, 10)]
+    options = [[[5, 6]] for _ in contexts]
+    monkeypatch.setattr(option_packing, "ATTENTION_BUDGET", 4 * 64 * 64)
+    calls = pack_calls(contexts, options, rows_per_call=8, pad_id=0, row_len=64)
+    assert sum(c.items for c in calls) == len(contexts)
+    for call in calls:
+        rows, length = call.ids.shape
+        assert rows <= max(1, 4 * 64 * 64 // length**2) and rows <= 8
+    assert max(c.ids.shape[1] for c in calls) > 128  # some rows were long
+
+
 def test_before_after_table_of_a_run_resumed_with_other_eval_settings():
     from comoe_jax.evaluate import EvalResult, comparison_markdown
 
