@@ -520,6 +520,10 @@ CASES = [
     ("evaluate-run-its-adapter", lambda ctx, tmp: ("evaluate", ["--run", str(_copy(ctx["finished_run"], tmp) /
                                                                           "adapter")]), 2,
      r"adapter is a run's adapter folder; give the run folder .*run$"),
+    ("evaluate-adapter-missing", _run(lambda run: None, "evaluate", "--adapter", "{run}/best_adapter"), 2,
+     r"--adapter .*best_adapter: no adapter_config\.json there; give an adapter folder such as .*best_adapter"),
+    ("evaluate-adapter-without-run", lambda ctx, tmp: ("evaluate", ["--adapter", str(tmp)]), 2,
+     r"--adapter needs --run \(the run whose config the adapter was trained with\)"),
     ("evaluate-out-empty", _run(lambda run: None, "evaluate", "--out", ""), 2, r"--out '': empty; give an output"),
     ("evaluate-out-a-folder", _run(lambda run: None, "evaluate", "--out", "{tmp}"), 2,
      r"--out .* is a folder; give a path stem inside it such as .*eval"),
