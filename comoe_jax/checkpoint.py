@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -230,15 +231,32 @@ def save_adapters(directory: str | Path, params: dict, groups: tuple[range, ...]
     return directory
 
 
+# safetensors dtype names -> NumPy (bfloat16 through ml_dtypes: safetensors.numpy.load cannot read it, and peft
+# adapters trained in bfloat16 are saved so)
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                      "BOOL": np.bool_}
+
+
 def read_safetensors(path: Path, error: type[Exception]) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file; a truncated or foreign file raises ``error`` naming it."""
-    from safetensors.numpy import load
+    from safetensors import deserialize
 
     try:
-        return load(as_path(path).read_bytes())
+        tensors = deserialize(as_path(path).read_bytes())
     except Exception as e:  # safetensors raises its own SafetensorError / OSError on damaged files
         raise error(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); the file is damaged or "
                     "was not written by safetensors") from None
+    out = {}
+    for name, t in tensors:
+        if t["dtype"] not in SAFETENSORS_DTYPES:
+            raise error(f"{path}: tensor {name} has dtype {t['dtype']}; comoe-jax reads "
+                        f"{', '.join(SAFETENSORS_DTYPES)}")
+        try:
+            out[name] = np.frombuffer(t["data"], SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
+        except ValueError as e:  # bytes that do not fill the shape the header gives
+            raise error(f"{path}: tensor {name} cannot be read ({e}); the file is damaged") from None
+    return out
 
 
 def load_adapters(directory: str | Path) -> tuple[dict, dict]:

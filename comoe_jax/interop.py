@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -24,11 +26,13 @@ from comoe_jax.errors import AdapterFormatError, ConfigError
 from comoe_jax.generate import greedy_generate, stop_token_ids
 from comoe_jax.loading import _hf_name, from_pretrained, hf_config, load_tokenizer, model_spec, resolve_model_path
 from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, unstack
-from comoe_jax.paths import as_path, hub_id
+from comoe_jax.paths import as_path, hub_id, replace
 
 PEFT_PREFIX = "base_model.model."
 # Beside a peft export: the base model as comoe-jax loaded it (a GGUF alias: peft's field names its hub model).
 BASE_MODEL_FILE = "comoe_base_model.json"
+SHARD_BYTES = 5 * 2**30  # a merged export's safetensors files at most (transformers' former default)
+NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Our per-layer leaf -> (peft suffix, transpose?)
 _PEFT_LEAVES = {"lora_a": ("lora_A.weight", True), "lora_b": ("lora_B.weight", True),
                 "magnitude": ("lora_magnitude_vector", False)}
@@ -114,45 +118,78 @@ def recorded_base(directory: str | Path) -> str | None:
     return f"{base}@{revision}" if base and revision and hub_id(base) else base
 
 
-def merged_weights(model, adapter: AdapterConfig) -> dict[str, np.ndarray]:
-    """The base model's frozen weights with a single-expert LoRA / DoRA folded in, per layer, float32, in our
-    layout: LoRA ``W0 + s A B``; DoRA ``m * (W0 + s A B) / ||W0 + s A B||`` (norm over the input axis)."""
+def merged_tensors(model, adapter: AdapterConfig, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
+    """(Hugging Face name, array in ``dtype``) of the base model's frozen weights with a single-expert LoRA /
+    DoRA folded in, one stacked weight at a time (a 7B model is never held twice on the host); merged in
+    float32: LoRA ``W0 + s A B``; DoRA ``m * (W0 + s A B) / ||W0 + s A B||`` (norm over the input axis)."""
     _, adapters, frozen = split_model(model)
-    weights = unstack({k: np.asarray(v, np.float32) for k, v in flat_values(frozen).items()}, model.groups)
     trained = unstack({k: np.asarray(v, np.float32) for k, v in flat_values(adapters).items()}, model.groups)
-    scaling = adapter.alpha / adapter.rank
-    for name in [n for n in trained if n.endswith(".lora_a")]:
-        module = name.removesuffix(".lora_a")
-        kernel = weights[module + ".kernel"] + scaling * trained[name][0] @ trained[module + ".lora_b"][0]
-        if adapter.method == "dora":
-            kernel = kernel * (trained[module + ".magnitude"][0] / np.linalg.norm(kernel, axis=0))
-        weights[module + ".kernel"] = kernel
-    return weights
+    scaling, out_dtype = adapter.alpha / adapter.rank, NUMPY_DTYPES[dtype]
+    for stacked, value in flat_values(frozen).items():
+        for name, weight in unstack({stacked: np.asarray(value, np.float32)}, model.groups).items():
+            module = name.removesuffix(".kernel")
+            if name.endswith(".kernel") and module + ".lora_a" in trained:
+                weight = weight + scaling * trained[module + ".lora_a"][0] @ trained[module + ".lora_b"][0]
+                if adapter.method == "dora":
+                    weight = weight * (trained[module + ".magnitude"][0] / np.linalg.norm(weight, axis=0))
+            weight = weight.T if name.endswith(".kernel") else weight  # ours y = x @ W; torch's y = x @ W.T
+            yield _hf_name(name), np.ascontiguousarray(weight.astype(out_dtype))
 
 
-def export_merged(model, cfg: Config, directory: str | Path) -> Path:
-    """A Hugging Face folder (config.json, model.safetensors, tokenizer) of a lora / dora run with its adapter
-    merged into the weights, loadable by ``AutoModelForCausalLM.from_pretrained`` without peft."""
+def write_safetensors_shards(directory, tensors: Iterable[tuple[str, np.ndarray]],
+                             shard_bytes: int | None = None) -> list[str]:
+    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json`` (as
+    transformers' ``save_pretrained`` shards) when the tensors exceed ``shard_bytes``; returns the file names."""
     from safetensors.numpy import save
 
+    directory, shard_bytes = as_path(directory), shard_bytes or SHARD_BYTES
+    shards: list[list[str]] = []
+    current: dict[str, np.ndarray] = {}
+
+    def flush() -> None:
+        (directory / f"part-{len(shards)}.safetensors").write_bytes(save(current, metadata={"format": "pt"}))
+        shards.append(list(current))
+        current.clear()
+
+    total = 0
+    for name, value in tensors:
+        if current and sum(v.nbytes for v in current.values()) + value.nbytes > shard_bytes:
+            flush()
+        current[name], total = value, total + value.nbytes
+    flush()
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for i, name in enumerate(names):
+        replace(directory / f"part-{i}.safetensors", directory / name)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {t: name for name, members in zip(names, shards) for t in members}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+def export_merged(model, cfg: Config, directory: str | Path, dtype: str = "float32") -> Path:
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer) of a lora / dora run with its adapter
+    merged into the weights, loadable by ``AutoModelForCausalLM.from_pretrained`` without peft; weights in
+    ``dtype`` (float32 or bfloat16, merged in float32), sharded as transformers shards them."""
     a = cfg.adapter
     if a.method not in ("lora", "dora"):
         raise ConfigError(f"adapter.method={a.method}: only lora / dora runs merge into the base weights "
                           "(a routed mixture of experts has no single merged weight); export it with --format comoe")
-    weights = merged_weights(model, a)
-    tensors = {_hf_name(n): np.ascontiguousarray(v.T if n.endswith(".kernel") else v) for n, v in weights.items()}
     directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as local:  # transformers writes local files; the run may be on gs://
         config = hf_config(cfg.model)
-        (config.text_config if config.model_type == "gemma3" else config).save_pretrained(local)  # text weights
+        text = config.text_config if config.model_type == "gemma3" else config  # the text weights only
+        text.dtype = dtype  # what the files hold: AutoModelForCausalLM(dtype="auto") loads them as they are
+        text.save_pretrained(local)
         load_tokenizer(cfg.model.path).save_pretrained(local)
         base = resolve_model_path(cfg.model.path) if cfg.model.path != "random" else None
         if base is not None and (base / "generation_config.json").is_file():  # its end tokens (a chat model's)
             (Path(local) / "generation_config.json").write_bytes((base / "generation_config.json").read_bytes())
         for file in Path(local).iterdir():
             (directory / file.name).write_bytes(file.read_bytes())
-    (directory / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
+    write_safetensors_shards(directory, merged_tensors(model, a, dtype))
     return directory
 
 

@@ -186,12 +186,13 @@ def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
 
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "qwen3_attention_bias_tied"])
-def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path):
+def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path, monkeypatch):
     """A trained LoRA on every projection of Mistral / Qwen2 (biases) / Qwen3 (q/k norms, tied embeddings):
     the merged folder (AutoModelForCausalLM, no peft) and the peft folder give our adapted logits."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
+    from comoe_jax import interop
     from comoe_jax.config import Config
     from comoe_jax.interop import export_merged, export_peft
     from comoe_jax.loading import byte_tokenizer
@@ -215,6 +216,12 @@ def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path
     np.testing.assert_allclose(_logits(merged, ref.ids, ref.mask)[real], ours[real], atol=1e-4, rtol=0)
     peft_model = AutoPeftModelForCausalLM.from_pretrained(str(export_peft(model, cfg, tmp_path / "peft")))
     np.testing.assert_allclose(_logits(peft_model, ref.ids, ref.mask)[real], ours[real], atol=1e-4, rtol=0)
+    if name.startswith("qwen3"):  # bfloat16, in shards with an index (as transformers shards a large model)
+        monkeypatch.setattr(interop, "SHARD_BYTES", 2**13)
+        half = AutoModelForCausalLM.from_pretrained(export_merged(model, cfg, tmp_path / "bf16", dtype="bfloat16"))
+        assert half.dtype == torch.bfloat16 and (tmp_path / "bf16" / "model.safetensors.index.json").exists()
+        assert len(list((tmp_path / "bf16").glob("model-*-of-*.safetensors"))) > 2
+        np.testing.assert_allclose(_logits(half, ref.ids, ref.mask)[real], ours[real], atol=0.1, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "phi3"])

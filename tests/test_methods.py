@@ -171,6 +171,18 @@ def test_peft_round_trip_gives_the_same_logits_and_gradients(hf_folder, tmp_path
     model, _ = load_adapted(tmp_path / "peft", base=str(hf_folder))
     assert model.placement.spec.dora == (method == "dora")
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids, jnp.int32))), np.asarray(logits_j), atol=1e-5)
+    # peft adapters trained in bfloat16 are saved in bfloat16 (safetensors' BF16)
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "peft_bf16"
+    half.mkdir()
+    (half / "adapter_config.json").write_bytes((tmp_path / "peft" / "adapter_config.json").read_bytes())
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(tmp_path / "peft" / "adapter_model.safetensors").items()},
+              half / "adapter_model.safetensors")
+    model, _ = load_adapted(half, base=str(hf_folder))
+    got = np.asarray(model(jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, np.asarray(logits_j), atol=5e-2)
+    assert np.abs(got - np.asarray(logits_j)).max() > 0  # read as the rounded values they are
 
 
 def test_peft_import_refuses_what_it_cannot_represent(tmp_path, hf_folder):

@@ -1,12 +1,14 @@
 """Export a trained run's adapter for Hugging Face users.
 
     comoe-export --run runs/lora --format merged    # runs/lora/merged: AutoModelForCausalLM, no peft needed
+    comoe-export --run runs/lora --format merged --dtype bfloat16 --out /models/merged   # half the size
     comoe-export --run runs/lora --format peft --out /models/lora   # PeftModel / AutoPeftModelForCausalLM
     comoe-export --run runs/x --format comoe --out /models/x   # any method, comoe-jax's own adapter layout
 
-(``python -m comoe_jax.commands.export`` from a checkout.) ``peft`` and ``merged`` take ``lora`` / ``dora``
-runs (one expert per layer: a routed mixture has no peft equivalent; such runs already hold
-``<run>/peft`` from training); ``comoe`` copies the run's adapter folder, which
+(``python export.py`` in a checkout.) ``peft`` and ``merged`` take ``lora`` / ``dora`` runs (one expert per
+layer: a routed mixture has no peft equivalent; those runs also write ``<run>/peft`` when training ends);
+merged weights are written in shards of at most 5 GiB with an index, as transformers writes them;
+``comoe`` copies the run's adapter folder, which
 ``comoe_jax.interop.load_adapted`` reads. An existing output folder is refused unless ``--overwrite``
 is given (it then replaces an earlier export folder, never a folder of other files).
 """
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="peft")
     parser.add_argument("--out", help="output folder (default: <run>/<format>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="--format merged: the weights' dtype (merged in float32; bfloat16 halves the files)")
     args = parser.parse_args(argv)
     cfg = load_run_config(args.run)
     run = as_path(args.run)
@@ -61,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     # a damaged adapter fails here, before out is replaced
     model, _ = load_adapted(adapter_dir, cfg.model.path, random_arch=cfg.model.random_arch, seed=cfg.train.seed)
     remove_tree(out)
-    (export_peft if args.format == "peft" else export_merged)(model, cfg, out)
+    if args.format == "peft":
+        export_peft(model, cfg, out)
+    else:
+        export_merged(model, cfg, out, dtype=args.dtype)
     print(f"{args.format} export of {args.run} written to {out}")
     return 0
 
