@@ -178,14 +178,24 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     for section, values in now.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            if key not in saved.get(section, {}):
-                continue  # a key added since the run started: the run had the behaviour it has by default
-            before = saved[section][key]
+            before = saved[section][key] if key in saved.get(section, {}) else _before_the_key(name, saved)
+            if before is _ABSENT:
+                continue  # a key added since the run started, whose default is what the run did
             if name == "model.path" and isinstance(before, str) and _same_file(before, value):
                 continue  # an older run stored the path as typed (relative)
             if name not in resumable and before != value:
                 changed.append(f"{name}: checkpoint {before!r}, now {value!r}")
     return changed
+
+
+_ABSENT = object()
+
+
+def _before_the_key(name: str, saved: dict):
+    """What a run saved before key ``name`` existed did, where that is not the key's default."""
+    if name == "data.chat_replies" and saved.get("data", {}).get("template") == "chat":
+        return "last"  # multi-turn chat records trained on their last reply only
+    return _ABSENT
 
 
 def _same_file(a: str, b: str) -> bool:

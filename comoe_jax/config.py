@@ -657,9 +657,11 @@ def _check_source(key: str, spec: str) -> None:
 
 
 def split_less(spec: str) -> bool:
-    """A source that reads the same items for every split (a data file, a BIG-bench task)."""
+    """A source that reads the same items for every split (a data file, a BIG-bench task, a hub dataset pinned
+    to one split with ``@split``)."""
     fmt, _, path = spec.partition(":")
-    return fmt in ("jsonl", "llm_adapters", "bigbench") or (fmt == "hf" and as_path(path).is_file())
+    pinned = fmt == "hf" and "@" in path and re.match(HUB_DATASET, path) is not None and not as_path(path).exists()
+    return fmt in ("jsonl", "llm_adapters", "bigbench") or (fmt == "hf" and as_path(path).is_file()) or pinned
 
 
 def _format_hint(key: str, spec: str) -> str:

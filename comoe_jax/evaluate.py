@@ -35,7 +35,7 @@ from comoe_jax import option_packing
 from comoe_jax import sharding as shd
 from comoe_jax.config import read_json
 from comoe_jax.data import DataError, Example, encode, encode_pair, render, render_cloze
-from comoe_jax.data.templates import prompt_special_tokens, separator
+from comoe_jax.data.templates import prompt_special_tokens, reply_lead
 from comoe_jax.errors import RunFolderError
 from comoe_jax.generate import LENGTH_BUCKETS, bucket, greedy_generate, stop_token_ids
 from comoe_jax.paths import as_path
@@ -212,8 +212,8 @@ def label_predictions(scorer: Scorer, tokenizer, examples: list[Example], templa
     require_choice(examples, "label")
     contexts, conts, cut = [], [], 0
     for ex in examples:
-        prompt, _ = render(ex, template, tokenizer)
-        context, options = _pairs(tokenizer, prompt, [separator(template) + ex.response_prefix + label
+        prompt, response = render(ex, template, tokenizer)
+        context, options = _pairs(tokenizer, prompt, [reply_lead(template, response) + ex.response_prefix + label
                                                       for label in ex.labels], template)
         context, was_cut = _fit(context, scorer.max_len - max(map(len, options)))
         contexts.append(context)

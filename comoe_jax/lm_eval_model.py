@@ -107,7 +107,6 @@ def load_for_eval(path: str | None, adapter: str | None, dtype: str | None = Non
             if dtype:
                 cfg.model.dtype = dtype
             _mesh_config(cfg.mesh, num_devices, fsdp, tensor)
-            shd.init_distributed(cfg.mesh)  # no-op unless the run was multi-host
             return load_run_model(cfg, folder), load_tokenizer(cfg.model.path), cfg.model
         if not (folder / "adapter_config.json").is_file():
             raise ConfigError(f"adapter={adapter}: neither a comoe-jax run folder (config.json + adapter/) nor an "

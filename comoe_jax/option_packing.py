@@ -29,8 +29,9 @@ import numpy as np
 from comoe_jax.generate import bucket
 
 ROW_LEN = 256  # tokens per packed row unless one item needs more
-# Rows x length^2 of one call at most: attention scores grow with the square of the row length, so long rows
-# (lm_eval's rolling windows of a model's whole context) go fewer to a call; up to 2048 tokens nothing changes.
+# Rows x length^2 of one call's share on one device at most: attention scores grow with the square of the row
+# length, so long rows (lm_eval's rolling windows of a model's whole context) go fewer to a call; rows of up to
+# 2048 tokens at eval.batch_size 16 are not affected.
 ATTENTION_BUDGET = 16 * 2048 * 2048
 
 
@@ -88,7 +89,7 @@ def pack_calls(contexts: list[list[int]], options: list[list[list[int]]], *, row
         by_length.setdefault(length, []).append(items)
     calls = []
     for length, rows in sorted(by_length.items()):
-        per_call = max(1, min(rows_per_call, ATTENTION_BUDGET // (length * length)))
+        per_call = max(1, min(rows_per_call, row_multiple * max(1, ATTENTION_BUDGET // (length * length))))
         for start in range(0, len(rows), per_call):
             chunk = rows[start:start + per_call]
             count = min(per_call, 1 << (len(chunk) - 1).bit_length())

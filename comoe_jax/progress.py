@@ -97,7 +97,7 @@ class TensorBoardSink:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -144,8 +144,8 @@ class WandbSink:
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # W&B shows a run that ended in an error as failed
 
 
 def _wandb_dir(out) -> str | None:
@@ -173,17 +173,21 @@ class MetricSinks:
 
     def __exit__(self, *exc) -> None:
         for sink in self.sinks:
-            sink.close()
+            sink.close(failed=exc[0] is not None)
 
 
 def metric_sinks(cfg, out) -> MetricSinks:
     """The writers ``log.*`` asks for (process 0 only): TensorBoard, W&B."""
     if jax.process_index() != 0:
         return MetricSinks([])
-    sinks = [tensorboard_sink(as_path(out) / "tensorboard")] if cfg.log.tensorboard else []
+    sinks = MetricSinks([tensorboard_sink(as_path(out) / "tensorboard")] if cfg.log.tensorboard else [])
     if cfg.log.wandb:
-        sinks.append(WandbSink(cfg.log, out, cfg.to_dict()))
-    return MetricSinks(sinks)
+        try:
+            sinks.sinks.append(WandbSink(cfg.log, out, cfg.to_dict()))
+        except BaseException:
+            sinks.__exit__(*sys.exc_info())
+            raise
+    return sinks
 
 
 def device_memory_gib() -> float | None:

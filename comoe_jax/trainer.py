@@ -205,10 +205,11 @@ def _check_validation_items(cfg: Config, say) -> None:
         return
     if cfg.eval.keep_best:
         raise ConfigError(f"eval.keep_best=True is not allowed: only with validation items apart from the test "
-                          f"items: {', '.join(unsplit)} has no splits, so the best step would be chosen on the very "
-                          "items eval.sources reports; name a validation file in eval.validation_sources")
-    say(f"warning: validation reads {', '.join(unsplit)}, which has no splits: the validation items are the test "
-        "items; name a validation file in eval.validation_sources")
+                          f"items: {', '.join(unsplit)} has no splits (or is pinned to one), so the best step would "
+                          "be chosen on the very items eval.sources reports; name a validation file in "
+                          "eval.validation_sources")
+    say(f"warning: validation reads {', '.join(unsplit)}, which has no splits (or is pinned to one): the validation "
+        "items are the test items; name a validation file in eval.validation_sources")
 
 
 def _check_model(cfg: Config):
@@ -256,7 +257,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     val_items = validation_examples(cfg) if cfg.eval.every else []
     if cfg.eval.mode != "generate":
         require_choice(eval_items + val_items, cfg.eval.mode, need_options=cfg.eval.mode == "loglik")
-    sinks = metric_sinks(cfg, out)  # W&B starts (or fails: no login, no network) now, not after the model loads
+    sinks = _open_sinks(cfg, out)  # W&B starts (or fails: no login, no network) now, not after the model loads
     try:
         model = build_model(cfg, mesh, rules)
         graphdef, adapters, frozen_state = split_model(model)
@@ -279,7 +280,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
         else:
             state = step_fn.init_state(flat_values(adapters))
     except BaseException:  # nothing logged yet: close the writers (and the W&B run) before the error goes on
-        sinks.__exit__(None, None, None)
+        sinks.__exit__(*sys.exc_info())
         raise
     with sinks:
         if resume_from is None and cfg.eval.before_training:
@@ -349,6 +350,22 @@ def _loop(cfg: Config, step_fn: TrainStep, state: TrainState, frozen: dict, batc
     finally:
         _final_save(ckpt, state, cfg, data_state, progress, say)
     return state, interrupted
+
+
+def _open_sinks(cfg: Config, out) -> MetricSinks:
+    """:func:`metric_sinks`, with every process stopping if process 0's writers cannot start (the others would
+    otherwise wait for it in the model's first collective)."""
+    error = sinks = None
+    try:
+        sinks = metric_sinks(cfg, out)
+    except ConfigError as e:
+        if jax.process_count() == 1:
+            raise
+        error = e
+    if jax.process_count() > 1 and multihost_utils.process_allgather(np.asarray([error is not None])).any():
+        raise error or ConfigError("the metric writers could not start on process 0 (see its error); stopping "
+                                   "every process")
+    return sinks
 
 
 class Validator:

@@ -287,6 +287,10 @@ CASES = [
         "eval.every=2", "eval.keep_best=true", out(tmp))), 2,
      r"eval\.keep_best=True is not allowed: only with validation items apart from the test items: jsonl:.*qa\.jsonl "
      r"has no splits"),
+    ("keep-best-on-a-pinned-hub-split", _override("eval.sources=hf:acme/qa@test", "eval.every=2",
+                                                  "eval.keep_best=true"), 2,
+     r"eval\.keep_best=True is not allowed: only with validation items apart from the test items: hf:acme/qa@test "
+     r"has no splits \(or is pinned to one\)"),
     ("seq-len", _override("data.seq_len=4"), 2, r"data\.seq_len=4 is not allowed: >= 8 tokens"),
     ("seq-len-over-context", _override("data.seq_len=4096"), 2,
      r"data\.seq_len=4096 is longer than the model's context \(max_position_embeddings=2048 in random's config\)"),

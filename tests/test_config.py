@@ -195,3 +195,8 @@ def test_resuming_an_older_run_ignores_keys_added_since_and_relative_model_paths
     assert config_changes(saved, cfg) == []
     saved["adapter"]["rank"] = 99
     assert config_changes(saved, cfg) == [f"adapter.rank: checkpoint 99, now {cfg.adapter.rank}"]
+    saved["adapter"]["rank"], saved["data"]["template"], cfg.data.template = cfg.adapter.rank, "chat", "chat"
+    # a chat run from before data.chat_replies trained on the last reply: resuming it with "all" is a change
+    assert config_changes(saved, cfg) == ["data.chat_replies: checkpoint 'last', now 'all'"]
+    cfg.data.chat_replies = "last"
+    assert config_changes(saved, cfg) == []

@@ -365,13 +365,29 @@ _GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_excep
           "'<start_of_turn>model\n'}}{% endif %}")
 
 
+_PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+         "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif "
+         "message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+# Qwen3's handling of reasoning: the last reply is written with its <think> block, earlier ones without.
+_QWEN3 = ("{%- for message in messages %}{%- if message.role == 'assistant' %}{%- set content = message.content %}"
+          "{%- set reasoning = '' %}{%- if '</think>' in content %}{%- set reasoning = content.split('</think>')[0]"
+          ".rstrip('\n').split('<think>')[-1].lstrip('\n') %}{%- set content = content.split('</think>')[-1]"
+          ".lstrip('\n') %}{%- endif %}{%- if loop.last %}{{- '<|im_start|>assistant\n<think>\n' + "
+          "reasoning.strip('\n') + '\n</think>\n\n' + content }}{%- else %}{{- '<|im_start|>assistant\n' + content }}"
+          "{%- endif %}{{- '<|im_end|>\n' }}{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + "
+          "'<|im_end|>\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+          "{%- endif %}")
+
+
 @pytest.mark.parametrize("template, replies, context", [
     (None, (" Four. <|im_end|>", "Eight."), ["<|im_start|>system\nBe brief.", "Doubled?<|im_end|>"]),
     (_MISTRAL_V1, (" Four. <|im_end|>", "Eight."), ["[INST] Be brief.\n\nWhat is 2+2? [/INST]"]),  # system folded
-    (_MISTRAL_V3, (" Four.<|im_end|>", " Eight."), ["[INST] What is 2+2?[/INST]"]),  # drops the system turn itself
+    (_MISTRAL_V3, (" Four.<|im_end|>", " Eight."), ["[INST] Be brief.\n\nWhat is 2+2?[/INST]"]),  # it drops it
     (_LLAMA3, ("Four.<|eot_id|>", "Eight.<|eot_id|>"), ["system<|end_header_id|>\n\nBe brief.<|eot_id|>"]),
     (_GEMMA, ("Four.<end_of_turn>", "Eight.<end_of_turn>"), ["user\nBe brief.\n\nWhat is 2+2?<end_of_turn>"]),
-], ids=["chatml", "mistral-v0.1", "mistral-v0.3", "llama3", "gemma"])
+    (_PHI3, (" Four. <|end|>", "Eight.<|end|>\n"), ["<|system|>\nBe brief.<|end|>"]),  # EOS after a last reply
+], ids=["chatml", "mistral-v0.1", "mistral-v0.3", "llama3", "gemma", "phi3"])
 def test_multi_turn_chat_trains_on_every_reply_or_the_last(template, replies, context):
     from comoe_jax.data import encode_segments, render_segments
     from comoe_jax.data.records import Example
@@ -400,6 +416,26 @@ def test_multi_turn_chat_trains_on_every_reply_or_the_last(template, replies, co
     # evaluation prompts end where the last reply starts, as training renders it
     prompt, response = render(ex, "chat", tok)
     assert prompt + response == "".join(t for t, _ in render_segments(ex, "chat", tok, "last"))
+
+
+def test_chat_replies_with_reasoning_and_option_scoring_after_a_spaced_reply():
+    from comoe_jax.data import render_cloze, render_segments
+    from comoe_jax.data.records import Example
+    from comoe_jax.loading import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    tok.chat_template = _QWEN3  # the last reply renders by its text (its reasoning block), earlier ones drop it
+    turns = (("user", "Q1"), ("assistant", "<think>\na\n</think>\n\nA1"), ("user", "Q2"),
+             ("assistant", "<think>\nhmm\n</think>\n\nA2"))
+    ex = Example(task="t", instruction="Q2", answer="A2", output=turns[-1][1], messages=turns)
+    segments = render_segments(ex, "chat", tok, "all")
+    assert [t for t, on in segments if on] == ["A1<|im_end|>", "<think>\nhmm\n</think>\n\nA2"]
+    assert segments[-2][0].endswith("<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n")
+    # a template with a space before the reply: option texts are scored after it, as training read the reply
+    tok.chat_template = _MISTRAL_V3
+    item = Example(task="t", instruction="Capital?", answer="A", options=("Paris", "Rome"), labels=("A", "B"))
+    prompt, options = render_cloze(item, "chat", tok)
+    assert prompt.endswith("[INST] Capital?[/INST]") and options == [" Paris", " Rome"]
 
 
 def test_hub_datasets_by_name_load_and_stream_through_datasets(tmp_path, monkeypatch):

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="--format merged: the weights' dtype (merged in float32; bfloat16 halves the files)")
     args = parser.parse_args(argv)
+    if args.dtype != "float32" and args.format != "merged":
+        raise ConfigError(f"--dtype {args.dtype} applies to --format merged only; {args.format} exports keep the "
+                          "adapter's float32 weights")
     cfg = load_run_config(args.run)
     run = as_path(args.run)
     out = as_path(args.out or run / args.format)

@@ -16,6 +16,8 @@ Multiple-choice examples list their options as ``(A) text`` lines and are answer
 
 from __future__ import annotations
 
+import os
+
 from comoe_jax.constants import TEMPLATES
 from comoe_jax.data.records import DataError, Example
 
@@ -101,24 +103,43 @@ def _fold_system(messages: list[dict]) -> list[dict] | None:
 
 def _reply_span(tokenizer, messages: list[dict], i: int, full: str, example: Example) -> tuple[int, int]:
     """Where reply ``messages[i]`` and its end of turn lie in ``full`` (the rendered conversation), found by
-    rendering the conversation with a placeholder for that reply."""
+    rendering the conversation with a placeholder for that reply, or, where the template renders a reply by
+    its text (Qwen3 writes a reasoning block of the last reply apart), as what the conversation adds to the
+    generation prompt before it."""
     marked = [dict(m, content=_SLOT) if j == i else m for j, m in enumerate(messages)]
     before, _, after = _apply(tokenizer, marked, example).partition(_SLOT)
-    if not (full.startswith(before) and full.endswith(after) and len(before) + len(after) <= len(full)):
-        raise DataError(f"{example.source}: the chat template renders assistant turn {i} in a way that depends on its "
-                        "text, so the reply cannot be told apart from the rest; use another data.template")
-    end = len(full) - len(after)
-    # The turn's end marker (<|im_end|>, </s>, <end_of_turn>): what the template writes after the reply when
-    # the conversation stops there; the next turn's header is context.
-    closing = _apply(tokenizer, marked[: i + 1], example).partition(_SLOT)[2].rstrip()
-    return len(before), end + len(closing) if after.startswith(closing) else end
+    if full.startswith(before) and full.endswith(after) and len(before) + len(after) <= len(full):
+        end = len(full) - len(after)
+        # The turn's end marker (<|im_end|>, </s>, <end_of_turn>): what the template writes after the reply both
+        # here and where the conversation stops at it (Phi-3 then adds EOS); the next turn's header is context.
+        alone = _apply(tokenizer, marked[: i + 1], example).partition(_SLOT)[2]
+        common = os.path.commonprefix([after, alone])
+        if len(common) < len(alone.rstrip()):  # they part within a marker ("<|end|>\n<|user|>" / "<|end|>\n<|eos|>")
+            common = common[: max(common.rfind("\n"), common.rfind(" ")) + 1]
+        return len(before), end + len(common.rstrip())
+    prompt = _apply(tokenizer, messages[:i], example, add_generation_prompt=True)
+    upto = _apply(tokenizer, messages[: i + 1], example).rstrip()
+    if full.startswith(prompt) and full.startswith(upto) and len(upto) > len(prompt):
+        return len(prompt), len(upto)
+    raise DataError(f"{example.source}: the chat template renders assistant turn {i} in a way that depends on its "
+                    "text, so the reply cannot be told apart from the rest; use another data.template")
+
+
+def _conversation(example: Example, tokenizer, with_options: bool) -> tuple[list[dict], str]:
+    """The messages and their rendering; a system prompt the template leaves out (Mistral v0.3 and Nemo write
+    it only when the last turn is the user's, never in a conversation that ends with the reply) goes into
+    the first user turn, as for templates that refuse a system turn."""
+    messages = chat_messages(example, with_options)
+    full = _apply(tokenizer, messages, example)
+    lost = [m for m in messages if m["role"] == "system" and m["content"].strip() not in full]
+    folded = _fold_system(messages) if lost else None
+    return (folded, _apply(tokenizer, folded, example)) if folded else (messages, full)
 
 
 def _chat_segments(example: Example, tokenizer, with_options: bool, replies: str) -> list[tuple[str, bool]]:
     """The conversation as (text, trained on) pieces: the assistant's replies (the last one, or all with
     ``replies="all"``) with their end of turn, and the context between them."""
-    messages = chat_messages(example, with_options)
-    full = _apply(tokenizer, messages, example)
+    messages, full = _conversation(example, tokenizer, with_options)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     segments, at = [], 0
     for i in turns if replies == "all" else turns[-1:]:
@@ -164,7 +185,15 @@ def render(example: Example, template: str, tokenizer=None) -> tuple[str, str]:
 def render_cloze(example: Example, template: str, tokenizer=None) -> tuple[str, list[str]]:
     """(prompt without the options listed, one continuation per option) for option log-likelihood."""
     if template == "chat":
-        prompt = "".join(text for text, _ in _chat_segments(example, tokenizer, False, "last")[:-1])
+        segments = _chat_segments(example, tokenizer, False, "last")
+        prompt, lead = "".join(text for text, _ in segments[:-1]), reply_lead(template, segments[-1][0])
     else:
-        prompt = _prompt(example, template, False)
-    return prompt, [separator(template) + option for option in example.options]
+        prompt, lead = _prompt(example, template, False), separator(template)
+    return prompt, [lead + option for option in example.options]
+
+
+def reply_lead(template: str, response: str) -> str:
+    """What goes before a scored answer (an option label or text) after the prompt: the separator, or for
+    ``chat`` the space a template writes before the reply (Mistral's ``[/INST] reply``), which training
+    reads as the reply's word-start."""
+    return response[: len(response) - len(response.lstrip(" "))] if template == "chat" else separator(template)
