@@ -252,6 +252,9 @@ class MeshConfig(_Strict):
                                   "process (on TPU pods, 'auto' lets JAX detect everything).", resumable=True)
     num_processes: int = _f(1, "Processes in a multi-host run (with mesh.coordinator_address).", resumable=True)
     process_id: int = _f(0, "This process's index in a multi-host run.", resumable=True)
+    heartbeat_timeout: int = _f(100, "Seconds without a heartbeat from a process of a multi-host run after which "
+                                "jax.distributed stops the others (exit by SIGABRT), which would otherwise wait for "
+                                "it in a collective; JAX's default.", resumable=True)
 
 
 @dataclass
@@ -798,6 +801,14 @@ def validate(cfg: Config) -> Config:
              f"0 (the model's context, at most 2048) or more tokens than eval.max_new_tokens={ev.max_new_tokens}")
     _require(me.num_devices == -1 or me.num_devices >= 1, "mesh.num_devices", me.num_devices, "-1 (all) or >= 1")
     _require(me.dcn >= 1, "mesh.dcn", me.dcn, ">= 1 (the number of TPU slices)")
+    _require(me.coordinator_address in ("", "auto") or re.fullmatch(r"[^\s:]+:\d+", me.coordinator_address) is not None,
+             "mesh.coordinator_address", me.coordinator_address,
+             "host:port of process 0, 'auto' (TPU pods, SLURM: JAX finds it) or '' (one process)")
+    _require(me.num_processes >= 1 and (me.num_processes == 1 or me.coordinator_address), "mesh.num_processes",
+             me.num_processes, "1, or more with mesh.coordinator_address (host:port of process 0)")
+    _require(0 <= me.process_id < me.num_processes or me.coordinator_address == "auto", "mesh.process_id",
+             me.process_id, f"0 <= process_id < mesh.num_processes ({me.num_processes})")
+    _require(me.heartbeat_timeout >= 1, "mesh.heartbeat_timeout", me.heartbeat_timeout, ">= 1 second")
     for key in ("data", "fsdp", "tensor"):
         size = getattr(me, key)
         _require(size == -1 or size >= 1, f"mesh.{key}", size, "a positive size, or -1 for the remaining devices")

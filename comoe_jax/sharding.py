@@ -34,9 +34,10 @@ def init_distributed(cfg: MeshConfig) -> None:
     if not cfg.coordinator_address:
         return
     if cfg.coordinator_address == "auto":
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=cfg.heartbeat_timeout)
     else:
-        jax.distributed.initialize(cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id)
+        jax.distributed.initialize(cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id,
+                                   heartbeat_timeout_seconds=cfg.heartbeat_timeout)
     log.info("jax.distributed: process %d of %d, %d devices in all", jax.process_index(), jax.process_count(),
              jax.device_count())
 

@@ -291,6 +291,13 @@ CASES = [
                                                   "eval.keep_best=true"), 2,
      r"eval\.keep_best=True is not allowed: only with validation items apart from the test items: hf:acme/qa@test "
      r"has no splits \(or is pinned to one\)"),
+    ("process-id", _override("mesh.coordinator_address=127.0.0.1:1234", "mesh.num_processes=2",
+                             "mesh.process_id=2"), 2,
+     r"mesh\.process_id=2 is not allowed: 0 <= process_id < mesh\.num_processes \(2\)"),
+    ("coordinator-address", _override("mesh.coordinator_address=host0", "mesh.num_processes=2"), 2,
+     r"mesh\.coordinator_address='host0' is not allowed: host:port of process 0, 'auto'"),
+    ("processes-without-coordinator", _override("mesh.num_processes=4"), 2,
+     r"mesh\.num_processes=4 is not allowed: 1, or more with mesh\.coordinator_address"),
     ("seq-len", _override("data.seq_len=4"), 2, r"data\.seq_len=4 is not allowed: >= 8 tokens"),
     ("seq-len-over-context", _override("data.seq_len=4096"), 2,
      r"data\.seq_len=4096 is longer than the model's context \(max_position_embeddings=2048 in random's config\)"),
