@@ -101,13 +101,15 @@ def _fold_system(messages: list[dict]) -> list[dict] | None:
     return rest
 
 
-def _reply_span(tokenizer, messages: list[dict], i: int, full: str, example: Example) -> tuple[int, int]:
+def _reply_span(tokenizer, messages: list[dict], i: int, full: str, example: Example) -> tuple[int, int] | None:
     """Where reply ``messages[i]`` and its end of turn lie in ``full`` (the rendered conversation), found by
     rendering the conversation with a placeholder for that reply, or, where the template renders a reply by
     its text (Qwen3 writes a reasoning block of the last reply apart), as what the conversation adds to the
-    generation prompt before it."""
+    generation prompt before it. None: the template leaves the reply out."""
     marked = [dict(m, content=_SLOT) if j == i else m for j, m in enumerate(messages)]
-    before, _, after = _apply(tokenizer, marked, example).partition(_SLOT)
+    before, found, after = _apply(tokenizer, marked, example).partition(_SLOT)
+    if not found:
+        return None
     if full.startswith(before) and full.endswith(after) and len(before) + len(after) <= len(full):
         end = len(full) - len(after)
         # The turn's end marker (<|im_end|>, </s>, <end_of_turn>): what the template writes after the reply both
@@ -143,7 +145,13 @@ def _chat_segments(example: Example, tokenizer, with_options: bool, replies: str
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     segments, at = [], 0
     for i in turns if replies == "all" else turns[-1:]:
-        start, end = _reply_span(tokenizer, messages, i, full, example)
+        span = _reply_span(tokenizer, messages, i, full, example)
+        if span is None and i == turns[-1]:
+            raise DataError(f"{example.source}: the chat template leaves the last assistant reply out of the "
+                            "conversation, so there is nothing to train on; use another data.template")
+        if span is None:
+            continue  # an earlier reply the template does not write: nothing of it to train on
+        start, end = span
         if start < at:
             raise DataError(f"{example.source}: the chat template renders the replies out of order; use another "
                             "data.template")
