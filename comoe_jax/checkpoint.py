@@ -10,6 +10,7 @@ is moved to ``damaged_checkpoints/`` and the newest intact one is used instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -305,11 +306,19 @@ def set_adapters(model, per_layer: dict, *, source=None, base: tuple | None = No
                 "adapter fits only its own base model")
     _, adapters, _ = split_model(model)
     current = flat_values(adapters)
-    missing = [n for n in unstack(current, model.groups) if n not in per_layer]
+    needed = unstack(current, model.groups)
+    missing = [n for n in needed if n not in per_layer]
     if missing:
         raise AdapterFormatError(f"{where}the adapter file lacks {len(missing)} tensors the model needs, e.g. "
                                  f"{missing[0]} " + (f"({hint[2:]})" if hint else "(was it trained with other "
                                  "adapter.target_modules / adapter.layers?)"))
+    unused = [n for n in per_layer if n not in needed]
+    if unused:  # a DoRA adapter read as LoRA, or adapters on projections the model does not adapt
+        raise AdapterFormatError(f"{where}the adapter file holds {len(unused)} tensors the model does not use, e.g. "
+                                 f"{unused[0]} (was it trained with another adapter.method / target_modules / "
+                                 "layers?)")
+    if hint and jax.process_index() == 0:
+        print(f"warning: {where}{hint[2:]}; its shapes fit, so it is applied as asked", flush=True)
     for name, value in current.items():
         sources = stacked_sources(name, model.groups)  # per-layer names of a stacked array
         want = tuple(value.shape[1:] if sources else value.shape)
@@ -319,6 +328,30 @@ def set_adapters(model, per_layer: dict, *, source=None, base: tuple | None = No
                                          f"model expects {want}{hint}")
     values = stack(per_layer, list(current), model.groups)
     nnx.update(model, state_from_flat(adapters, {n: jax.numpy.asarray(v, current[n].dtype) for n, v in values.items()}))
+
+
+def check_adapter_settings(adapter_dir, cfg: Config) -> None:
+    """The adapter folder must have been trained with ``cfg.adapter``'s settings: a folder from another run, or
+    ``adapter.*`` overrides on a trained run, would otherwise load (or scale) its tensors wrongly."""
+    if not (as_path(adapter_dir) / ADAPTER_CONFIG).exists():
+        return  # reading the folder names what is missing
+    meta = read_json(as_path(adapter_dir) / ADAPTER_CONFIG, AdapterFormatError)
+    saved = meta.get("adapter") if isinstance(meta, dict) else None
+    if not isinstance(saved, dict):
+        return  # not comoe-jax's layout: reading it names the problem
+    ours = dataclasses.asdict(cfg.adapter)
+    differ = [k for k in ("method", "num_experts", "top_k", "rank", "alpha", "target_modules", "layers")
+              if k in saved and k in ours and _plain(saved[k]) != _plain(ours[k])]
+    if differ:
+        found = ", ".join(f"{k}={_plain(saved[k])!r}" for k in differ)
+        wanted = ", ".join(f"adapter.{k}={_plain(ours[k])!r}" for k in differ)
+        raise AdapterFormatError(f"{as_path(adapter_dir) / ADAPTER_CONFIG}: {found}, but the run's config says "
+                                 f"{wanted}: the adapter was trained with other settings (a folder from another run, "
+                                 "or adapter.* overrides, which cannot change a trained adapter)")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def load_run_model(cfg: Config, run_dir=None, mesh=None, rules=None, adapter_dir=None):
@@ -334,6 +367,7 @@ def load_run_model(cfg: Config, run_dir=None, mesh=None, rules=None, adapter_dir
     if adapter_dir is None and run_dir is not None:
         adapter_dir = as_path(run_dir) / "adapter"
     if adapter_dir is not None:
+        check_adapter_settings(adapter_dir, cfg)
         tensors, meta = load_adapters(adapter_dir)
         set_adapters(model, tensors, source=as_path(adapter_dir), base=(meta.get("base_model"), cfg.model.path))
     return model

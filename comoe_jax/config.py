@@ -510,6 +510,10 @@ def describe(cfg: Config | None = None) -> str:
     return "\n".join(lines)
 
 
+_EXAMPLES = {tuple: ', e.g. ["q_proj", "v_proj"] (JSON) or q_proj,v_proj', dict: ', e.g. {"add": 2, "sort": 1} (JSON)',
+             int: ", e.g. 4", float: ", e.g. 3e-4"}
+
+
 def _parse_value(key: str, text: str, kind: type) -> Any:
     """A command-line value for a field of type ``kind``, checked as a config file's value is."""
     try:
@@ -525,8 +529,8 @@ def _parse_value(key: str, text: str, kind: type) -> Any:
         else:
             value = text
     except ValueError:  # json.JSONDecodeError and literal_eval's SyntaxError are ValueErrors here
-        example = '["q_proj", "v_proj"] (JSON) or q_proj,v_proj' if kind is tuple else '{"add": 2, "sort": 1} (JSON)'
-        raise ConfigError(f"{key}={text!r} is not allowed: expected {_KINDS[kind]}, e.g. {example}") from None
+        example = _EXAMPLES.get(kind, "")
+        raise ConfigError(f"{key}={text!r} is not allowed: expected {_KINDS[kind]}{example}") from None
     return _typed(key, value, kind)
 
 
@@ -656,6 +660,9 @@ def _check_source(key: str, spec: str) -> None:
     _require(bool(path.strip()), key, spec, f"a path after '{fmt}:'")
     if fmt == "hf" and re.match(HUB_DATASET, path) and not as_path(path).exists():
         return  # a hub dataset by name: the loader reads it through the datasets cache
+    hub_like = fmt == "hf" and re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+[:@]", path) and not as_path(path).exists()
+    _require(not hub_like, key, spec, "a hub dataset as hf:org/name[:subset][@split], with a non-empty subset after "
+             "':' and split after '@' (e.g. hf:HuggingFaceH4/ultrachat_200k@train_sft)")
     _require(_url_ok(key, spec, path) and as_path(path).exists(), key, spec, f"{path} does not exist")
 
 

@@ -286,6 +286,9 @@ class ComoeJaxLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"--apply_chat_template: the tokenizer of {self.base} has no chat template "
+                              "(chat_template.jinja or tokenizer_config.json's chat_template); drop the flag")
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=not add_generation_prompt)
@@ -315,8 +318,8 @@ class ComoeJaxLM(TemplateLM):
             if not context_enc or not continuation_enc:
                 raise ValueError(f"{MODEL_NAME}: empty context or continuation tokens")
             if len(continuation_enc) > self.max_length:
-                raise ValueError(f"{MODEL_NAME}: continuation of {len(continuation_enc)} tokens exceeds "
-                                 f"max_length={self.max_length}")
+                raise ConfigError(f"model_args max_length={self.max_length}: a continuation of "
+                                  f"{len(continuation_enc)} tokens does not fit; raise max_length")
             rows.append(((context_enc + continuation_enc)[-(self.max_length + 1):], len(continuation_enc)))
         bar, self.scorer.progress = self._progress(len(rows), "Running loglikelihood requests", disable_tqdm)
         try:
@@ -366,8 +369,8 @@ class ComoeJaxLM(TemplateLM):
             max_gen_toks = int(kwargs.pop("max_gen_toks"))
             room = self.max_length - max_gen_toks
             if room <= 0:
-                raise ValueError(f"{MODEL_NAME}: max_gen_toks={max_gen_toks} leaves no room for the prompt in "
-                                 f"max_length={self.max_length}")
+                raise ConfigError(f"model_args max_length={self.max_length}: the task's max_gen_toks={max_gen_toks} "
+                                  "leaves no room for the prompt; raise max_length (or lower max_gen_toks)")
             # an empty context starts from the prefix token (BOS or EOS), as loglikelihood's empty contexts do
             prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=room) or [self.prefix_token_id]
                        for i in members]

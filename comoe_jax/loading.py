@@ -6,6 +6,7 @@ sharding, so a large model never sits whole on one device.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -298,12 +299,20 @@ def hf_config(model_cfg: ModelConfig):
 
     if model_cfg.path == "random":
         arch = dict(model_cfg.random_arch)
+        model_type = arch.pop("model_type", "llama")
         try:
-            return AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+            known = AutoConfig.for_model(model_type).to_dict()
+            config = AutoConfig.for_model(model_type, **arch)
         except Exception as e:  # transformers validates fields with its own error types
             reason = str(e).strip().replace("\n", " ")
             raise LoadError(f"model.random_arch={model_cfg.random_arch!r}: not a transformers config ({reason})") \
                 from None
+        unknown = [k for k in arch if k not in known]
+        if unknown:  # transformers keeps any keyword as an attribute: a typo would leave the default size
+            close = difflib.get_close_matches(unknown[0], list(known), n=1)
+            raise LoadError(f"model.random_arch: unknown field {unknown[0]!r} for model_type {model_type!r}"
+                            + (f"; did you mean {close[0]!r}?" if close else ""))
+        return config
     path = resolve_model_path(model_cfg.path, config_only=True)
     if path.suffix == ".gguf":
         try:

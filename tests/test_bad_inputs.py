@@ -272,6 +272,8 @@ CASES = [
     ("dtype", _override("model.dtype=float16"), 2, r"model\.dtype='float16' is not allowed: one of float32, bfloat16"),
     ("model-missing", _override("model.path=/no/such/model"), 2, r"model\.path='/no/such/model' is not allowed: no "),
     ("random-arch", _override('model.random_arch={"hidden_size": "big"}'), 2, r"model\.random_arch=.* not a transf"),
+    ("random-arch-typo", _override('model.random_arch={"hiden_size": 64, "num_hidden_layers": 1}'), 2,
+     r"model\.random_arch: unknown field 'hiden_size' for model_type 'llama'; did you mean 'hidden_size'\?"),
     ("template", _override("data.template=chatml"), 2, r"data\.template='chatml' is not allowed: one of alpaca"),
     ("chat-replies", _override("data.chat_replies=first"), 2, r"data\.chat_replies='first' is not allowed: one of all, "
      r"last"),
@@ -559,10 +561,18 @@ CASES = [
         _write(run / "adapter" / "adapter_model.safetensors", b"xx" * 40),
         _write(run.parent / "mine" / "adapter_config.json", "{}")), "--format", "peft", "--out", "{tmp}/mine",
         "--overwrite"), 2, r"adapter_model\.safetensors: not a readable safetensors file"),
+    ("export-out-empty", _export(lambda run: None, "--format", "comoe", "--out", ""), 2,
+     r"--out '': empty; give an output folder"),
     ("export-adapter-of-another-run", _export(lambda run: _set_config(run, adapter__method="lora",
                                                                       adapter__num_experts=1), "--format", "merged"),
-     2, r"adapter_config\.json: method='comoe-lora', num_experts=4, but the run's config\.json says "
-        r"adapter\.method='lora', adapter\.num_experts=1; this adapter folder is not the run's own"),
+     2, r"adapter_config\.json: method='comoe-lora', num_experts=4, but the run's config says "
+        r"adapter\.method='lora', adapter\.num_experts=1: the adapter was trained with other settings"),
+    ("evaluate-adapter-overrides", _run(lambda run: None, "evaluate", "adapter.alpha=1000"), 2,
+     r"adapter_config\.json: alpha=.*, but the run's config says adapter\.alpha=1000\.0: the adapter was trained "
+     r"with other settings"),
+    ("evaluate-fewer-targets", _run(lambda run: None, "evaluate", "adapter.target_modules=q_proj"), 2,
+     r"adapter_config\.json: target_modules=\['q_proj', 'v_proj'\], but the run's config says "
+     r"adapter\.target_modules=\['q_proj'\]"),
     ("export-out-a-link-to-the-run", lambda ctx, tmp: ("export", [
         "--run", str(_link(_copy(ctx["finished_run"], tmp), tmp / "link")), "--format", "comoe", "--out", str(tmp),
         "--overwrite"]), 2, r"--out .*: would replace the run .*link or what the export reads from it"),
@@ -586,6 +596,12 @@ CASES = [
     ("compare-tasks-unknown", lambda ctx, tmp: ("compare", ["--config", "tiny", "--tasks", "nosuch", "--out",
                                                             str(tmp / "cmp"), "data.train=builtin:add"]), 2,
      r"--tasks: nosuch not among the training sources' tasks \(add\)"),
+    ("hf-hub-empty-split", _override("data.train=hf:org/name@"), 2,
+     r"data\.train='hf:org/name@' is not allowed: a hub dataset as hf:org/name\[:subset\]\[@split\], with a "
+     r"non-empty subset"),
+    ("sweep-grid-output-dir", lambda ctx, tmp: ("sweep", ["--config", "tiny", "--grid", "train.output_dir=a,b",
+                                                          "--out", str(tmp / "sw")]), 2,
+     r"--grid 'train\.output_dir=a,b': train\.output_dir cannot be swept; every cell runs in <out>/<cell name>"),
     ("sweep-grid-repeated", lambda ctx, tmp: ("sweep", ["--config", "tiny", "--grid", "train.seed=0,0", "--out",
                                                         str(tmp / "sw")]), 2,
      r"--grid 'train\.seed=0,0': a value is repeated"),

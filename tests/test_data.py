@@ -717,6 +717,10 @@ def test_byte_order_mark_json_booleans_and_empty_replies(tmp_path):
     reply = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}
     with pytest.raises(DataError, match=r"empty\.jsonl:1: the assistant's last reply in field 'messages' is empty"):
         load_jsonl(_write(tmp_path / "empty.jsonl", json.dumps(reply)))
+    middle = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
+                           {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    with pytest.raises(DataError, match=r"middle\.jsonl:1: messages\[1\] is an empty assistant reply; drop the turn"):
+        load_jsonl(_write(tmp_path / "middle.jsonl", json.dumps(middle)))
 
 
 def test_the_data_fingerprint_is_about_contents_not_paths(tmp_path):

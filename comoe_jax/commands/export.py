@@ -16,15 +16,13 @@ is given (it then replaces an earlier export folder, never a folder of other fil
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
 from etils import epath
 
 from comoe_jax.cli import command
-from comoe_jax.config import ConfigError, load_run_config, read_json
-from comoe_jax.errors import AdapterFormatError
+from comoe_jax.config import ConfigError, load_run_config
 from comoe_jax.paths import absolute, as_path, copy_tree, is_local, remove_tree
 
 FORMATS = ("peft", "merged", "comoe")
@@ -46,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype != "float32" and args.format != "merged":
         raise ConfigError(f"--dtype {args.dtype} applies to --format merged only; {args.format} exports keep the "
                           "adapter's float32 weights")
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out '': empty; give an output folder, or leave --out out for <run>/<format>")
     cfg = load_run_config(args.run)
     run = as_path(args.run)
     out = as_path(args.out or run / args.format)
@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (adapter_dir / "adapter_config.json").exists():
         raise ConfigError(f"{args.run}: no finished adapter ({adapter_dir}/adapter_config.json); a run writes it when "
                           "training ends (rerun its train command to resume and finish it)")
-    _check_adapter_is_the_runs(adapter_dir, cfg)
+    from comoe_jax.checkpoint import check_adapter_settings
+
+    check_adapter_settings(adapter_dir, cfg)
     _check_out(out, run, args.overwrite, cfg.model.path)
     if args.format == "comoe":
         remove_tree(out)
@@ -74,27 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         export_merged(model, cfg, out, dtype=args.dtype)
     print(f"{args.format} export of {args.run} written to {out}")
     return 0
-
-
-def _check_adapter_is_the_runs(adapter_dir, cfg) -> None:
-    """The adapter folder must hold what the run's config.json says (a folder copied in from another run would
-    otherwise be exported under this run's method)."""
-    meta = read_json(adapter_dir / "adapter_config.json", AdapterFormatError)
-    saved = meta.get("adapter") if isinstance(meta, dict) else None
-    if not isinstance(saved, dict):
-        return  # not comoe-jax's layout: load_adapted names the problem
-    ours = dataclasses.asdict(cfg.adapter)
-    differ = [k for k in ("method", "num_experts", "top_k", "rank", "target_modules", "layers")
-              if k in saved and k in ours and _plain(saved[k]) != _plain(ours[k])]
-    if differ:
-        found = ", ".join(f"{k}={_plain(saved[k])!r}" for k in differ)
-        wanted = ", ".join(f"adapter.{k}={_plain(ours[k])!r}" for k in differ)
-        raise AdapterFormatError(f"{adapter_dir / 'adapter_config.json'}: {found}, but the run's config.json says "
-                                 f"{wanted}; this adapter folder is not the run's own (copied from another run?)")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _resolved(path):

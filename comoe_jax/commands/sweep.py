@@ -32,6 +32,9 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise ConfigError(f"--grid {item!r}: expected section.key=v1,v2,...")
+        if key == "train.output_dir":  # each cell's folder is <out>/<cell name>
+            raise ConfigError(f"--grid {item!r}: {key} cannot be swept; every cell runs in <out>/<cell name> "
+                              "(--out sets the parent folder)")
         grid[key] = values.split(",")
         if len(set(grid[key])) != len(grid[key]):
             raise ConfigError(f"--grid {item!r}: a value is repeated; each cell must be a different run")
