@@ -341,7 +341,7 @@ def check_adapter_settings(adapter_dir, cfg: Config) -> None:
         return  # not comoe-jax's layout: reading it names the problem
     ours = dataclasses.asdict(cfg.adapter)
     differ = [k for k in ("method", "num_experts", "top_k", "rank", "alpha", "target_modules", "layers")
-              if k in saved and k in ours and _plain(saved[k]) != _plain(ours[k])]
+              if k in saved and k in ours and _setting(k, saved[k], cfg) != _setting(k, ours[k], cfg)]
     if differ:
         found = ", ".join(f"{k}={_plain(saved[k])!r}" for k in differ)
         wanted = ", ".join(f"adapter.{k}={_plain(ours[k])!r}" for k in differ)
@@ -352,6 +352,21 @@ def check_adapter_settings(adapter_dir, cfg: Config) -> None:
 
 def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _setting(key: str, value, cfg: Config):
+    """An adapter setting as it acts: target modules in any order, layers as the range they name."""
+    if key == "target_modules" and isinstance(value, (list, tuple)):
+        return sorted(value)
+    if key == "layers" and isinstance(value, str):
+        from comoe_jax.config import parse_layer_range
+        from comoe_jax.loading import model_spec
+
+        try:
+            return parse_layer_range(value, model_spec(cfg.model.path, cfg.model.random_arch).num_layers)
+        except Exception:  # noqa: BLE001  (a bad value or model is named where it is read)
+            return value
+    return _plain(value)
 
 
 def load_run_model(cfg: Config, run_dir=None, mesh=None, rules=None, adapter_dir=None):

@@ -808,8 +808,9 @@ def validate(cfg: Config) -> Config:
              f"0 (the model's context, at most 2048) or more tokens than eval.max_new_tokens={ev.max_new_tokens}")
     _require(me.num_devices == -1 or me.num_devices >= 1, "mesh.num_devices", me.num_devices, "-1 (all) or >= 1")
     _require(me.dcn >= 1, "mesh.dcn", me.dcn, ">= 1 (the number of TPU slices)")
-    _require(me.coordinator_address in ("", "auto") or re.fullmatch(r"[^\s:]+:\d+", me.coordinator_address) is not None,
-             "mesh.coordinator_address", me.coordinator_address,
+    host_port = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:]+):\d+", me.coordinator_address)  # IPv6 in brackets
+    _require(me.coordinator_address in ("", "auto") or host_port is not None, "mesh.coordinator_address",
+             me.coordinator_address,
              "host:port of process 0, 'auto' (TPU pods, SLURM: JAX finds it) or '' (one process)")
     _require(me.num_processes >= 1 and (me.num_processes == 1 or me.coordinator_address), "mesh.num_processes",
              me.num_processes, "1, or more with mesh.coordinator_address (host:port of process 0)")

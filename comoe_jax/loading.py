@@ -293,6 +293,10 @@ def _gguf_tensors(reader, path: Path, spec: DecoderSpec) -> Callable[[str], np.n
 # --------------------------------------------------------------------------- building
 
 
+# Real transformers fields that a default config's to_dict() leaves out for some model types.
+WELL_KNOWN_FIELDS = ("head_dim", "sliding_window_pattern")
+
+
 def hf_config(model_cfg: ModelConfig):
     """The transformers config of ``model.path`` (config.json, the GGUF header, or ``model.random_arch``)."""
     from transformers import AutoConfig
@@ -307,9 +311,11 @@ def hf_config(model_cfg: ModelConfig):
             reason = str(e).strip().replace("\n", " ")
             raise LoadError(f"model.random_arch={model_cfg.random_arch!r}: not a transformers config ({reason})") \
                 from None
-        unknown = [k for k in arch if k not in known]
-        if unknown:  # transformers keeps any keyword as an attribute: a typo would leave the default size
-            close = difflib.get_close_matches(unknown[0], list(known), n=1)
+        # transformers keeps any keyword as an attribute, so a typo would leave the default size; fields it folds
+        # into others (rope_theta, rope_scaling, sliding_window_pattern, torch_dtype) do not stay as themselves
+        unknown = [k for k in arch if k in set(config.to_dict()) - set(known) and k not in WELL_KNOWN_FIELDS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], [k for k in known if not k.startswith("_")], n=1)
             raise LoadError(f"model.random_arch: unknown field {unknown[0]!r} for model_type {model_type!r}"
                             + (f"; did you mean {close[0]!r}?" if close else ""))
         return config

@@ -200,3 +200,31 @@ def test_resuming_an_older_run_ignores_keys_added_since_and_relative_model_paths
     assert config_changes(saved, cfg) == ["data.chat_replies: checkpoint 'last', now 'all'"]
     cfg.data.chat_replies = "last"
     assert config_changes(saved, cfg) == []
+
+
+def test_random_arch_takes_every_transformers_field_and_refuses_typos():
+    from comoe_jax.config import ModelConfig
+    from comoe_jax.loading import LoadError, hf_config
+
+    fine = [dict(rope_theta=1e4), dict(torch_dtype="float32"),
+            dict(model_type="qwen2", head_dim=16, use_sliding_window=True, max_window_layers=1,
+                 rope_scaling={"rope_type": "linear", "factor": 2.0}),
+            dict(model_type="gemma3_text", sliding_window_pattern=2, rope_local_base_freq=1e4)]
+    for arch in fine:  # fields transformers folds into others (rope_parameters, layer_types) are still fields
+        hf_config(ModelConfig(path="random", random_arch=arch))
+    with pytest.raises(LoadError, match=r"unknown field 'hiden_size' for model_type 'llama'; did you mean 'hidden_"):
+        hf_config(ModelConfig(path="random", random_arch={"hiden_size": 64}))
+
+
+def test_an_adapter_is_compared_with_the_run_by_what_its_settings_do(tmp_path):
+    from comoe_jax.checkpoint import check_adapter_settings
+    from comoe_jax.errors import AdapterFormatError
+
+    cfg = validate(_cfg("model.path=random", "adapter.target_modules=q_proj,v_proj", "adapter.layers=all"))
+    layers = cfg.model.random_arch["num_hidden_layers"]
+    saved = dict(cfg.to_dict()["adapter"], target_modules=["v_proj", "q_proj"], layers=f"0:{layers}")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"adapter": saved}))
+    check_adapter_settings(tmp_path, cfg)  # the same modules in another order, "all" as its range
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"adapter": dict(saved, rank=saved["rank"] * 2)}))
+    with pytest.raises(AdapterFormatError, match=r"rank=.*, but the run's config says adapter\.rank="):
+        check_adapter_settings(tmp_path, cfg)

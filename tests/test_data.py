@@ -719,8 +719,15 @@ def test_byte_order_mark_json_booleans_and_empty_replies(tmp_path):
         load_jsonl(_write(tmp_path / "empty.jsonl", json.dumps(reply)))
     middle = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
                            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
-    with pytest.raises(DataError, match=r"middle\.jsonl:1: messages\[1\] is an empty assistant reply; drop the turn"):
-        load_jsonl(_write(tmp_path / "middle.jsonl", json.dumps(middle)))
+    (ex,) = load_jsonl(_write(tmp_path / "middle.jsonl", json.dumps(middle)))  # context, unless it is trained on
+    from comoe_jax.data import render_segments
+    from comoe_jax.loading import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    assert [t for t, on in render_segments(ex, "chat", tok, "last") if on] == ["4"]
+    with pytest.raises(DataError, match=r"middle\.jsonl:1: assistant reply 1 of 2 is empty, and data\.chat_replies="
+                                        r"all trains on every reply"):
+        render_segments(ex, "chat", tok, "all")
 
 
 def test_the_data_fingerprint_is_about_contents_not_paths(tmp_path):

@@ -159,10 +159,6 @@ def _conversation(turns: list[tuple[str, str]], record: dict, task: str, where: 
     if not reply.strip():
         raise DataError(f"{where}: the assistant's last reply in field {field!r} is empty; a conversation needs the "
                         "reply to train on")
-    empty = [i for i, (role, text) in enumerate(turns) if role == "assistant" and not text.strip()]
-    if empty:  # every reply is trained on (data.chat_replies=all): an empty one would teach an empty answer
-        raise DataError(f"{where}: {field}[{empty[0]}] is an empty assistant reply; drop the turn (and the user "
-                        "message it answers) or give it text")
     return Example(task=_text(record, "task", where, required=False) or task, instruction=instruction.strip(),
                    answer=reply.strip(), output=reply, context=system.strip(), source=where, messages=tuple(turns))
 

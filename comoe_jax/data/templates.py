@@ -145,6 +145,10 @@ def _chat_segments(example: Example, tokenizer, with_options: bool, replies: str
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     segments, at = [], 0
     for i in turns if replies == "all" else turns[-1:]:
+        if not messages[i]["content"].strip():  # an earlier reply (the last is checked on loading)
+            raise DataError(f"{example.source}: assistant reply {turns.index(i) + 1} of {len(turns)} is empty, and "
+                            "data.chat_replies=all trains on every reply: give it text, drop the turn (and the user "
+                            "message it answers), or use data.chat_replies=last")
         span = _reply_span(tokenizer, messages, i, full, example)
         if span is None and i == turns[-1]:
             raise DataError(f"{example.source}: the chat template leaves the last assistant reply out of the "
