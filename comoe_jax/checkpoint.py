@@ -182,7 +182,7 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
             before = saved[section][key] if key in saved.get(section, {}) else _before_the_key(name, saved)
             if before is _ABSENT:
                 continue  # a key added since the run started, whose default is what the run did
-            if name == "model.path" and isinstance(before, str) and _same_file(before, value):
+            if name == "model.path" and isinstance(before, str) and _model_key(before) == _model_key(value):
                 continue  # an older run stored the path as typed (relative)
             if name not in resumable and before != value:
                 changed.append(f"{name}: checkpoint {before!r}, now {value!r}")
@@ -197,13 +197,6 @@ def _before_the_key(name: str, saved: dict):
     if name == "data.chat_replies" and saved.get("data", {}).get("template") == "chat":
         return "last"  # multi-turn chat records trained on their last reply only
     return _ABSENT
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(os.path.expanduser(a), os.path.expanduser(b))
-    except OSError:
-        return False
 
 
 def save_adapters(directory: str | Path, params: dict, groups: tuple[range, ...], cfg: Config) -> Path:
@@ -290,7 +283,7 @@ def load_adapters(directory: str | Path) -> tuple[dict, dict]:
 
 def _model_key(path) -> str:
     """A model path or hub id, compared after resolving local paths (relative, symlinked)."""
-    text = os.fspath(path)
+    text = os.path.expanduser(os.fspath(path))
     return os.path.realpath(text) if os.path.exists(text) else text
 
 

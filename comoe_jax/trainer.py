@@ -257,8 +257,9 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     val_items = validation_examples(cfg) if cfg.eval.every else []
     if cfg.eval.mode != "generate":
         require_choice(eval_items + val_items, cfg.eval.mode, need_options=cfg.eval.mode == "loglik")
-    sinks = _open_sinks(cfg, out)  # W&B starts (or fails: no login, no network) now, not after the model loads
-    try:
+    # W&B starts (or fails: no login, no network) now, not after the model loads; the writers close (and W&B marks
+    # the run failed) whatever ends the run
+    with _open_sinks(cfg, out) as sinks:
         model = build_model(cfg, mesh, rules)
         graphdef, adapters, frozen_state = split_model(model)
         counts = trainable_parameters(model)
@@ -279,10 +280,6 @@ def train(cfg: Config, *, stream=None) -> RunResult:
             say(f"resumed from step {resume_from} of {out}")
         else:
             state = step_fn.init_state(flat_values(adapters))
-    except BaseException:  # nothing logged yet: close the writers (and the W&B run) before the error goes on
-        sinks.__exit__(*sys.exc_info())
-        raise
-    with sinks:
         if resume_from is None and cfg.eval.before_training:
             # adapters at initialisation: this is the base model
             before = evaluate_and_save(cfg, model, tokenizer, eval_items, out / "eval_before", say)
