@@ -96,17 +96,35 @@ class ForwardContext:
     token_count: scalar, real tokens in the whole optimizer batch (all micro-batches),
       so per-module sums of ``token_mask * value / token_count`` add up to batch means.
     key: PRNG key for dropout and anchor / negative sampling; None = deterministic.
+    row_ids: ``[B]`` int32, each row's index in the whole (global) batch; None = ``0 .. B-1``. Random
+      draws are made per row from ``fold_in(key, row_id)``, so they do not depend on how the batch is
+      split over devices and processes (a device that holds rows 4..7 draws what one device holding
+      every row draws for them).
+    shard_axes: mesh axes the batch is split over when the forward pass runs per device inside
+      ``shard_map`` (the exact reduction of :mod:`comoe_jax.step`): the load-balance loss, not a sum
+      over tokens, is then sown as its token sums for the step to add over the devices. None = the
+      whole batch is here.
     """
 
     token_mask: jax.Array
     token_count: jax.Array
     key: jax.Array | None = None
+    row_ids: jax.Array | None = None
+    shard_axes: tuple[str, ...] | None = flax.struct.field(pytree_node=False, default=None)
+
+    def row_keys(self, index: int, streams: int) -> list[jax.Array]:
+        """``streams`` independent ``[B]`` key arrays for module ``index``, one key per row."""
+        rows = self.row_ids if self.row_ids is not None else jnp.arange(self.token_mask.shape[0])
+        module = jax.random.fold_in(self.key, index)
+        keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(module, r), streams))(rows)  # [B, streams]
+        return [keys[:, i] for i in range(streams)]
 
 
 class AdapterStat(nnx.Intermediate):
     """Training statistics an adapter sows, per module (sums over real tokens / ``token_count``):
     ``contrastive`` and ``mi_gap`` (scalars, when the term is on), ``load`` ``[n]`` (share of
-    routing slots per expert) and ``load_balance`` (scalar)."""
+    routing slots per expert) and ``load_balance`` (scalar; per device, ``balance_sums`` ``[2n + 1]``,
+    see :attr:`ForwardContext.shard_axes`)."""
 
 
 class RoutingTrace(nnx.Intermediate):
@@ -202,9 +220,9 @@ class MoLoRALinear(Linear):
         spec = self.spec
         keys = [None] * 3
         if ctx is not None and ctx.key is not None:
-            keys = list(jax.random.split(jax.random.fold_in(ctx.key, self.index), 3))
+            keys = ctx.row_keys(self.index, 3)
         dropped = keys[0] is not None and spec.dropout > 0
-        x_in = ops.dropout(x, spec.dropout, keys[0]) if dropped else x
+        x_in = jax.vmap(ops.dropout, in_axes=(0, None, 0))(x, spec.dropout, keys[0]) if dropped else x
         b, c = self.effective_b()
         w0x = self.project(x)
         y = w0x if self.bias is None else w0x + self.bias[...].astype(self.dtype)
@@ -270,7 +288,7 @@ class MoLoRALinear(Linear):
             return None
         if key is None:
             return jnp.zeros(topk.shape[:-1], jnp.int32)
-        return ops.sample_anchor_slot(key, topk.shape[:-1], self.spec.top_k)
+        return jax.vmap(ops.sample_anchor_slot, in_axes=(0, None, None))(key, topk.shape[1:-1], self.spec.top_k)
 
     def _negatives(self, topk, key) -> jax.Array:
         """Each token's negatives ``[..., m]``: ``loss.num_negatives`` sampled inactive experts (a fixed key
@@ -278,8 +296,10 @@ class MoLoRALinear(Linear):
         spec = self.spec
         if not spec.num_negatives:
             return ops.inactive_experts(topk, spec.num_experts)
-        key = key if key is not None else jax.random.key(self.index)
-        return ops.sample_negatives(key, topk, spec.num_experts, spec.num_negatives)
+        if key is None:  # one fixed draw for the whole batch
+            return ops.sample_negatives(jax.random.key(self.index), topk, spec.num_experts, spec.num_negatives)
+        return jax.vmap(ops.sample_negatives, in_axes=(0, 0, None, None))(key, topk, spec.num_experts,
+                                                                          spec.num_negatives)
 
     def _sow_statistics(self, ctx, h, probs, topk, term) -> None:
         """Sow :class:`AdapterStat` (sums over real tokens / ``ctx.token_count``; ``term``: the per-token
@@ -290,8 +310,11 @@ class MoLoRALinear(Linear):
         if AdapterStat in kinds:
             w = ctx.token_mask / ctx.token_count
             active = ops.active_mask(topk, spec.num_experts).astype(jnp.float32)
-            stats = {"load": jnp.einsum("bt,btn->n", w, active) / spec.top_k,
-                     "load_balance": ops.load_balance_loss(probs, topk, ctx.token_mask)}
+            stats = {"load": jnp.einsum("bt,btn->n", w, active) / spec.top_k}
+            if ctx.shard_axes is None:
+                stats["load_balance"] = ops.load_balance_loss(probs, topk, ctx.token_mask)
+            else:  # this device's token sums; the step adds them over the devices and forms the loss
+                stats["balance_sums"] = ops.load_balance_sums(probs, topk, ctx.token_mask)
             if term is not None:
                 anchors = spec.top_k if spec.anchor == "all" else 1
                 stats["contrastive"] = jnp.sum(w * term)

@@ -32,6 +32,7 @@ from comoe_jax.constants import (
     LAYER_PLACEMENTS,
     METHODS,
     MODEL_ALIASES,
+    REDUCTIONS,
     SINGLE_EXPERT_METHODS,
     SOFT_ROUTED_METHODS,
     SOURCE_FORMATS,
@@ -252,6 +253,11 @@ class MeshConfig(_Strict):
                                   "process (on TPU pods, 'auto' lets JAX detect everything).", resumable=True)
     num_processes: int = _f(1, "Processes in a multi-host run (with mesh.coordinator_address).", resumable=True)
     process_id: int = _f(0, "This process's index in a multi-host run.", resumable=True)
+    reduction: str = _f("auto", "How the train step adds the devices' gradients: 'exact' (each device takes its rows' "
+                        "gradients and they are added in device order: the same bits whatever the process layout; "
+                        "needs mesh.fsdp = mesh.tensor = 1), 'xla' (XLA's all-reduce, whose order depends on the "
+                        "collective's algorithm), 'auto' (exact on CPU devices holding whole weights, else xla).",
+                        resumable=True)
     heartbeat_timeout: int = _f(100, "Seconds without a heartbeat from a process of a multi-host run after which "
                                 "jax.distributed stops the others (exit by SIGABRT), which would otherwise wait for "
                                 "it in a collective; JAX's default.", resumable=True)
@@ -817,6 +823,10 @@ def validate(cfg: Config) -> Config:
     _require(0 <= me.process_id < me.num_processes or me.coordinator_address == "auto", "mesh.process_id",
              me.process_id, f"0 <= process_id < mesh.num_processes ({me.num_processes})")
     _require(me.heartbeat_timeout >= 1, "mesh.heartbeat_timeout", me.heartbeat_timeout, ">= 1 second")
+    _require(me.reduction in REDUCTIONS, "mesh.reduction", me.reduction, f"one of {', '.join(REDUCTIONS)}")
+    _require(me.reduction != "exact" or (me.fsdp in (1, -1) and me.tensor in (1, -1)), "mesh.reduction",
+             me.reduction, f"'auto' or 'xla' with mesh.fsdp={me.fsdp}, mesh.tensor={me.tensor} ('exact' needs "
+             "every device to hold whole weights: fsdp = tensor = 1)")
     for key in ("data", "fsdp", "tensor"):
         size = getattr(me, key)
         _require(size == -1 or size >= 1, f"mesh.{key}", size, "a positive size, or -1 for the remaining devices")

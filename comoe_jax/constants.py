@@ -13,6 +13,7 @@ SPARSE_FROM_EXPERTS = 64  # adapter.experts=auto: sparse experts from this n on 
 DTYPES = ("float32", "bfloat16")
 SPLITS = ("train", "validation", "test")
 EVAL_MODES = ("label", "loglik", "generate")
+REDUCTIONS = ("auto", "exact", "xla")  # mesh.reduction: how the train step adds the devices' gradients
 SOURCE_FORMATS = ("jsonl", "llm_adapters", "bigbench", "hf")
 # hf:org/name[:subset][@split], when no such local folder exists (split: the hub's own name, e.g. train_sft, or a
 # datasets slice such as train[:1000]; without it, the split asked for: train, validation or eval.split)

@@ -575,12 +575,23 @@ def load_balance_loss(
       indices, so it carries no gradient), ``P_i`` the mean probability of expert i. Equals k
       when routing is uniform.
     """
+    return load_balance_from_sums(load_balance_sums(probs, topk_indices, token_mask))
+
+
+def load_balance_sums(probs: jax.Array, topk_indices: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+    """The token sums the load-balance loss is made of, ``[2n + 1]``: real tokens, then per expert the
+    tokens that select it and the summed probabilities. Sums of a batch's parts add up to the batch's."""
     n = probs.shape[-1]
     if token_mask is None:
         token_mask = jnp.ones(probs.shape[:-1], jnp.float32)
     probs = _at_least_f32(probs)
     w = token_mask.astype(probs.dtype)
-    w = w / jnp.maximum(jnp.sum(w), 1.0)
-    fraction = jnp.einsum("...,...n->n", w, active_mask(topk_indices, n).astype(probs.dtype))
-    mean_prob = jnp.einsum("...,...n->n", w, probs)
-    return n * jnp.sum(fraction * mean_prob)
+    selected = jnp.einsum("...,...n->n", w, active_mask(topk_indices, n).astype(probs.dtype))
+    return jnp.concatenate([jnp.sum(w)[None], selected, jnp.einsum("...,...n->n", w, probs)])
+
+
+def load_balance_from_sums(sums: jax.Array) -> jax.Array:
+    """:func:`load_balance_loss` from :func:`load_balance_sums` ``[2n + 1] -> scalar``."""
+    n = (sums.shape[-1] - 1) // 2
+    total = jnp.maximum(sums[0], 1.0)
+    return n * jnp.sum((sums[1 : n + 1] / total) * (sums[n + 1 :] / total))

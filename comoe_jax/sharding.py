@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
+import functools
 import json
 import logging
 import math
+import operator
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -166,6 +169,67 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, rules, mesh))
+
+
+def exact_reduction(mode: str, mesh: Mesh) -> bool:
+    """Whether the train step adds the devices' gradients in device order (``mesh.reduction``): 'exact'
+    (needs every device to hold whole weights: mesh.fsdp = mesh.tensor = 1), 'xla' (XLA's all-reduce),
+    'auto' (exact on CPU devices with whole weights, where multi-process runs are tests and the order
+    matters more than the collective's speed; XLA's on accelerators)."""
+    whole = all(mesh.shape.get(a, 1) == 1 for a in ("fsdp", "tensor"))
+    if mode == "exact" and not whole:
+        raise ConfigError(f"mesh.reduction='exact' needs every device to hold whole weights (mesh.fsdp = mesh.tensor "
+                          f"= 1; this mesh has fsdp={mesh.shape.get('fsdp', 1)}, tensor={mesh.shape.get('tensor', 1)})"
+                          "; use 'auto' or 'xla'")
+    if mode == "auto":
+        return whole and mesh.devices.flat[0].platform == "cpu"
+    return mode == "exact"
+
+
+def ordered_sum(tree, axes: tuple[str, ...]):
+    """Inside ``shard_map``: the sum over the devices of ``axes`` of each device's ``tree`` (every leaf
+    whole on every device), added in device order, so the result is the same bits whatever the
+    process layout or the collective's algorithm (gloo's ring all-reduce adds in another order than
+    the in-process CPU collectives).
+
+    An all-reduce made of exact moves: ``all_to_all`` hands each device one chunk of every device's
+    values, the device adds its chunk's S parts in order, and ``all_gather`` returns the chunks.
+    Memory and traffic are those of a ring all-reduce (O(size), not S x size).
+    """
+    size = jax.lax.axis_size(axes)
+    leaves, treedef = jax.tree.flatten(tree)
+    out = list(leaves)
+    for dtype in sorted({leaf.dtype for leaf in leaves}, key=str):  # one collective per dtype
+        picked = [i for i, leaf in enumerate(leaves) if leaf.dtype == dtype]
+        flat = jnp.concatenate([leaves[i].reshape(-1) for i in picked])
+        chunks = jnp.pad(flat, (0, -flat.size % size)).reshape(size, -1)
+        parts = jax.lax.all_to_all(chunks, axes, 0, 0)  # [S, chunk]: row j is device j's part of my chunk
+        mine = functools.reduce(operator.add, [parts[j] for j in range(size)])
+        whole = jax.lax.all_gather(mine, axes, tiled=True)[: flat.size]
+        offsets = np.cumsum([0] + [leaves[i].size for i in picked])
+        for i, start, end in zip(picked, offsets[:-1], offsets[1:]):
+            out[i] = whole[start:end].reshape(leaves[i].shape)
+    return jax.tree.unflatten(treedef, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def shared_sum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Inside ``shard_map``: the sum of ``x`` over the devices of ``axes`` (:func:`ordered_sum`), for a
+    value that every device then uses alike, scaled by 1 / S in its share of the loss (the load-balance
+    loss of the whole batch). Its gradient is the total of all devices' cotangents, which under that use
+    is S times this device's."""
+    return ordered_sum(x, axes)
+
+
+def _shared_sum_fwd(x, axes):
+    return ordered_sum(x, axes), None
+
+
+def _shared_sum_bwd(axes, _, cotangent):
+    return (cotangent * jax.lax.axis_size(axes),)
+
+
+shared_sum.defvjp(_shared_sum_fwd, _shared_sum_bwd)
 
 
 def active_batch_shards(batch: int) -> int:

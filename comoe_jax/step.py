@@ -4,7 +4,9 @@ Gradients are taken for adapter and router parameters only; the frozen base is a
 argument of the step (never a compile-time constant) and gets no gradient and no
 optimizer state. Micro-batches are accumulated with ``lax.scan`` inside the step,
 with every term normalised by the whole batch's token counts, so accumulating A
-micro-batches gives the gradient of one A-times larger batch.
+micro-batches gives the gradient of one A-times larger batch. On a data-parallel mesh the
+devices' gradients are added by XLA's all-reduce or, with ``mesh.reduction=exact``, per device
+inside ``shard_map`` and added in device order (the same bits on any process layout).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from comoe_jax import ops
 from comoe_jax import sharding as shd
 from comoe_jax.adapters import AdapterStat, ForwardContext
 from comoe_jax.config import Config
@@ -194,13 +197,15 @@ class TrainStep:
         remat = lambda f: jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)  # noqa: E731
         return jax.lax.cond(fits, remat(gathered), remat(lambda h: summed(h, targets, loss_mask)), hidden)
 
-    def loss(self, params: dict, frozen: dict, batch: dict, key, counts: dict):
-        """Loss of one micro-batch (normalised by whole-batch counts) and its metrics."""
+    def loss(self, params: dict, frozen: dict, batch: dict, key, counts: dict, rows: jax.Array | None = None):
+        """Loss of one micro-batch (normalised by whole-batch counts) and its metrics; ``rows``: the global
+        indices of the batch's rows when this is one device's share (:meth:`exact_gradients`)."""
         lo = self.cfg.loss
         model = nnx.merge(self.graphdef, state_from_flat(self.adapters_template, params),
                           state_from_flat(self.frozen_template, frozen))
+        shard_axes = self.exact_axes if rows is not None else None
         ctx = ForwardContext(token_mask=batch["attention_mask"].astype(jnp.float32),
-                             token_count=counts["tokens"], key=key)
+                             token_count=counts["tokens"], key=key, row_ids=rows, shard_axes=shard_axes)
         (hidden, _), stats = nnx.capture(model.hidden, AdapterStat)(
             batch["input_ids"], batch["attention_mask"], batch["positions"], ctx=ctx, segment_ids=batch["segment_ids"])
         ce = self.cross_entropy(model, hidden, batch["targets"], batch["loss_mask"].astype(jnp.float32))
@@ -215,7 +220,7 @@ class TrainStep:
                 metrics |= {"contrastive": contrastive, "mi_gap": jnp.mean(model.stat(stats, "mi_gap"))}
                 loss = loss + lo.contrastive_weight * contrastive
             # a per-micro-batch mean: average them
-            balance = jnp.mean(model.stat(stats, "load_balance")) / self.cfg.optim.grad_accum_steps
+            balance = jnp.mean(self._load_balance(model, stats, shard_axes)) / self.cfg.optim.grad_accum_steps
             metrics["load_balance"] = balance
             if lo.load_balance_weight > 0:
                 loss = loss + lo.load_balance_weight * balance
@@ -223,48 +228,96 @@ class TrainStep:
         metrics["loss"] = loss
         return loss, metrics
 
-    def gradients(self, state: TrainState, frozen: dict, batch: dict, key) -> tuple[dict, dict]:
-        """Gradients and summed metrics of the whole batch (micro-batches accumulated by ``lax.scan``)."""
-        counts = {"tokens": jnp.maximum(jnp.sum(batch["attention_mask"]), 1).astype(jnp.float32),
-                  "response": jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)}
+    @staticmethod
+    def _load_balance(model, stats, shard_axes) -> jax.Array:
+        """Each adapted module's load-balance loss ``[modules]`` over the whole micro-batch. On one device's
+        share (``shard_axes``) its token sums are first added over the devices, and the loss, the same on
+        every device, enters each device's loss as 1 / S of it (so the devices' losses add up to it)."""
+        if shard_axes is None:
+            return model.stat(stats, "load_balance")
+        sums = shd.shared_sum(model.stat(stats, "balance_sums"), shard_axes)
+        return jax.vmap(ops.load_balance_from_sums)(sums) / jax.lax.axis_size(shard_axes)
+
+    @staticmethod
+    def counts(batch: dict) -> dict:
+        """The whole batch's real and response tokens (every micro-batch's loss is normalised by them)."""
+        return {"tokens": jnp.maximum(jnp.sum(batch["attention_mask"]), 1).astype(jnp.float32),
+                "response": jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)}
+
+    def gradients(self, params: dict, frozen: dict, batch: dict, key, counts: dict | None = None,
+                  rows: jax.Array | None = None) -> tuple[dict, dict]:
+        """Gradients and summed metrics of the batch (micro-batches accumulated by ``lax.scan``); ``counts``:
+        the whole batch's (default: this batch's), ``rows``: as for :meth:`loss`."""
+        counts = self.counts(batch) if counts is None else counts
         micro_keys = jax.random.split(key, self.cfg.optim.grad_accum_steps)
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         if self.cfg.optim.grad_accum_steps == 1:  # no zero-filled accumulator: one pass less over the gradients
             only = jax.tree.map(lambda v: v[0], batch)
-            (_, metrics), grads = grad_fn(state.params, frozen, only, micro_keys[0], counts)
+            (_, metrics), grads = grad_fn(params, frozen, only, micro_keys[0], counts, rows)
             return grads, metrics
 
         def micro(grads, xs):
             mb, k = xs
-            (_, metrics), g = grad_fn(state.params, frozen, mb, k, counts)
+            (_, metrics), g = grad_fn(params, frozen, mb, k, counts, rows)
             return jax.tree.map(jnp.add, grads, g), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, params)
         grads, metrics = jax.lax.scan(micro, zeros, (batch, micro_keys))
         return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
 
-    def _step(self, state: TrainState, frozen: dict, batch: dict, schedule: dict):
+    @cached_property
+    def exact_axes(self) -> tuple[str, ...] | None:
+        """The mesh axes the batch is split over when gradients are added in device order
+        (``mesh.reduction``), None when XLA's collectives add them."""
+        axes = tuple(a for a in self.rules.get("batch", ()) if self.mesh.shape[a] > 1)
+        return axes if axes and shd.exact_reduction(self.cfg.mesh.reduction, self.mesh) else None
+
+    def exact_gradients(self, params: dict, frozen: dict, batch: dict, key) -> tuple[dict, dict]:
+        """:meth:`gradients` with each device taking its rows' gradients and the devices' gradients added
+        in device order (:func:`sharding.ordered_sum`): the same bits on any process layout."""
+        axes = self.exact_axes
+
+        def per_device(params, frozen, batch, key, counts):
+            size = batch["input_ids"].shape[1]
+            rows = jax.lax.axis_index(axes) * size + jnp.arange(size, dtype=jnp.int32)
+            grads, metrics = self.gradients(params, frozen, batch, key, counts, rows)
+            return shd.ordered_sum(grads, axes), jax.lax.psum(metrics, axes)
+
+        rows = PartitionSpec(None, axes)
+        return jax.shard_map(per_device, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(),
+                                                                    {k: rows for k in batch}, PartitionSpec(),
+                                                                    PartitionSpec()),
+                             out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)(
+            params, frozen, batch, key, self.counts(batch))
+
+    def batch_gradients(self, state: TrainState, frozen: dict, batch: dict, key) -> tuple[dict, dict]:
+        """The whole batch's gradients and metrics, added over the devices as ``mesh.reduction`` says."""
+        if self.exact_axes:
+            return self.exact_gradients(state.params, frozen, batch, key)
         with shd.activation_rules(self.mesh, self.rules):
-            key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-            grads, metrics = self.gradients(state, frozen, batch, step_key)
-            grad_norm = optax.tree.norm(grads)
-            # The norm is non-finite exactly when a gradient is, or when their squares overflow float32 (a
-            # step better skipped too: clipping would zero it, and unclipped it would put inf in Adam's second
-            # moment for good). One pass over the gradients instead of two.
-            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-            # A non-finite loss or gradient leaves parameters and optimizer state as they were. A cond, not
-            # a select over the whole state: the update then runs in place on the donated buffers (a select
-            # kept old and new state alive, about 0.25 s a step for n = 64's 122 M adapter parameters on a CPU).
-            learning_rate = lambda count: warmup_cosine(count, schedule)  # noqa: E731
-            update = partial(self._update, optimizer(self.cfg, learning_rate))
-            params, opt_state = jax.lax.cond(finite, update, lambda g, p, o: (p, o),
-                                             grads, state.params, state.opt_state)
-            skipped = jnp.where(finite, 0, state.skipped + 1)
-            metrics |= {"grad_norm": grad_norm, "skipped": skipped,
-                        "learning_rate": learning_rate(state.step - state.skipped_total)}  # = optax's count
-            new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(key),
-                             skipped=skipped, skipped_total=state.skipped_total + (1 - finite.astype(jnp.int32)))
-            return new, metrics
+            return self.gradients(state.params, frozen, batch, key)
+
+    def _step(self, state: TrainState, frozen: dict, batch: dict, schedule: dict):
+        key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        grads, metrics = self.batch_gradients(state, frozen, batch, step_key)
+        grad_norm = optax.tree.norm(grads)
+        # The norm is non-finite exactly when a gradient is, or when their squares overflow float32 (a
+        # step better skipped too: clipping would zero it, and unclipped it would put inf in Adam's second
+        # moment for good). One pass over the gradients instead of two.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were. A cond, not
+        # a select over the whole state: the update then runs in place on the donated buffers (a select
+        # kept old and new state alive, about 0.25 s a step for n = 64's 122 M adapter parameters on a CPU).
+        learning_rate = lambda count: warmup_cosine(count, schedule)  # noqa: E731
+        update = partial(self._update, optimizer(self.cfg, learning_rate))
+        params, opt_state = jax.lax.cond(finite, update, lambda g, p, o: (p, o),
+                                         grads, state.params, state.opt_state)
+        skipped = jnp.where(finite, 0, state.skipped + 1)
+        metrics |= {"grad_norm": grad_norm, "skipped": skipped,
+                    "learning_rate": learning_rate(state.step - state.skipped_total)}  # = optax's count
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(key),
+                         skipped=skipped, skipped_total=state.skipped_total + (1 - finite.astype(jnp.int32)))
+        return new, metrics
 
     @staticmethod
     def _update(tx: optax.GradientTransformation, grads: dict, params: dict,

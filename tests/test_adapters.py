@@ -62,6 +62,31 @@ class MoLoRALinearTest(parameterized.TestCase):
         assert not np.allclose(y1, y2)
         np.testing.assert_allclose(y_eval, _call(layer, x)[0])
 
+    @parameterized.parameters("dense", "sparse")
+    def test_random_draws_follow_the_rows_not_the_batch_split(self, experts):
+        """Dropout, anchors and sampled negatives are drawn per row (``fold_in(key, row)``): a device that
+        holds rows 3..4 of a batch draws for them what one device holding all 5 rows draws."""
+        spec = MoESpec(num_experts=6, top_k=2, rank=3, dropout=0.4, num_negatives=2, experts=experts)
+        layer = _layer(7, 5, spec, seed=4)
+        x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 6, 7)), jnp.float32)
+        per_token = {}
+
+        def contrastive_per_row(rows, row_ids):
+            ctx = ForwardContext(jnp.ones((len(rows), 6)), jnp.float32(6), jax.random.key(8),
+                                 None if row_ids is None else jnp.asarray(row_ids, jnp.int32))
+            y, stats = _call(layer, x[np.asarray(rows)], ctx)
+            return np.asarray(y), float(stats["contrastive"])
+
+        for rows in ([0], [1], [2], [3], [4]):  # one row at a time, each with its global index
+            per_token[rows[0]] = contrastive_per_row(rows, rows)
+        whole_y, whole_term = contrastive_per_row(list(range(5)), None)
+        np.testing.assert_allclose(whole_y, np.concatenate([per_token[r][0] for r in range(5)]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(whole_term, sum(per_token[r][1] for r in range(5)), rtol=1e-5)
+        split_y, _ = contrastive_per_row([3, 4], [3, 4])
+        np.testing.assert_allclose(split_y, whole_y[3:], rtol=1e-5, atol=1e-5)
+        shifted_y, _ = contrastive_per_row([3, 4], [0, 1])  # the wrong rows' draws: other dropout masks
+        assert not np.allclose(shifted_y, whole_y[3:])
+
     def test_statistics_against_loops(self):
         spec = MoESpec(num_experts=5, top_k=2, rank=3, dropout=0.0, anchor="all", temperature=0.4)
         layer = _layer(6, 7, spec, seed=3)

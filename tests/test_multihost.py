@@ -90,21 +90,19 @@ def two_process_run(tmp_path_factory) -> Path:
 
 
 def test_two_processes_equal_one_process_on_four_devices(two_process_run, tmp_path):
-    # gloo sums the data-parallel gradients in another order than the in-process CPU collectives; AdamW
-    # turns a last-bit difference in a near-zero gradient into a ~lr-sized one for that element, so a
-    # handful of elements may differ by ~1e-5 while every loss and all other parameters agree to 1e-6.
+    # mesh.reduction=auto adds the devices' gradients in device order on CPU (gloo's all-reduce would add
+    # them in another order than the in-process collectives): the adapters are the same bits. The logged
+    # losses are sums over the devices in the collective's order, equal to float32 rounding.
     single = tmp_path / "single"
     assert train.main([*RUN, f"train.output_dir={single}", "mesh.num_devices=4"]) == 0
     got, want = _losses(two_process_run), _losses(single)
     assert sorted(got) == sorted(want) == list(range(1, 25))
     for step in want:
-        np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+        np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f"step {step}")
     got, want = _adapters(two_process_run), _adapters(single)
     assert sorted(got) == sorted(want)
-    close = np.concatenate([np.isclose(got[n], want[n], rtol=1e-6, atol=1e-6).ravel() for n in want])
-    assert close.mean() > 0.999, f"{(~close).sum()} of {close.size} adapter values differ by more than 1e-6"
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-4, err_msg=name)
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     # evaluation ran on the 4-device mesh, each process scoring its share: the same predictions
     predictions = [[p["prediction"] for p in json.loads((r / "eval_after.json").read_text())["predictions"]]
                    for r in (two_process_run, single)]

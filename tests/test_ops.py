@@ -366,6 +366,20 @@ class LoadBalanceTest(parameterized.TestCase):
         want = ref.load_balance(np.asarray(probs, np.float64), np.asarray(topk), mask)
         np.testing.assert_allclose(got, want, rtol=1e-5)
 
+    def test_sums_of_a_batch_split_add_up_to_the_batch(self):
+        """What a device holding part of the batch sows (``load_balance_sums``) adds up over the parts
+        to the whole batch's loss, not to the mean of the parts' losses."""
+        rng = np.random.default_rng(3)
+        logits = rng.normal(size=(23, 5)).astype(np.float32)
+        probs, (_, topk) = ops.router_probs(logits), ops.topk_route(logits, 2)
+        mask = (rng.random(23) > 0.2).astype(np.float32)
+        parts = [ops.load_balance_sums(probs[s], topk[s], mask[s]) for s in (slice(0, 9), slice(9, 16), slice(16, 23))]
+        chex.assert_shape(parts, (11,))
+        got = ops.load_balance_from_sums(sum(parts))
+        want = ref.load_balance(np.asarray(probs, np.float64), np.asarray(topk), mask)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        assert not np.isclose(np.mean([ops.load_balance_from_sums(p) for p in parts]), want, rtol=1e-4)
+
     def test_uniform_routing_gives_k(self):
         probs = jnp.full((8, 4), 0.25)
         topk = jnp.array([[i % 4, (i + 1) % 4] for i in range(8)])

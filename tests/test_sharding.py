@@ -58,3 +58,56 @@ def test_mesh_shape_errors():
         shd.mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
     with pytest.raises(ConfigError, match="mesh.rules"):
         shd.rules_dict((("embed", "model"),))
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # CoMoE: dropout, random anchors, all negatives, dense experts
+    {"loss__load_balance_weight": 0.5, "optim__grad_accum_steps": 2},  # a loss that is no sum over tokens
+    {"adapter__experts": "sparse", "loss__num_negatives": 1},  # sampled negatives, sorted dispatch
+], ids=["comoe", "load-balance-accum", "sparse"])
+def test_exact_reduction_equals_xla_and_one_device(tiny_config, setup_step, next_batch, overrides):
+    """mesh.reduction=exact (per-device gradients in shard_map, added in device order) trains what XLA's
+    all-reduce and a single device train: same losses and parameters to float32 rounding, load-balance
+    gradient included (each device's 1 / S share of the whole batch's loss)."""
+    def run(devices, reduction):
+        cfg = tiny_config(mesh__reduction=reduction, **overrides)
+        step, state, frozen, data, mesh, rules = setup_step(cfg, devices)
+        assert (step.exact_axes is not None) == (reduction == "exact" and len(devices) > 1)
+        losses = []
+        for _ in range(3):
+            state, m = step(state, frozen, next_batch(data, cfg, mesh, rules))
+            losses.append([float(m[k]) for k in ("loss", "ce", "contrastive", "load_balance", "grad_norm")])
+        return np.asarray(losses), {k: np.asarray(v) for k, v in state.params.items()}
+
+    one, one_params = run(jax.devices()[:1], "exact")
+    for reduction in ("exact", "xla"):
+        losses, params = run(jax.devices()[:4], reduction)
+        np.testing.assert_allclose(losses, one, rtol=2e-6, err_msg=reduction)
+        for name, value in params.items():
+            np.testing.assert_allclose(value, one_params[name], rtol=0, atol=1e-5, err_msg=f"{reduction} {name}")
+
+
+def test_exact_reduction_is_chosen_by_mesh_and_platform(tiny_config, setup_step):
+    cpu = jax.devices()[:4]
+    assert shd.exact_reduction("auto", shd.make_mesh(MeshConfig(), cpu))  # CPU, whole weights
+    assert not shd.exact_reduction("xla", shd.make_mesh(MeshConfig(), cpu))
+    assert not shd.exact_reduction("auto", shd.make_mesh(MeshConfig(data=2, fsdp=2), cpu))  # sharded weights
+    with pytest.raises(ConfigError, match=r"mesh.reduction='exact' needs .*fsdp=2, tensor=1"):
+        shd.exact_reduction("exact", shd.make_mesh(MeshConfig(data=2, fsdp=2), cpu))
+
+
+def test_ordered_sum_adds_in_device_order_bit_for_bit():
+    """Values spread over 40 binary orders of magnitude, so the order of the additions shows in the bits."""
+    mesh = shd.make_mesh(MeshConfig(), jax.devices()[:4])
+    rng = np.random.default_rng(7)
+    tree = {"a": (rng.standard_normal((4, 3, 7)) * np.exp2(rng.integers(-20, 20, (4, 3, 7)))).astype(np.float32),
+            "b": rng.standard_normal((4, 5)).astype(np.float32), "c": rng.integers(0, 9, (4, 2)).astype(np.int32)}
+    placed = jax.device_put(tree, jax.sharding.NamedSharding(mesh, P("data")))
+    summed = jax.jit(jax.shard_map(lambda t: shd.ordered_sum(jax.tree.map(lambda v: v[0], t), ("data",)),
+                                   mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False))(placed)
+    for name, value in tree.items():
+        want = value[0]
+        for device in range(1, 4):  # float32 additions, device 0 first
+            want = want + value[device]
+        np.testing.assert_array_equal(np.asarray(summed[name]), want, err_msg=name)
+        assert summed[name].dtype == value.dtype

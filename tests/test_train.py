@@ -114,7 +114,7 @@ def test_the_compiled_step_is_the_same_for_any_schedule_and_follows_it(tiny_conf
     params, opt_state = jax.tree.map(np.asarray, state.params), tx.init(jax.tree.map(np.asarray, state.params))
     for count in range(5):
         batch = next_batch(data, cfg, mesh, rules)
-        grads, _ = jax.jit(step_fn.gradients)(state, frozen, batch, jax.random.split(
+        grads, _ = jax.jit(step_fn.gradients)(state.params, frozen, batch, jax.random.split(
             jax.random.wrap_key_data(state.rng))[1])
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -306,7 +306,7 @@ def test_a_run_is_not_resumed_over_changed_data_files(tmp_path, tiny_config):
 
 def _poison(monkeypatch, steps, where="one gradient"):
     """Make the step's gradients (one leaf) or its loss non-finite, inside jit, at the given 0-based steps."""
-    real = TrainStep.gradients
+    real = TrainStep.batch_gradients
 
     def poisoned(self, state, frozen, batch, key):
         grads, metrics = real(self, state, frozen, batch, key)
@@ -320,7 +320,7 @@ def _poison(monkeypatch, steps, where="one gradient"):
             metrics = dict(metrics, loss=jnp.where(bad, jnp.inf, metrics["loss"]))
         return grads, metrics
 
-    monkeypatch.setattr(TrainStep, "gradients", poisoned)
+    monkeypatch.setattr(TrainStep, "batch_gradients", poisoned)
 
 
 @pytest.mark.parametrize("where", ["one gradient", "overflowing gradients", "loss"])
@@ -400,8 +400,8 @@ def test_the_head_at_supervised_positions_gives_the_full_loss_and_gradients(slot
     per_row = np.asarray(batch["loss_mask"]).sum(-1).max()
     assert (per_row <= slots) == (slots == 16)  # the two branches: gathered slots, every position
     key = jax.random.key(0)
-    g_full, m_full = jax.jit(full.step.gradients)(full.state, full.frozen, batch, key)
-    g_part, m_part = jax.jit(part.step.gradients)(part.state, part.frozen, batch, key)
+    g_full, m_full = jax.jit(full.step.gradients)(full.state.params, full.frozen, batch, key)
+    g_part, m_part = jax.jit(part.step.gradients)(part.state.params, part.frozen, batch, key)
     for name in ("loss", "ce", "contrastive"):
         np.testing.assert_allclose(m_part[name], m_full[name], rtol=1e-6, err_msg=name)
     for name in g_full:
@@ -418,8 +418,8 @@ def test_sparse_experts_give_the_dense_step_loss_and_gradients(tiny_config, setu
     state = dense.state.replace(params={k: v + 0.1 * rng.normal(size=v.shape).astype(v.dtype) if "lora_b" in k else v
                                        for k, v in dense.state.params.items()})
     key = jax.random.key(1)
-    g_dense, m_dense = jax.jit(dense.step.gradients)(state, dense.frozen, batch, key)
-    g_sparse, m_sparse = jax.jit(sparse.step.gradients)(state, sparse.frozen, batch, key)
+    g_dense, m_dense = jax.jit(dense.step.gradients)(state.params, dense.frozen, batch, key)
+    g_sparse, m_sparse = jax.jit(sparse.step.gradients)(state.params, sparse.frozen, batch, key)
     assert all(np.abs(g).max() > 0 for g in g_dense.values())
     for name in ("loss", "ce", "contrastive", "mi_gap", "load_balance", "expert_load"):
         np.testing.assert_allclose(m_sparse[name], m_dense[name], rtol=1e-5, atol=1e-7, err_msg=name)
