@@ -824,6 +824,7 @@ def validate(cfg: Config) -> Config:
              me.process_id, f"0 <= process_id < mesh.num_processes ({me.num_processes})")
     _require(me.heartbeat_timeout >= 1, "mesh.heartbeat_timeout", me.heartbeat_timeout, ">= 1 second")
     _require(me.reduction in REDUCTIONS, "mesh.reduction", me.reduction, f"one of {', '.join(REDUCTIONS)}")
+    # -1 may still come out as 1: the mesh's resolved sizes are checked when it is built
     _require(me.reduction != "exact" or (me.fsdp in (1, -1) and me.tensor in (1, -1)), "mesh.reduction",
              me.reduction, f"'auto' or 'xla' with mesh.fsdp={me.fsdp}, mesh.tensor={me.tensor} ('exact' needs "
              "every device to hold whole weights: fsdp = tensor = 1)")

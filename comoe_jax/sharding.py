@@ -194,7 +194,8 @@ def ordered_sum(tree, axes: tuple[str, ...]):
 
     An all-reduce made of exact moves: ``all_to_all`` hands each device one chunk of every device's
     values, the device adds its chunk's S parts in order, and ``all_gather`` returns the chunks.
-    Memory and traffic are those of a ring all-reduce (O(size), not S x size).
+    Traffic is a ring all-reduce's; memory O(size) (a few copies of the flat values, not S x size).
+    Leaves are numeric arrays (booleans would be or-ed, not counted).
     """
     size = jax.lax.axis_size(axes)
     leaves, treedef = jax.tree.flatten(tree)

@@ -269,8 +269,9 @@ class TrainStep:
     def exact_axes(self) -> tuple[str, ...] | None:
         """The mesh axes the batch is split over when gradients are added in device order
         (``mesh.reduction``), None when XLA's collectives add them."""
+        exact = shd.exact_reduction(self.cfg.mesh.reduction, self.mesh)  # refuses 'exact' with sharded weights
         axes = tuple(a for a in self.rules.get("batch", ()) if self.mesh.shape[a] > 1)
-        return axes if axes and shd.exact_reduction(self.cfg.mesh.reduction, self.mesh) else None
+        return axes if axes and exact else None
 
     def exact_gradients(self, params: dict, frozen: dict, batch: dict, key) -> tuple[dict, dict]:
         """:meth:`gradients` with each device taking its rows' gradients and the devices' gradients added
@@ -281,11 +282,11 @@ class TrainStep:
             size = batch["input_ids"].shape[1]
             rows = jax.lax.axis_index(axes) * size + jnp.arange(size, dtype=jnp.int32)
             grads, metrics = self.gradients(params, frozen, batch, key, counts, rows)
-            return shd.ordered_sum(grads, axes), jax.lax.psum(metrics, axes)
+            return shd.ordered_sum((grads, metrics), axes)  # the logged values too: the same bits everywhere
 
-        rows = PartitionSpec(None, axes)
+        row_spec = PartitionSpec(None, axes)
         return jax.shard_map(per_device, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(),
-                                                                    {k: rows for k in batch}, PartitionSpec(),
+                                                                    {k: row_spec for k in batch}, PartitionSpec(),
                                                                     PartitionSpec()),
                              out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)(
             params, frozen, batch, key, self.counts(batch))

@@ -142,6 +142,7 @@ def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None) 
 
 
 def _check_batch(cfg: Config, mesh) -> None:
+    shd.exact_reduction(cfg.mesh.reduction, mesh)  # 'exact' on a mesh with sharded weights: refused before loading
     shards = shd.batch_shards(mesh)
     if cfg.train.batch_size % shards:
         sizes = " x ".join(str(mesh.shape[a]) for a in ("dcn", "data", "fsdp"))

@@ -329,6 +329,8 @@ CASES = [
      r"mesh\.reduction='ordered' is not allowed: one of auto, exact, xla"),
     ("mesh-reduction-fsdp", _override("mesh.num_devices=4", "mesh.fsdp=2", "mesh.reduction=exact"), 2,
      r"mesh\.reduction='exact' is not allowed: 'auto' or 'xla' with mesh\.fsdp=2"),
+    ("mesh-reduction-resolved", _override("mesh.num_devices=4", "mesh.data=1", "mesh.fsdp=-1", "mesh.reduction=exact"),
+     2, r"mesh\.reduction='exact' needs every device to hold whole weights .*fsdp=4, tensor=1"),
     ("max-skipped", _override("train.max_skipped_steps=0"), 2, r"train\.max_skipped_steps=0 is not allowed: >= 1"),
     ("beta2", _override("optim.b2=1"), 2, r"optim\.b2=1\.0 is not allowed: 0 <= beta < 1"),
     ("accumulation", _override("optim.grad_accum_steps=0"), 2, r"optim\.grad_accum_steps=0 is not allowed: >= 1"),
