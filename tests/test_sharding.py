@@ -64,15 +64,19 @@ def test_mesh_shape_errors():
     {},  # CoMoE: dropout, random anchors, all negatives, dense experts
     {"loss__load_balance_weight": 0.5, "optim__grad_accum_steps": 2},  # a loss that is no sum over tokens
     {"adapter__experts": "sparse", "loss__num_negatives": 1},  # sampled negatives, sorted dispatch
-], ids=["comoe", "load-balance-accum", "sparse"])
+    {"mesh__dcn": 2},  # rows split over two mesh axes (2 slices x 2 devices): their order in the batch
+], ids=["comoe", "load-balance-accum", "sparse", "two-slices"])
 def test_exact_reduction_equals_xla_and_one_device(tiny_config, setup_step, next_batch, overrides):
     """mesh.reduction=exact (per-device gradients in shard_map, added in device order) trains what XLA's
     all-reduce and a single device train: same losses and parameters to float32 rounding, load-balance
     gradient included (each device's 1 / S share of the whole batch's loss)."""
     def run(devices, reduction):
-        cfg = tiny_config(mesh__reduction=reduction, **overrides)
+        single = {} if len(devices) > 1 else {"mesh__dcn": 1}
+        cfg = tiny_config(mesh__reduction=reduction, **(overrides | single))
         step, state, frozen, data, mesh, rules = setup_step(cfg, devices)
         assert (step.exact_axes is not None) == (reduction == "exact" and len(devices) > 1)
+        if step.exact_axes and "mesh__dcn" in overrides:
+            assert step.exact_axes == ("dcn", "data")
         losses = []
         for _ in range(3):
             state, m = step(state, frozen, next_batch(data, cfg, mesh, rules))
