@@ -11,8 +11,10 @@ from comoe_jax.model import ACTIVATIONS, DecoderSpec
 from comoe_jax.rope import RopeSpec
 
 # transformers model_type -> ours
-FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
-            "gemma3": "gemma3"}
+# (ministral: Mistral with per-layer windows from layer_types; transformers' AutoConfig turns a mistral
+# config.json that lists layer_types into one)
+FAMILIES = {"llama": "llama", "mistral": "mistral", "ministral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+            "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
 def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
@@ -54,7 +56,7 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
     if family in ("mistral", "qwen2"):
         common["attention_bias"] = False
     window = getattr(hf, "sliding_window", None)
-    if family == "mistral":
+    if model_type == "mistral":
         sliding = (window is not None,) * hf.num_hidden_layers
     else:
         sliding = _sliding_layers(hf, source, window)

@@ -224,6 +224,10 @@ class ComoeJaxLM(TemplateLM):
         self.base = model_cfg.path
         self.dtype = dtype
         self.add_bos_token = add_bos_token
+        if add_bos_token is not None:  # as the hf backend, which hands it to AutoTokenizer.from_pretrained
+            if add_bos_token and self.tokenizer.bos_token is None:
+                raise ConfigError(f"model_args add_bos_token=True: the tokenizer of {self.base} has no BOS token")
+            self.tokenizer.add_bos_token = bool(add_bos_token)
         self.custom_prefix_token_id = None if prefix_token_id is None else _int("prefix_token_id", prefix_token_id)
         # as the hf backend: the model's context length (config.json, GGUF header), else the tokenizer's
         self._max_length = (_int("max_length", max_length) if max_length else

@@ -106,8 +106,9 @@ def hub_snapshot(repo_id: str, revision: str | None = None, files: list[str] = H
 # --------------------------------------------------------------------------- Hugging Face folders
 
 
-# Where the decoder sits in a checkpoint: *ForCausalLM, transformers 5's and older multimodal Gemma 3.
-HF_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+# Where the decoder sits in a checkpoint: *ForCausalLM, transformers 5's and older multimodal Gemma 3, a bare
+# decoder (LlamaModel.save_pretrained: no prefix, no LM head; usable with tied embeddings).
+HF_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")
 
 
 def _hf_name(name: str, prefix: str = "model.") -> str:
@@ -156,6 +157,9 @@ def _hf_tensors(folder: Path, names: list[str]) -> Callable[[str], np.ndarray]:
     where = _safetensors_index(folder)
     prefix = next((p for p in HF_PREFIXES if _hf_name("embed_tokens", p) in where), "model.")
     missing = [_hf_name(n, prefix) for n in names if _hf_name(n, prefix) not in where]
+    if missing == ["lm_head.weight"] and not prefix:
+        raise LoadError(f"{folder}: a bare decoder checkpoint (no 'model.' prefix, as LlamaModel saves one) has no "
+                        "lm_head.weight, and config.json sets tie_word_embeddings=false; save the *ForCausalLM model")
     if missing:
         raise LoadError(f"{folder}: tensors missing from the safetensors files: {', '.join(missing[:5])}"
                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))

@@ -347,21 +347,21 @@ class CausalLM(nnx.Module):
         local = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
         return local if mask is None else mask & local
 
-    def _attention_inputs(self, positions, rope_len, *mask_args) -> tuple[AttentionInputs, AttentionInputs | None]:
+    def _attention_inputs(self, positions, *mask_args) -> tuple[AttentionInputs, AttentionInputs | None]:
         """(global, local) attention inputs; local is None for models without sliding-window layers
         (or with one on every layer and no RoPE of its own, as Mistral: then global is windowed)."""
         spec, t = self.spec, positions.shape[-1]
         if spec.sliding_layers and all(spec.sliding_layers) and spec.local_rope in (None, spec.rope):
             cached = mask_args[2] is not None or mask_args[4] is not None  # else a window >= T masks nothing
             window = spec.sliding_window if cached or spec.sliding_window < t else None
-            rope = rope_cos_sin(spec.rope, positions, rope_len)
+            rope = rope_cos_sin(spec.rope, positions)
             return AttentionInputs(*rope, self._mask(t, *mask_args, window=window)), None
-        full = AttentionInputs(*rope_cos_sin(spec.rope, positions, rope_len), self._mask(t, *mask_args))
+        full = AttentionInputs(*rope_cos_sin(spec.rope, positions), self._mask(t, *mask_args))
         if not any(spec.sliding_layers):
             return full, None
         if full.mask is None:  # both masks explicit: a layer selects one with jnp.where
             full = full._replace(mask=self._mask(t, *mask_args, window=t))
-        return full, AttentionInputs(*rope_cos_sin(spec.local_rope or spec.rope, positions, rope_len),
+        return full, AttentionInputs(*rope_cos_sin(spec.local_rope or spec.rope, positions),
                                      self._mask(t, *mask_args, window=spec.sliding_window))
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -391,8 +391,7 @@ class CausalLM(nnx.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        rope_len = t if cache is None else cache[0][0].shape[2]
-        attention = self._attention_inputs(positions, rope_len, attention_mask, segment_ids, cache, cache_index,
+        attention = self._attention_inputs(positions, attention_mask, segment_ids, cache, cache_index,
                                            pair_mask, positions)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
         if self.spec.gemma:  # in the weights' dtype, as transformers' Gemma3TextScaledWordEmbedding

@@ -2,8 +2,12 @@
 
 ``rope_frequencies`` returns the inverse frequencies and the attention scaling that
 transformers' ``ROPE_INIT_FUNCTIONS`` compute (default, linear, dynamic, yarn,
-longrope, llama3), in NumPy, so no torch is needed. Sequence-length dependent
-types (dynamic, longrope) use the static length of the batch.
+longrope, llama3), so no torch is needed. The sequence-length dependent types (dynamic,
+longrope) take the length as transformers' ``dynamic_rope_update`` does, ``max(positions) + 1``, so
+left padding, a KV cache's spare slots and padding do not change it; per batch row, so a row's
+frequencies do not depend on the other rows or on how the batch is split over devices
+(transformers takes the maximum over the whole batch: the same whenever the rows' lengths lie on the
+same side of the limit).
 """
 
 from __future__ import annotations
@@ -105,18 +109,32 @@ def _llama3(spec: RopeSpec, dim: int, base: float):
     return np.where(medium, smoothed, scaled), 1.0
 
 
-def _longrope(spec: RopeSpec, dim: int, base: float, seq_len: int):
+def _longrope(spec: RopeSpec, dim: int, base: float, seq_len):
     original = spec.get("original_max_position_embeddings")
     factor = spec.get("factor") or spec.max_position_embeddings / original
     attention = spec.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    ext = np.asarray(spec.get("long_factor") if seq_len > original else spec.get("short_factor"), np.float32)
-    return 1.0 / (ext * base ** (np.arange(0, dim, 2).astype(np.float32) / dim)), attention
+    exponents = np.arange(0, dim, 2).astype(np.float32) / dim
+    short, long = (1.0 / (np.asarray(spec.get(f"{which}_factor"), np.float32) * base ** exponents)
+                   for which in ("short", "long"))
+    return jnp.where(jnp.asarray(seq_len)[..., None] > original, long, short), attention
 
 
-def rope_frequencies(spec: RopeSpec, seq_len: int) -> tuple[np.ndarray, float]:
-    """Inverse frequencies ``[head_dim // 2]`` float32 and the cos/sin scaling factor."""
+def _dynamic(spec: RopeSpec, dim: int, base: float, seq_len):
+    """NTK scaling of the base past ``max_position_embeddings``; float32 throughout, as transformers computes it
+    from a tensor length."""
+    limit, factor = spec.max_position_embeddings, spec.get("factor")
+    seq_len = jnp.asarray(seq_len)[..., None]
+    length = jnp.maximum(seq_len.astype(jnp.float32), limit)  # the unscaled base at or below the limit
+    scaled = base * ((factor * length / limit) - (factor - 1)) ** (dim / (dim - 2))
+    inv = 1.0 / (scaled ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    return jnp.where(seq_len > limit, inv, _default_inv_freq(base, dim)), 1.0
+
+
+def rope_frequencies(spec: RopeSpec, seq_len) -> tuple[jax.Array, float]:
+    """Inverse frequencies ``[head_dim // 2]`` float32 and the cos/sin scaling factor. ``seq_len`` (integers of
+    any shape S) matters to dynamic and longrope only, whose frequencies are ``[*S, head_dim // 2]``."""
     dim, base = spec.head_dim, spec.theta
     kind = spec.rope_type
     if kind == "default":
@@ -124,11 +142,7 @@ def rope_frequencies(spec: RopeSpec, seq_len: int) -> tuple[np.ndarray, float]:
     if kind == "linear":
         return _default_inv_freq(base, dim) / spec.get("factor"), 1.0
     if kind == "dynamic":
-        if seq_len <= spec.max_position_embeddings:
-            return _default_inv_freq(base, dim), 1.0
-        factor = spec.get("factor")
-        base = base * ((factor * seq_len / spec.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
-        return _default_inv_freq(base, dim), 1.0
+        return _dynamic(spec, dim, base, seq_len)
     if kind == "yarn":
         return _yarn(spec, dim, base)
     if kind == "llama3":
@@ -136,9 +150,10 @@ def rope_frequencies(spec: RopeSpec, seq_len: int) -> tuple[np.ndarray, float]:
     return _longrope(spec, dim, base, seq_len)
 
 
-def rope_cos_sin(spec: RopeSpec, positions: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Array]:
-    """cos, sin ``[..., T, head_dim]`` (float32) for integer ``positions [..., T]``."""
-    inv_freq, scaling = rope_frequencies(spec, seq_len)
+def rope_cos_sin(spec: RopeSpec, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[..., T, head_dim]`` (float32) for integer ``positions [..., T]``; the length of dynamic and
+    longrope is ``max(positions) + 1`` of each row, as in transformers."""
+    inv_freq, scaling = rope_frequencies(spec, jnp.max(positions, axis=-1, keepdims=True) + 1)
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling

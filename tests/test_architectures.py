@@ -11,6 +11,8 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 from transformers import (  # noqa: E402
+    MinistralConfig,
+    MinistralForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
@@ -32,7 +34,7 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
 CLASSES = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM), "ministral": (MinistralConfig, MinistralForCausalLM)}
 # name -> (model_type, config fields, expected spec fields)
 CONFIGS = {
     "mistral_window5_gqa": ("mistral", dict(sliding_window=5),
@@ -44,6 +46,10 @@ CONFIGS = {
     "qwen2_window4_on_layer1": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1,
                                               num_key_value_heads=1),
                                 dict(qkv_bias=True, sliding_window=4, sliding_layers=(False, True))),
+    "ministral_window4_on_layer1": ("ministral", dict(sliding_window=4, head_dim=8,  # (its config needs one)
+                                                     layer_types=["full_attention", "sliding_attention"]),
+                                   dict(qkv_bias=False, attention_bias=False, sliding_window=4,
+                                        sliding_layers=(False, True))),
     "qwen3_qk_norm_gqa": ("qwen3", dict(head_dim=16), dict(qk_norm=True, qkv_bias=False, attention_bias=False,
                                                            head_dim=16, sliding_layers=())),
     "qwen3_attention_bias_tied": ("qwen3", dict(head_dim=8, attention_bias=True, tie_word_embeddings=True),
@@ -96,19 +102,19 @@ def test_logits_match_transformers(name, saved):
     ref = saved(name)
     model_type, _, expected = CONFIGS[name]
     spec = model_spec(ref.folder)
-    assert spec.family == model_type
+    assert spec.family == {"ministral": "mistral"}.get(model_type, model_type)
     assert {k: getattr(spec, k) for k in expected} == expected
     assert ref.got.shape == ref.want.shape and ref.got.dtype == np.float32
     real = ref.mask.astype(bool)
     np.testing.assert_allclose(ref.got[real], ref.want[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1"])
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "ministral_window4_on_layer1"])
 def test_the_sliding_window_is_what_makes_parity(name, saved):
     """Without its window the reference differs past it: the parity above is not that of full attention."""
     ref, hf_model = saved(name), _hf_model(name)  # the same seed: the same weights
     window = hf_model.config.sliding_window
-    if name.startswith("qwen2"):  # the mask of each layer follows layer_types
+    if not name.startswith("mistral"):  # the mask of each layer follows layer_types
         hf_model.config.layer_types = ["full_attention"] * 2
         for layer in hf_model.model.layers:
             layer.self_attn.sliding_window = None
@@ -228,7 +234,7 @@ def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path
 def test_unsupported_model_types_are_refused_with_the_supported_list(model_type, tmp_path):
     (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}", "num_hidden_layers": 2}}')
     with pytest.raises(LoadError, match=rf"model_type '{model_type}' is not supported; comoe-jax implements "
-                                        r"llama, mistral, qwen2, qwen3, gemma3_text, gemma3"):
+                                        r"llama, mistral, ministral, qwen2, qwen3, gemma3_text, gemma3"):
         from_pretrained(str(tmp_path))
     with pytest.raises(LoadError, match="model_type 'phi3' is not supported"):
         model_spec("random", dict(model_type="phi3"))

@@ -8,6 +8,7 @@ Hugging Face model folder) and returns the script and its arguments.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -381,6 +382,15 @@ CASES = [
     ("jsonl-record-list", _jsonl("d.jsonl", '["a", "b"]\n'), 2, r"d\.jsonl record 0: expected a JSON object, got str"),
     ("jsonl-instruction-object", _jsonl("d.jsonl", '{"instruction": {"a": 1}, "answer": "b"}\n'), 2,
      r"d\.jsonl:1: field 'instruction' should be text, got dict"),
+    ("jsonl-gzip-cut", _jsonl("d.jsonl.gz", gzip.compress(b'{"instruction": "a", "answer": "b"}\n')[:-6]), 2,
+     r"d\.jsonl\.gz: a damaged gzip file"),
+    ("jsonl-wrapper-object", _jsonl("d.json", '{"data": [\n {"instruction": "a", "output": "b"}\n]}\n'), 2,
+     r"d\.json:1: missing field 'instruction' .* its field 'data' holds a list of 1 objects"),
+    ("jsonl-pretty-malformed", _jsonl("d.jsonl", '{\n "instruction": "a"\n "output": "b"\n}\n'), 2,
+     r"d\.jsonl:3: malformed JSON \(Expecting ',' delimiter at column 2\), in the record that starts on line 1"),
+    ("jsonl-chat-last-weight-0", _jsonl("d.jsonl", json.dumps({"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]})), 2,
+     r"d\.jsonl:1: the last assistant reply in field 'messages' has weight 0"),
     ("llm-adapters-not-list", _source("llm_adapters", "t.json", {"a": 1}), 2, r"t\.json: expected a JSON list"),
     ("llm-adapters-label", _source("llm_adapters", "t.json", [
         {"instruction": "Q?\nAnswer format: true/false", "answer": "maybe", "output": "x"}]), 2,

@@ -754,3 +754,76 @@ def test_a_position_saved_without_a_fingerprint_is_resumed_and_flagged():
     assert not stream.unverified
     with pytest.raises(DataError, match=r"examples per task add: 2 -> 1"):
         stream.set_state(stream.get_state() | {"data": {"examples": {"add": 2}, "sha256": "y"}})
+
+
+def test_what_json_writers_emit_reads_as_written(tmp_path):
+    """Unescaped line separators inside strings (json.dumps(ensure_ascii=False)), gzip, pretty-printed records one
+    after another, Dolly's field names; a wrapper object is named as such, a damaged gzip too."""
+    import gzip
+
+    rows = [{"instruction": f"q{i}\u2028x\u0085y\u2029", "output": f"a{i}"} for i in range(3)]
+    lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + '\n{"instruction": "q", "output": ""}\n'
+    with pytest.raises(DataError, match=r"sep\.jsonl:4: field 'output' is empty"):  # the line count is not shifted
+        load_jsonl(_write(tmp_path / "sep.jsonl", lines))
+    assert [e.instruction for e in load_jsonl(_write(tmp_path / "sep.jsonl", lines.rsplit("\n", 2)[0]))] == \
+        [r["instruction"].strip() for r in rows]  # (U+2029 at the end is whitespace to strip)
+    (tmp_path / "g.jsonl.gz").write_bytes(gzip.compress("\n".join(map(json.dumps, rows)).encode()))
+    assert [e.output for e in load_source(f"jsonl:{tmp_path / 'g.jsonl.gz'}", "train")] == ["a0", "a1", "a2"]
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(b"{}")[:-4])
+    with pytest.raises(DataError, match=r"cut\.gz: a damaged gzip file"):
+        load_jsonl(tmp_path / "cut.gz")
+    pretty = "\n".join(json.dumps(r, indent=2) for r in rows)  # jq's output: 4 lines a record
+    assert [e.source.rsplit(":", 1)[1] for e in load_jsonl(_write(tmp_path / "p.jsonl", pretty))] == ["1", "5", "9"]
+    with pytest.raises(DataError, match=r"p\.jsonl:8: malformed JSON \(Expecting property name enclosed in double "
+                                        r"quotes at column 1\), in the record that starts on line 5"):
+        load_jsonl(_write(tmp_path / "p.jsonl", pretty.replace('"a1"', '"a1",')))
+    with pytest.raises(DataError, match=r"p\.jsonl:4: malformed JSON \(text after the record that starts on line 1"):
+        load_jsonl(_write(tmp_path / "p.jsonl", json.dumps(rows[0], indent=1) + " {}\n"))
+    with pytest.raises(DataError, match=r"u\.jsonl:1: malformed JSON \(Unterminated string starting at column 17\)"):
+        load_jsonl(_write(tmp_path / "u.jsonl", '{"instruction": "x\n'))  # no 'at at'
+    with pytest.raises(DataError, match=r"w\.json:1: missing field 'instruction' .* its field 'data' holds a list of 3 "
+                                        r"objects: if those are the records, give that list alone"):
+        load_jsonl(_write(tmp_path / "w.json", json.dumps({"data": rows}, indent=2)))
+    dolly = {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"}
+    (d,) = load_jsonl(_write(tmp_path / "dolly.jsonl", json.dumps(dolly)))
+    assert (d.instruction, d.context, d.response, d.answer) == ("Summarise.", "A long text.", "Short.", "Short.")
+    with pytest.raises(DataError, match=r"missing field 'answer' \(or an Alpaca 'output', or a Dolly 'response'\)"):
+        load_jsonl(_write(tmp_path / "none.jsonl", json.dumps({"instruction": "Summarise."})))
+
+
+def test_openai_reply_weights_leave_replies_out_of_the_loss(tmp_path):
+    from comoe_jax.data import render_segments
+    from comoe_jax.loading import load_tokenizer
+
+    def chat(*weights):
+        turns = []
+        for i, w in enumerate(weights):
+            reply = {"role": "assistant", "content": f"reply {i}"} | ({} if w is None else {"weight": w})
+            turns += [{"role": "user", "content": f"question {i}"}, reply]
+        return {"messages": turns}
+
+    tok = load_tokenizer("smollm2-135m")
+    (ex,) = load_jsonl(_write(tmp_path / "w.jsonl", json.dumps(chat(0, None, 1))))
+    assert ex.untrained_replies == (0,)
+    assert [t for t, on in render_segments(ex, "chat", tok, "all") if on] == ["reply 1<|im_end|>", "reply 2"]
+    assert [t for t, on in render_segments(ex, "chat", tok, "last") if on] == ["reply 2"]
+    for weights, message in (((1, 0), r"the last assistant reply in field 'messages' has weight 0"),
+                             ((0.5, 1), r"messages\[1\] has weight 0\.5; a weight is 0 \(not trained on\) or 1")):
+        with pytest.raises(DataError, match=r"w\.jsonl:1: " + message):
+            load_jsonl(_write(tmp_path / "w.jsonl", json.dumps(chat(*weights))))
+    user_weight = chat(1)
+    user_weight["messages"][0]["weight"] = 0
+    with pytest.raises(DataError, match=r"messages\[0\] has weight 0; .* only an assistant message is trained on"):
+        load_jsonl(_write(tmp_path / "w.jsonl", json.dumps(user_weight)))
+
+
+def test_a_saved_dataset_dict_split_by_its_own_name(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"messages": [[{"role": "user", "content": "Hi", "weight": None},
+                          {"role": "assistant", "content": "Hello", "weight": None}]]}  # datasets' filled-in keys
+    datasets.DatasetDict({"train_sft": datasets.Dataset.from_dict(rows)}).save_to_disk(tmp_path / "chat")
+    (ex,) = load_source(f"hf:{tmp_path / 'chat'}@train_sft", "train")
+    assert ex.response == "Hello" and ex.untrained_replies == ()
+    with pytest.raises(DataError, match=r"split 'train' not found; the dataset has train_sft; pick one with "
+                                        r"hf:.*chat@<split>"):
+        load_source(f"hf:{tmp_path / 'chat'}", "train")

@@ -140,6 +140,19 @@ def test_loglikelihood_tokenisation_and_values_match_the_hf_backend(ours, hf):
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-3, rtol=0)
 
 
+def test_add_bos_token_as_the_hf_backend(hf_folder, ours):
+    """add_bos_token=True makes a tokenizer that adds no BOS of its own (SmolLM2's) add one, as hf does."""
+    from lm_eval.models.huggingface import HFLM
+
+    with_bos = ComoeJaxLM(path=str(hf_folder), batch_size=4, add_bos_token=True)
+    hf = HFLM(pretrained=str(hf_folder), dtype="float32", device="cpu", batch_size=4, add_bos_token=True)
+    assert with_bos.tok_encode("hi there") == hf.tok_encode("hi there") == [1, *ours.tok_encode("hi there")]
+    pairs = [c for c in PAIRS if c[0]]
+    got, want = (lm.loglikelihood(_requests("loglikelihood", pairs)) for lm in (with_bos, hf))
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-3, rtol=0)
+    assert not np.allclose([g[0] for g in got], [g[0] for g in ours.loglikelihood(_requests("loglikelihood", pairs))])
+
+
 def _rolling_reference(model, tokens: list[int], prefix: int, window: int) -> float:
     """Sum of log p(token | its window): the tokens predicted in chunks of ``window``, each chunk seeing the
     ``window`` tokens before its last (the first chunk: ``prefix`` then the document)."""

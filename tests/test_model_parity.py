@@ -59,6 +59,43 @@ def test_logits_match_transformers(name, tmp_path):
     _compare(model, tmp_path)
 
 
+@pytest.mark.parametrize("name", ["dynamic_rope_beyond_max", "longrope_long"])
+def test_length_dependent_rope_counts_real_positions(name, tmp_path):
+    """dynamic / longrope take the length from the positions (transformers: max(position_ids) + 1), not from the
+    padded length or the KV cache's size: a left-padded batch whose real lengths are under the limit, then
+    decoding one token at a time across the limit, against transformers' own cached steps."""
+    hf = _hf_model(CONFIGS[name])
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(str(tmp_path))
+    rng = np.random.default_rng(1)
+    ids, mask = np.zeros((2, 16), np.int64), np.zeros((2, 16), np.int64)
+    for row, n in enumerate((6, 4)):  # the limit is 8 tokens; the padded length 16
+        ids[row, 16 - n:], mask[row, 16 - n:] = rng.integers(3, 97, n), 1
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)).logits.numpy()
+    got = ours.forward(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(pos, jnp.int32)).logits
+    np.testing.assert_allclose(np.asarray(got)[mask > 0], want[mask > 0], atol=1e-4, rtol=0)
+
+    prompt, steps = ids[:1, 10:], 6  # 6 tokens, then positions 6 to 11: across the limit
+    tokens = rng.integers(3, 97, (1, steps))
+    with torch.no_grad():
+        out = hf(torch.tensor(prompt), use_cache=True)
+        want = [out.logits[0, -1].numpy()]
+        for i in range(steps):
+            out = hf(torch.tensor(tokens[:, i:i + 1]), past_key_values=out.past_key_values, use_cache=True)
+            want.append(out.logits[0, -1].numpy())
+    valid = jnp.ones((1, 6 + steps), jnp.int32)
+    out = ours.forward(jnp.asarray(prompt, jnp.int32), valid, jnp.arange(6, dtype=jnp.int32)[None],
+                       cache=ours.init_cache(1, 6 + steps), cache_index=0)
+    got = [out.logits[0, -1]]
+    for i in range(steps):
+        out = ours.forward(jnp.asarray(tokens[:, i:i + 1], jnp.int32), valid, jnp.full((1, 1), 6 + i, jnp.int32),
+                           cache=out.cache, cache_index=6 + i)
+        got.append(out.logits[0, -1])
+    np.testing.assert_allclose(np.stack(got), np.stack(want), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("rope", [
     dict(rope_type="yarn", factor=4.0),
     dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0),
@@ -82,6 +119,18 @@ def test_sharded_safetensors_with_index(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
     _compare(model, tmp_path)
+
+
+def test_a_bare_decoder_checkpoint_loads_when_tied(tmp_path):
+    """LlamaModel.save_pretrained writes the decoder without the 'model.' prefix and no LM head."""
+    tied = _hf_model(CONFIGS["mha_tied"], seed=3)
+    tied.model.save_pretrained(tmp_path / "tied")
+    _compare(tied, tmp_path / "tied")
+    untied = _hf_model(CONFIGS["gqa_untied"], seed=3)
+    untied.model.save_pretrained(tmp_path / "untied")
+    with pytest.raises(LoadError, match=r"untied: a bare decoder checkpoint .* has no lm_head\.weight, and "
+                                        r"config\.json sets tie_word_embeddings=false"):
+        from_pretrained(str(tmp_path / "untied"))
 
 
 def test_bfloat16_frozen_weights_stay_close(tmp_path):

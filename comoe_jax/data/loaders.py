@@ -7,13 +7,16 @@ Source strings (``data.train`` / ``data.eval`` in the config):
 
 - ``mix``: ``comoe_jax/data/comoe_mix/<split>.jsonl`` (built by ``scripts/build_mix.py``);
 - ``builtin`` or ``builtin:add+reverse``: the small procedural tasks of ``comoe_jax.data.builtin``;
-- ``jsonl:PATH``: one JSON object a line (or one JSON list of them), fields ``instruction`` (or
+- ``jsonl:PATH``: one JSON object a line (or one JSON list of them, or pretty-printed objects one after
+  another; gzip-compressed files, e.g. ``.jsonl.gz``, are read as they are), fields ``instruction`` (or
   ``question``), ``answer``, optional ``options`` (or ``choices``; ``answer`` is then the option's text,
   its letter or its 0-based index, as in MMLU), ``task``, ``input``, ``output``, ``labels``; a list of answers accepts
   each (the first is trained on); Alpaca SFT records
-  (``instruction``, ``input``, ``output``: the output is the answer); chat records
+  (``instruction``, ``input``, ``output``: the output is the answer; Dolly's ``context`` and ``response``
+  read as ``input`` and ``output``); chat records
   ``{"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]}`` ending with the
-  assistant's reply (or ShareGPT's ``{"conversations": [{"from": "human" | "gpt" | "system", "value"}]}``);
+  assistant's reply (an assistant message's ``"weight": 0``, as in OpenAI's fine-tuning format, leaves
+  that reply out of the loss) (or ShareGPT's ``{"conversations": [{"from": "human" | "gpt" | "system", "value"}]}``);
   TRL's prompt-completion records ``{"prompt", "completion"}`` (texts, trained as written with
   ``data.template=raw``, or message lists); the benchmark columns ``hf:`` recognises (a dataset
   exported with ``to_json``);
@@ -22,7 +25,7 @@ Source strings (``data.train`` / ``data.eval`` in the config):
 - ``bigbench:PATH``: a BIG-bench ``task.json`` (or its folder);
 - ``hf:PATH``: a ``datasets`` folder saved with ``save_to_disk``, or a Parquet / CSV / TSV / Arrow file
   (ARC, OBQA, CommonsenseQA, BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, MMLU columns, or the JSONL field
-  names, chat ``messages`` included);
+  names, chat ``messages`` included); ``hf:PATH@split`` picks a split of a saved DatasetDict by its own name;
   ``hf:org/name[:subset][@split]``: a hub dataset by name (``datasets.load_dataset``, its cache, streaming
   the first rows when a per-task cap is set; ``@split``: the hub's own split name, e.g. ``@train_sft``).
 """
@@ -30,8 +33,10 @@ Source strings (``data.train`` / ``data.eval`` in the config):
 from __future__ import annotations
 
 import codecs
+import gzip
 import json
 import re
+import zlib
 from pathlib import Path
 
 from comoe_jax import constants
@@ -65,6 +70,9 @@ def load_source(spec: str, split: str, *, seed: int = 0, limit: int = 0) -> list
                         f"{', '.join(FORMATS)}")
     loader = {"jsonl": load_jsonl, "llm_adapters": load_llm_adapters, "bigbench": load_bigbench}.get(fmt)
     if loader is None:
+        folder, at, own_split = path.rpartition("@")
+        if at and not as_path(path).exists() and as_path(folder).exists():
+            return load_hf_dataset(as_path(folder), own_split)
         if not as_path(path).exists() and HUB_DATASET.match(path):
             return load_hub_dataset(path, split, limit)
         return load_hf_dataset(as_path(path), split)
@@ -84,8 +92,14 @@ def _file(path: Path) -> Path:
 
 
 def _read_text(path: Path) -> str:
-    """The file's text; bytes that are not UTF-8 are a DataError naming the line."""
+    """The file's text (gzip-compressed files decompressed); bytes that are not UTF-8 are a DataError naming the
+    line."""
     whole = _file(path).read_bytes()
+    if whole.startswith(b"\x1f\x8b"):  # gzip's magic number, whatever the file's name
+        try:
+            whole = gzip.decompress(whole)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: a damaged gzip file ({e})") from None
     raw = whole.removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Windows editors write one) is dropped
     try:
         return raw.decode("utf-8")
@@ -109,6 +123,11 @@ def _text(record: dict, field: str, where: str, *, required: bool = True) -> str
     return str(value)
 
 
+def malformed_json(where: str, e: json.JSONDecodeError) -> str:
+    """``where: malformed JSON (what at column N)``; some of json's messages already end in 'at'."""
+    return f"{where}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+
+
 def _checked(examples: list[Example], path: Path) -> list[Example]:
     if not examples:
         raise DataError(f"{path}: no examples")
@@ -122,8 +141,9 @@ def _checked(examples: list[Example], path: Path) -> list[Example]:
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def _chat_turns(messages, field: str, where: str, sharegpt: bool = False) -> list[tuple[str, str]]:
-    """(role, text) turns of a ``field`` list of {role, content} objects (ShareGPT: {from, value})."""
+def _chat_turns(messages, field: str, where: str, sharegpt: bool = False) -> list[tuple[str, str, bool]]:
+    """(role, text, trained on) turns of a ``field`` list of {role, content} objects (ShareGPT: {from, value});
+    an assistant message with OpenAI's ``"weight": 0`` is not trained on."""
     role_key, text_key, roles = ("from", "value", SHAREGPT_ROLES) if sharegpt else \
         ("role", "content", {r: r for r in CHAT_ROLES})
     if not isinstance(messages, list) or not messages:
@@ -133,7 +153,11 @@ def _chat_turns(messages, field: str, where: str, sharegpt: bool = False) -> lis
         if not isinstance(m, dict) or m.get(role_key) not in roles or not isinstance(m.get(text_key), str):
             raise DataError(f"{where}: {field}[{i}] should be an object with {role_key!r} ({', '.join(roles)}) and "
                             f"text {text_key!r}, got {str(m)[:80]}")
-        turns.append((roles[m[role_key]], m[text_key]))
+        weight = 1 if m.get("weight") is None else m["weight"]  # datasets fills a column's missing keys with None
+        if weight not in (0, 1) or isinstance(weight, bool) or (weight == 0 and roles[m[role_key]] != "assistant"):
+            raise DataError(f"{where}: {field}[{i}] has weight {weight!r}; a weight is 0 (not trained on) or 1, and "
+                            "only an assistant message is trained on")
+        turns.append((roles[m[role_key]], m[text_key], weight == 1))
     return turns
 
 
@@ -145,7 +169,12 @@ def _from_messages(record: dict, task: str, where: str) -> Example:
                          where, field)
 
 
-def _conversation(turns: list[tuple[str, str]], record: dict, task: str, where: str, field: str) -> Example:
+def _conversation(turns: list[tuple[str, str, bool]], record: dict, task: str, where: str, field: str) -> Example:
+    replies = [trained for role, _, trained in turns if role == "assistant"]
+    if turns[-1][0] == "assistant" and not replies[-1]:
+        raise DataError(f"{where}: the last assistant reply in field {field!r} has weight 0, but the loss and the "
+                        "reference answer are taken on the last reply; drop the turn (and the user message it answers)")
+    turns = [(role, text) for role, text, _ in turns]
     if turns[-1][0] != "assistant":
         raise DataError(f"{where}: the last message is from {turns[-1][0]!r}; a conversation must end with the "
                         "assistant's reply (the loss is taken on it)")
@@ -160,7 +189,8 @@ def _conversation(turns: list[tuple[str, str]], record: dict, task: str, where: 
         raise DataError(f"{where}: the assistant's last reply in field {field!r} is empty; a conversation needs the "
                         "reply to train on")
     return Example(task=_text(record, "task", where, required=False) or task, instruction=instruction.strip(),
-                   answer=reply.strip(), output=reply, context=system.strip(), source=where, messages=tuple(turns))
+                   answer=reply.strip(), output=reply, context=system.strip(), source=where, messages=tuple(turns),
+                   untrained_replies=tuple(i for i, trained in enumerate(replies) if not trained))
 
 
 def _from_fields(record: dict, task: str, where: str) -> Example:
@@ -173,7 +203,7 @@ def _from_fields(record: dict, task: str, where: str) -> Example:
     field = "instruction" if "instruction" in record else "question"
     if record.get(field) is None:
         raise DataError(f"{where}: missing field 'instruction' (or 'question'; or a 'prompt' and 'completion' pair, "
-                        "or chat 'messages' / 'conversations')")
+                        f"or chat 'messages' / 'conversations'){_nested_records_hint(record)}")
     instruction = _text(record, field, where)
     task = _text(record, "task", where, required=False) or task
     context = _text(record, "input", where, required=False) or _text(record, "context", where, required=False)
@@ -189,12 +219,14 @@ def _from_fields(record: dict, task: str, where: str) -> Example:
         if not answers or not all(isinstance(a, (str, int, float)) for a in answers):
             raise DataError(f"{where}: field 'answer' should be text or a non-empty list of texts")
         record = record | {"answer": answers[0]}
-    # Alpaca-style SFT records have only an output: it is the reference answer too
-    answer = _text(record, "answer", where, required="output" not in record) or _text(record, "output", where,
-                                                                                      required=False)
+    # Alpaca-style SFT records have only an output (Dolly's: a response): it is the reference answer too
+    output_key = "response" if "output" not in record and "response" in record else "output"
+    if record.get("answer") is None and output_key not in record:
+        raise DataError(f"{where}: missing field 'answer' (or an Alpaca 'output', or a Dolly 'response')")
+    answer = _text(record, "answer", where, required=False) or _text(record, output_key, where, required=False)
     if not answer.strip():
-        raise DataError(f"{where}: field {'answer' if 'answer' in record else 'output'!r} is empty; a record needs "
-                        "the answer (or the Alpaca output) to train on")
+        raise DataError(f"{where}: field {'answer' if 'answer' in record else output_key!r} is empty; a record "
+                        "needs the answer (or the Alpaca output) to train on")
     labels = record.get("labels") or ()
     if not isinstance(labels, (list, tuple)) or not all(isinstance(v, str) for v in labels):
         raise DataError(f"{where}: field 'labels' should be a list of label texts (e.g. [\"true\", \"false\"]), "
@@ -203,8 +235,17 @@ def _from_fields(record: dict, task: str, where: str) -> Example:
     if labels and answer not in labels:
         raise DataError(f"{where}: field 'answer' {answer!r} is not among the labels {list(labels)}")
     return Example(task=task, instruction=str(instruction).strip(), answer=answer.strip(), labels=labels,
-                   output=_text(record, "output", where, required=False), context=context.strip(), source=where,
+                   output=_text(record, output_key, where, required=False), context=context.strip(), source=where,
                    also_correct=tuple(str(a).strip() for a in answers[1:]) if isinstance(answers, list) else ())
+
+
+def _nested_records_hint(record: dict) -> str:
+    """A hint when ``record`` is a wrapper such as ``{"data": [{...}, ...]}`` rather than a record."""
+    for key, value in record.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            return (f"; its field {key!r} holds a list of {len(value)} objects: if those are the records, give that "
+                    "list alone (a JSON list file) or one record a line")
+    return ""
 
 
 def _from_prompt_completion(record: dict, task: str, where: str) -> Example:
@@ -247,23 +288,57 @@ def _correct_option(record: dict, options: list, where: str) -> str:
 
 
 def load_jsonl(path: Path) -> list[Example]:
-    """One JSON object a line (blank lines skipped), or one JSON list of such objects (Stanford Alpaca's
-    ``alpaca_data.json``, ``to_json(lines=False)``); the task defaults to the file's stem."""
+    """One JSON object a line (blank lines skipped; an object may also span lines, as ``jq .`` prints them), or
+    one JSON list of such objects (Stanford Alpaca's ``alpaca_data.json``, ``to_json(lines=False)``); the task
+    defaults to the file's stem."""
     text = _read_text(as_path(path))
     listed = _json_list(path, text)
     if listed is not None:
         return listed
-    examples = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        examples.append(_record(record, as_path(path).stem, where))
+    examples = [_record(record, as_path(path).stem, where) for where, record in _json_values(path, text)]
     return _checked(examples, as_path(path))
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _json_values(path: Path, text: str):
+    """``(path:line, value)`` of each JSON value of a JSON-lines text, the line its value starts on. A line
+    that ends in an open object or list (``{``, ``[``, ``,``, ``:``) is read on into the next lines
+    (pretty-printed objects). Lines end at
+    newlines only: ``str.splitlines`` would also split at U+2028, U+2029 and U+0085, which JSON allows unescaped
+    in strings (``json.dumps(..., ensure_ascii=False)`` writes them)."""
+    start, end = 0, 0  # where the line starts in text; where the last value read ended
+    for number, line in enumerate(text.split("\n"), 1):
+        start, line_start = start + len(line) + 1, start
+        if line_start < end or not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            if e.pos < len(line.rstrip()) or line.rstrip()[-1] not in "{[,:":  # not a line a pretty printer ends
+                raise DataError(malformed_json(f"{path}:{number}", e)) from None
+            value, end = _value_across_lines(path, text, line_start + len(line) - len(line.lstrip()), number)
+        yield f"{path}:{number}", value
+
+
+def _value_across_lines(path: Path, text: str, at: int, number: int):
+    """The JSON value that starts at ``text[at]`` (on line ``number``) and where it ends; nothing but
+    whitespace may follow it on its last line."""
+    try:
+        value, end = _DECODER.raw_decode(text, at)
+    except json.JSONDecodeError as e:
+        if not text[e.pos:].strip():  # a record cut off by the end of the file
+            raise DataError(f"{path}:{number}: malformed JSON (the record that starts on this line is cut off by the "
+                            f"end of the file: {e.msg.removesuffix(' at')})") from None
+        raise DataError(malformed_json(f"{path}:{e.lineno}", e) + f", in the record that starts on line "
+                        f"{number}") from None
+    newline = text.find("\n", end)
+    rest = text[end:newline if newline >= 0 else len(text)].strip()
+    if rest:
+        raise DataError(f"{path}:{text.count(chr(10), 0, end) + 1}: malformed JSON (text after the record that "
+                        f"starts on line {number}: {rest[:40]!r}); give one record a line")
+    return value, end
 
 
 def _json_list(path: Path, text: str) -> list[Example] | None:
@@ -276,10 +351,10 @@ def _json_list(path: Path, text: str) -> list[Example] | None:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         try:
-            json.loads(text.lstrip().splitlines()[0])
+            json.loads(text.lstrip().split("\n")[0])
             return None
         except json.JSONDecodeError:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(malformed_json(f"{path}:{e.lineno}", e)) from None
     examples = [_record(record, as_path(path).stem, f"{path} record {i}") for i, record in enumerate(data)]
     return _checked(examples, as_path(path))
 
@@ -294,7 +369,7 @@ def _read_json(path: Path):
     try:
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(malformed_json(f"{path}:{e.lineno}", e)) from None
 
 
 def load_llm_adapters(path: Path) -> list[Example]:
@@ -486,7 +561,8 @@ def load_hf_dataset(path: Path, split: str) -> list[Example]:
         raise DataError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise DataError(f"{path}: split {split!r} not found; the dataset has {', '.join(data)}")
+            raise DataError(f"{path}: split {split!r} not found; the dataset has {', '.join(data)}; pick one with "
+                            f"hf:{path}@<split>")
         data = data[split]
     return _hf_records(data, as_path(path).name, str(path))
 

@@ -24,6 +24,8 @@ class Example:
     source: "file:line" (or "file#index"), for messages.
     messages: a chat record's ``(role, content)`` turns, ending with the assistant reply the loss is
       taken on (``data.template=chat`` renders them with the tokenizer's chat template); empty otherwise.
+    untrained_replies: which of a chat record's assistant replies (0-based, counting replies only) are left
+      out of the loss (OpenAI's ``"weight": 0``) when ``data.chat_replies=all`` trains on every reply.
     also_correct: further accepted answers of a free-form item (BIG-bench lists several targets);
       ``answer`` is the one trained on.
     """
@@ -37,6 +39,7 @@ class Example:
     context: str = ""
     source: str = ""
     messages: tuple[tuple[str, str], ...] = ()
+    untrained_replies: tuple[int, ...] = ()
     also_correct: tuple[str, ...] = ()
 
     @property

@@ -144,7 +144,8 @@ def _chat_segments(example: Example, tokenizer, with_options: bool, replies: str
     messages, full = _conversation(example, tokenizer, with_options)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     segments, at = [], 0
-    for i in turns if replies == "all" else turns[-1:]:
+    chosen = [i for n, i in enumerate(turns) if n not in example.untrained_replies] if replies == "all" else turns[-1:]
+    for i in chosen:
         if not messages[i]["content"].strip():  # an earlier reply (the last is checked on loading)
             raise DataError(f"{example.source}: assistant reply {turns.index(i) + 1} of {len(turns)} is empty, and "
                             "data.chat_replies=all trains on every reply: give it text, drop the turn (and the user "
