@@ -37,9 +37,15 @@ NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 _PEFT_LEAVES = {"lora_a": ("lora_A.weight", True), "lora_b": ("lora_B.weight", True),
                 "magnitude": ("lora_magnitude_vector", False)}
 # peft adapter_config.json fields we cannot represent, with the value we need.
+# (None and empty values always pass: older and newer peft versions write them for fields they lack.)
 _PEFT_REQUIRED = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
                   "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "modules_to_save": None,
-                  "layer_replication": None}
+                  "layer_replication": None, "alora_invocation_tokens": None, "exclude_modules": None,
+                  "trainable_token_indices": None, "target_parameters": None, "use_bdlora": None,
+                  "arrow_config": None, "kasa_config": None, "monteclora_config": None, "megatron_config": None}
+# init_lora_weights that leave the base weights as they are; the others (pissa, olora, corda, loftq, lora_ga)
+# move part of the base into the adapter, which peft repeats when it loads one
+_PEFT_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 def _block(proj: str) -> str:
@@ -195,8 +201,16 @@ def export_merged(model, cfg: Config, directory: str | Path, dtype: str = "float
 
 def _peft_fields(path: Path, meta: dict, num_layers: int) -> AdapterConfig:
     for key, want in _PEFT_REQUIRED.items():
-        if key in meta and meta[key] not in (want, None) and not (want == {} and not meta[key]):
-            raise AdapterFormatError(f"{path}: field {key!r} is {meta[key]!r}; comoe-jax reads only {want!r}")
+        value = meta.get(key)
+        if value is not None and value != want and (value or want):
+            raise AdapterFormatError(f"{path}: field {key!r} is {value!r}; comoe-jax reads only {want!r}")
+    init = meta.get("init_lora_weights")
+    if init is not None and not any(init is v or (isinstance(init, str) and init == v) for v in _PEFT_PLAIN_INITS):
+        raise AdapterFormatError(f"{path}: field 'init_lora_weights' is {init!r}: that adapter is meant for a base "
+                                 "model peft modified when it initialised it; comoe-jax adds adapters to the "
+                                 "unmodified base, so convert it to a plain LoRA with peft first (save_pretrained(..., "
+                                 "path_initial_model_for_weight_conversion=...)); plain inits: "
+                                 f"{', '.join(map(str, _PEFT_PLAIN_INITS))}")
     targets = meta.get("target_modules")
     if isinstance(targets, str) or not targets or any(t not in TARGET_MODULES for t in targets):
         raise AdapterFormatError(f"{path}: field 'target_modules' is {targets!r}; give a list of "

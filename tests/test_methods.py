@@ -201,6 +201,21 @@ def test_peft_import_refuses_what_it_cannot_represent(tmp_path, hf_folder):
     (tmp_path / "rs" / "adapter_config.json").write_text(json.dumps(meta))
     with pytest.raises(AdapterFormatError, match=r"field 'target_modules' is \['q_proj', 'qkv'\]"):
         read_peft(tmp_path / "rs", 3)
+    meta["target_modules"] = ["q_proj"]
+    for field, value, message in (
+            ("init_lora_weights", "pissa_niter_4", r"field 'init_lora_weights' is 'pissa_niter_4': that adapter is "
+                                                   r"meant for a base model peft modified"),
+            ("init_lora_weights", "olora", r"'init_lora_weights' is 'olora'"),
+            ("alora_invocation_tokens", [5, 6], r"field 'alora_invocation_tokens' is \[5, 6\]; comoe-jax reads only "
+                                                r"None"),
+            ("exclude_modules", ["layers.0.self_attn.q_proj"], r"field 'exclude_modules' is")):
+        (tmp_path / "rs" / "adapter_config.json").write_text(json.dumps(meta | {field: value}))
+        with pytest.raises(AdapterFormatError, match=message):
+            read_peft(tmp_path / "rs", 3)
+    for harmless in ({"init_lora_weights": "gaussian"}, {"init_lora_weights": False}, {"exclude_modules": []},
+                     {"use_bdlora": None}, {"loftq_config": {}}):
+        (tmp_path / "rs" / "adapter_config.json").write_text(json.dumps(meta | harmless))
+        read_peft(tmp_path / "rs", 3)
     (tmp_path / "rs" / "adapter_config.json").write_text("{\n  'r': 2")
     with pytest.raises(AdapterFormatError, match=r"adapter_config\.json:2: not valid JSON"):
         load_adapted(tmp_path / "rs", base=str(hf_folder))
