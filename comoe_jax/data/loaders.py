@@ -15,8 +15,8 @@ Source strings (``data.train`` / ``data.eval`` in the config):
   (``instruction``, ``input``, ``output``: the output is the answer; Dolly's ``context`` and ``response``
   read as ``input`` and ``output``); chat records
   ``{"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]}`` ending with the
-  assistant's reply (an assistant message's ``"weight": 0``, as in OpenAI's fine-tuning format, leaves
-  that reply out of the loss) (or ShareGPT's ``{"conversations": [{"from": "human" | "gpt" | "system", "value"}]}``);
+  assistant's reply (or ShareGPT's ``{"conversations": [{"from": "human" | "gpt" | "system", "value"}]}``);
+  an assistant message's ``"weight": 0``, as in OpenAI's fine-tuning files, leaves that reply out of the loss;
   TRL's prompt-completion records ``{"prompt", "completion"}`` (texts, trained as written with
   ``data.template=raw``, or message lists); the benchmark columns ``hf:`` recognises (a dataset
   exported with ``to_json``);
@@ -305,9 +305,8 @@ _DECODER = json.JSONDecoder()
 def _json_values(path: Path, text: str):
     """``(path:line, value)`` of each JSON value of a JSON-lines text, the line its value starts on. A line
     that ends in an open object or list (``{``, ``[``, ``,``, ``:``) is read on into the next lines
-    (pretty-printed objects). Lines end at
-    newlines only: ``str.splitlines`` would also split at U+2028, U+2029 and U+0085, which JSON allows unescaped
-    in strings (``json.dumps(..., ensure_ascii=False)`` writes them)."""
+    (pretty-printed objects). Lines end at newlines only: ``str.splitlines`` would also split at U+2028, U+2029
+    and U+0085, which JSON allows unescaped in strings (``json.dumps(..., ensure_ascii=False)`` writes them)."""
     start, end = 0, 0  # where the line starts in text; where the last value read ended
     for number, line in enumerate(text.split("\n"), 1):
         start, line_start = start + len(line) + 1, start
