@@ -215,12 +215,27 @@ def label_predictions(scorer: Scorer, tokenizer, examples: list[Example], templa
         prompt, response = render(ex, template, tokenizer)
         context, options = _pairs(tokenizer, prompt, [reply_lead(template, response) + ex.response_prefix + label
                                                       for label in ex.labels], template)
+        if _some_extends_another(options):  # "A" vs "AB": the answer's end tells them apart
+            end = _answer_end(tokenizer, ex, response)
+            options = [o + end for o in options]
         context, was_cut = _fit(context, scorer.max_len - max(map(len, options)))
         contexts.append(context)
         conts.append(options)
         cut += was_cut
     scores = scorer.option_logprobs(contexts, conts)
     return [ex.labels[int(np.argmax(s))] for ex, s in zip(examples, scores)], cut
+
+
+def _some_extends_another(options: list[list[int]]) -> bool:
+    return any(len(a) < len(b) and b[:len(a)] == a for a in options for b in options)
+
+
+def _answer_end(tokenizer, ex: Example, response: str) -> list[int]:
+    """The ids training puts after a label answer: the rest of the response (a chat template's end of turn) and
+    EOS. Without them a label that extends another ("AB" after "A", "10" after "1") could never score higher."""
+    at = response.rfind(ex.answer)
+    rest = response[at + len(ex.answer):] if at >= 0 else ""
+    return tokenizer(rest, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def loglik_predictions(scorer: Scorer, tokenizer, examples: list[Example], template: str) -> tuple[list[str], int]:
@@ -239,12 +254,16 @@ def loglik_predictions(scorer: Scorer, tokenizer, examples: list[Example], templ
     return preds, cut
 
 
-_NUMBER = re.compile(r"-?\d(?:[\d,]*\d)?(?:\.\d+)?")
+# a sign only where it cannot be a hyphen ("15-20" is not -20); ".5" has no leading digit; U+2212 is a minus
+_NUMBER = re.compile(r"(?:(?<![0-9A-Za-z.])[-\u2212])?(?:\d(?:[\d,]*\d)?(?:\.\d+)?|\.\d+)")
 
 
 def _as_number(text: str) -> float | None:
+    """A number written as text: thousands commas, a currency sign or a trailing percent sign allowed."""
+    plain = text.strip().replace("\u2212", "-").replace(",", "").replace(" ", "").removesuffix("%")
+    plain = re.sub(r"^(-?)[$\u20ac\u00a3]", r"\1", plain)  # $, EUR, GBP signs
     try:
-        return float(text.replace(",", ""))
+        return float(plain)
     except ValueError:
         return None
 
@@ -268,7 +287,7 @@ def extract_answer(text: str, example: Example) -> str:
     if _as_number(example.answer) is not None:
         numbers = _NUMBER.findall(text)
         # no number at all: the text, which may match an accepted spelled-out answer
-        return numbers[-1].replace(",", "") if numbers else text.strip()
+        return numbers[-1].replace(",", "").replace("\u2212", "-") if numbers else text.strip()
     return text.strip()
 
 
@@ -306,10 +325,9 @@ def after_reasoning(text: str, end: str = "</think>") -> str:
     return text.rsplit(end, 1)[1] if end in text else text
 
 
-def response_loss(model, tokenizer, examples: list[Example], *, template: str, seq_len: int,
-                  batch_size: int = 16) -> float:
-    """Mean cross-entropy per response token (the training CE: response and EOS, each example alone, cut
-    at ``seq_len`` as in training) of ``model`` on ``examples``."""
+def loss_pairs(tokenizer, examples: list[Example], template: str, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) of the examples that keep a response token when cut at ``seq_len`` as in
+    training; a DataError when none does."""
     pairs = []
     for ex in examples:
         prompt, response = render(ex, template, tokenizer)
@@ -318,7 +336,17 @@ def response_loss(model, tokenizer, examples: list[Example], *, template: str, s
         if is_response.any() and start > 0:
             pairs.append((ids[:start].tolist(), ids[start:].tolist()))
     if not pairs:
-        raise DataError(f"no validation item keeps a response token within data.seq_len={seq_len}")
+        sources = sorted({ex.source.rsplit(":", 1)[0].rsplit(" record", 1)[0] for ex in examples})
+        raise DataError(f"no validation item of {', '.join(sources[:3])} keeps a response token within "
+                        f"data.seq_len={seq_len} (the validation loss is the training loss); raise data.seq_len")
+    return pairs
+
+
+def response_loss(model, tokenizer, examples: list[Example], *, template: str, seq_len: int,
+                  batch_size: int = 16) -> float:
+    """Mean cross-entropy per response token (the training CE: response and EOS, each example alone, cut
+    at ``seq_len`` as in training) of ``model`` on ``examples``."""
+    pairs = loss_pairs(tokenizer, examples, template, seq_len)
     contexts, responses = zip(*pairs)  # packed rows: the shared header once per row, the LM head at the responses
     scores = Scorer(model, tokenizer.pad_token_id, batch_size).option_logprobs(list(contexts), [[r] for r in responses])
     return -sum(float(s[0]) for s in scores) / sum(map(len, responses))

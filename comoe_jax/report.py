@@ -92,6 +92,16 @@ def write_report(out: Path, cfg: Config, before: EvalResult | None, after: EvalR
     return path
 
 
+def unfinished_warning(run, steps: int) -> str | None:
+    """A warning when run folder ``run`` stopped before its ``steps`` (interrupted: its adapter is that of the last
+    step it saved), else None."""
+    last = max((row["step"] for row in load_history(run)), default=0)
+    if last >= steps:
+        return None
+    return (f"warning: {run} stopped at step {last} of {steps} (interrupted?): its adapter is that of step {last}; "
+            "rerun its train command to finish it")
+
+
 def load_history(run: Path, warn=None) -> list[dict]:
     """metrics.jsonl rows by step; a step logged twice (rerun after a crash) keeps its last row. Damaged lines are
     skipped; ``warn(text)`` (if given) names them."""

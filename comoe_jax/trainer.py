@@ -43,7 +43,7 @@ from comoe_jax.data import (
     tokenize_rows,
 )
 from comoe_jax.errors import CheckpointError, RunFolderError
-from comoe_jax.evaluate import EvalResult, evaluate, load_eval, require_choice, response_loss
+from comoe_jax.evaluate import EvalResult, evaluate, load_eval, loss_pairs, require_choice, response_loss
 from comoe_jax.flops import device_peak, train_step_flops
 from comoe_jax.interop import export_peft
 from comoe_jax.loading import build_model, load_tokenizer, model_spec
@@ -258,6 +258,13 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     val_items = validation_examples(cfg) if cfg.eval.every else []
     if cfg.eval.mode != "generate":
         require_choice(eval_items + val_items, cfg.eval.mode, need_options=cfg.eval.mode == "loglik")
+    if cfg.eval.every > cfg.train.steps:
+        say(f"warning: eval.every={cfg.eval.every} > train.steps={cfg.train.steps}: no validation runs"
+            + (", so eval.keep_best keeps no adapter" if cfg.eval.keep_best else ""))
+    kept = len(loss_pairs(tokenizer, val_items, cfg.data.template, cfg.data.seq_len)) if val_items else 0
+    if kept < len(val_items):
+        say(f"warning: the validation loss leaves out {len(val_items) - kept} of {len(val_items)} items: no response "
+            f"token within data.seq_len={cfg.data.seq_len}")
     # W&B starts (or fails: no login, no network) now, not after the model loads; the writers close (and W&B marks
     # the run failed) whatever ends the run
     with _open_sinks(cfg, out) as sinks:

@@ -505,6 +505,10 @@ CASES = [
      r"eval\.validation_sources='csv:/x\.csv' is not allowed: mix, builtin"),
     ("validation-source-missing", _override("eval.every=2", "eval.validation_sources=jsonl:/no/val.jsonl"), 2,
      r"eval\.validation_sources='jsonl:/no/val\.jsonl' is not allowed: /no/val\.jsonl does not exist"),
+    ("validation-longer-than-seq-len", lambda ctx, tmp: ("train", tiny(
+        "eval.every=2", "data.seq_len=64", "eval.validation_sources=jsonl:" + str(_write(
+            tmp / "val.jsonl", json.dumps({"instruction": "word " * 40, "output": "yes"}))), out(tmp))), 2,
+     r"no validation item of .*val\.jsonl keeps a response token within data\.seq_len=64"),
     ("source-empty-path", _override("data.train=jsonl:"), 2, r"data\.train='jsonl:' is not allowed: a path after"),
     ("config-not-python", lambda ctx, tmp: ("train", ["--config", str(_write(tmp / "my_config.txt", "x = 1\n"))]), 2,
      r"config file .*my_config\.txt: expected a Python config file \(\.py, defining get_config\(\)\) or a run's "),

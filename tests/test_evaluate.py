@@ -81,6 +81,25 @@ def test_label_scoring_matches_brute_force(model, tok, template):
         assert pred == ex.labels[int(np.argmax(scores))], (ex.source, scores)
 
 
+@pytest.mark.parametrize("template", ["choice", "alpaca"])
+def test_a_label_that_extends_another_is_scored_with_the_answers_end(model, tok, template):
+    """"A" vs "AB", "1" vs "10": the labels' tokens are followed by EOS, as training wrote them (else the longer
+    could never win: its score is the shorter's plus one more log-probability)."""
+    items = [Example("t", f"Pick {i}", answer, labels=labels, source=f"t#{i}")
+             for i, (answer, labels) in enumerate([("AB", ("A", "AB")), ("1", ("1", "10", "2")), ("x", ("x", "y"))])]
+    preds, _ = label_predictions(Scorer(model, tok.pad_token_id, batch_size=2), tok, items, template)
+    for ex, pred in zip(items, preds):
+        ctx = tok(render(ex, template)[0])["input_ids"]
+        conts = [tok(separator(template) + lab, add_special_tokens=False)["input_ids"] for lab in ex.labels]
+        end = [tok.eos_token_id] if any(b[:len(a)] == a and len(a) < len(b) for a in conts for b in conts) else []
+        scores = [_continuation(model, ctx, c + end)[0] for c in conts]
+        assert pred == ex.labels[int(np.argmax(scores))], (ex.source, scores)
+    scorer, seen = Scorer(model, tok.pad_token_id, batch_size=2), []
+    scorer.option_logprobs = lambda contexts, conts: seen.extend(conts) or [np.zeros(len(c)) for c in conts]
+    label_predictions(scorer, tok, items, template)  # what is scored: EOS only where a label extends another
+    assert [[c[-1] == tok.eos_token_id for c in conts] for conts in seen] == [[True] * 2, [True] * 3, [False] * 2]
+
+
 def test_label_scoring_with_one_token_labels_reads_the_answer_position(model, tok):
     items = _items()[:3]  # one-token labels ("A" after alpaca's "### Response:\n"): one forward per item
     preds, _ = label_predictions(Scorer(model, tok.pad_token_id, batch_size=2), tok, items, "alpaca")
@@ -184,6 +203,17 @@ def test_answer_extraction_and_correctness():
     assert is_correct("1234.0", number) and not is_correct("1235", number) and not is_correct("", number)
     text = Example("reverse", "q", "tac")
     assert is_correct(extract_answer(" Tac. ", text), text)
+
+
+@pytest.mark.parametrize("answer, text", [
+    ("20", "It takes 15-20"), ("0.5", "The answer is .5"), ("-3.5", "so it is -3.5 degrees"), ("-2", "x = \u22122"),
+    ("$1,000", "The answer is $1,000."), ("1000", "$1,000"), ("50%", "about 50"), ("-4", "(-4)"),
+    ("6", "8 - 2 = 6"), ("2023", "In 2023, they won")])
+def test_numbers_are_read_as_written(answer, text):
+    """A hyphen between digits is no minus sign; '.5', U+2212, currency signs, percent and commas are read."""
+    item = Example("math", "q", answer)
+    assert is_correct(extract_answer(text, item), item)
+    assert not is_correct(extract_answer(text + " and then 7", item), item)  # the last number counts
 
 
 @pytest.mark.parametrize("text, want", [

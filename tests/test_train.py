@@ -146,9 +146,13 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, s
     saved = 4 if how == "sigterm" else 3
     assert first.interrupted and int(first.state.step) == saved
     assert trainer.Checkpointer(tmp_path / "run", 3).latest_step() == saved
+    from comoe_jax.report import unfinished_warning  # what evaluate.py --run and analyze.py then print
+
+    assert f"stopped at step {saved} of 6 (interrupted?)" in unfinished_warning(tmp_path / "run", 6)
     monkeypatch.setattr(trainer, "next_global_batch", real)
     resumed = trainer.train(tiny_config(tmp_path, train__save_every=100))
     assert int(resumed.state.step) == 6 and not resumed.interrupted
+    assert unfinished_warning(tmp_path / "run", 6) is None
     for name, value in straight_run.items():
         np.testing.assert_allclose(_params(resumed)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
 

@@ -49,13 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     from comoe_jax.evaluate import load_eval
     from comoe_jax.loading import load_tokenizer
     from comoe_jax.plots import plot_mi_gap, plot_representations, plot_workload
-    from comoe_jax.report import evaluation_examples, load_history
+    from comoe_jax.report import evaluation_examples, load_history, unfinished_warning
     from comoe_jax.tables import markdown_table, number, percent
 
     shd.init_distributed(probe_cfg.mesh)
     import jax
 
     writer = jax.process_index() == 0  # every process computes (collectives), process 0 writes
+    for run, cfg in zip(args.runs, configs):
+        if writer and (warning := unfinished_warning(run, cfg.train.steps)):
+            print(warning)
     examples = evaluation_examples(probe_cfg)
     panels, rows, histories = {}, [], {}
     for run, cfg, name in zip(args.runs, configs, names):

@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from comoe_jax import sharding as shd
     from comoe_jax.checkpoint import load_run_model
     from comoe_jax.loading import load_tokenizer
-    from comoe_jax.report import evaluate_and_save, evaluation_examples
+    from comoe_jax.report import evaluate_and_save, evaluation_examples, unfinished_warning
 
     shd.init_distributed(cfg.mesh)  # a multi-host evaluation: every host runs this script with its process id
+    if args.run and jax.process_index() == 0 and (warning := unfinished_warning(args.run, cfg.train.steps)):
+        print(warning)
     tokenizer = load_tokenizer(cfg.model.path)
     model = load_run_model(cfg, args.run, adapter_dir=args.adapter)  # on the run's mesh; each device scores a share
     stem = f"eval_{cfg.eval.split}_{cfg.eval.mode}"

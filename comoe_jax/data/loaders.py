@@ -123,6 +123,14 @@ def _text(record: dict, field: str, where: str, *, required: bool = True) -> str
     return str(value)
 
 
+def file_task(path) -> str:
+    """The task a file's records default to: its name without extension, or its folder's for a file named after a
+    split (``boolq/test.jsonl`` is task boolq), so that two ``test.jsonl`` files are two tasks."""
+    path = as_path(path)
+    stem = path.name.split(".")[0]  # data.jsonl.gz -> data
+    return path.parent.name if stem in SPLITS and path.parent.name else stem
+
+
 def malformed_json(where: str, e: json.JSONDecodeError) -> str:
     """``where: malformed JSON (what at column N)``; some of json's messages already end in 'at'."""
     return f"{where}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
@@ -290,12 +298,12 @@ def _correct_option(record: dict, options: list, where: str) -> str:
 def load_jsonl(path: Path) -> list[Example]:
     """One JSON object a line (blank lines skipped; an object may also span lines, as ``jq .`` prints them), or
     one JSON list of such objects (Stanford Alpaca's ``alpaca_data.json``, ``to_json(lines=False)``); the task
-    defaults to the file's stem."""
+    defaults to the file's name (:func:`file_task`)."""
     text = _read_text(as_path(path))
     listed = _json_list(path, text)
     if listed is not None:
         return listed
-    examples = [_record(record, as_path(path).stem, where) for where, record in _json_values(path, text)]
+    examples = [_record(record, file_task(path), where) for where, record in _json_values(path, text)]
     return _checked(examples, as_path(path))
 
 
@@ -354,7 +362,7 @@ def _json_list(path: Path, text: str) -> list[Example] | None:
             return None
         except json.JSONDecodeError:
             raise DataError(malformed_json(f"{path}:{e.lineno}", e)) from None
-    examples = [_record(record, as_path(path).stem, f"{path} record {i}") for i, record in enumerate(data)]
+    examples = [_record(record, file_task(path), f"{path} record {i}") for i, record in enumerate(data)]
     return _checked(examples, as_path(path))
 
 
@@ -376,7 +384,7 @@ def load_llm_adapters(path: Path) -> list[Example]:
     data = _read_json(as_path(path))
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    task = as_path(path).parent.name if as_path(path).stem in SPLITS else as_path(path).stem
+    task = file_task(path)
     examples = []
     for i, record in enumerate(data):
         where = f"{path} record {i}"
