@@ -150,7 +150,7 @@ def _check_batch(cfg: Config, mesh) -> None:
                           f"mesh size ({sizes} = {shards})")
 
 
-def _check_resumable(cfg: Config, ckpt: Checkpointer) -> int | None:
+def _check_resumable(cfg: Config, ckpt: Checkpointer, say=print) -> int | None:
     """The step to resume from (None for a fresh run); refuses runs that must not be continued."""
     if ckpt.latest_step() is None:
         _check_no_earlier_run(cfg)
@@ -168,6 +168,11 @@ def _check_resumable(cfg: Config, ckpt: Checkpointer) -> int | None:
         raise ConfigError(f"train.steps={cfg.train.steps} is below the step the run in {cfg.train.output_dir} has "
                           f"reached ({step}); raise train.steps to train it further, or evaluate it as it is with "
                           "evaluate.py --run")
+    before = (saved.get("train") or {}).get("steps")
+    if isinstance(before, int) and before != cfg.train.steps:
+        say(f"warning: train.steps changed from {before} to {cfg.train.steps}: from step {step + 1} on, the learning "
+            f"rate follows the {cfg.train.steps}-step schedule (warm-up and decay), so the run is neither a "
+            f"{before}-step nor a {cfg.train.steps}-step run")
     return step
 
 
@@ -245,7 +250,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     _check_model(cfg)
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, say)
     try:
-        resume_from = _check_resumable(cfg, ckpt)
+        resume_from = _check_resumable(cfg, ckpt, say)
     except ConfigError:
         ckpt.close()
         raise

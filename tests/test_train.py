@@ -277,14 +277,17 @@ def test_response_loss_is_the_mean_response_token_cross_entropy(tiny_config):
     np.testing.assert_allclose(got, total / count, rtol=1e-5)
 
 
-def test_changed_config_is_not_resumed(tmp_path, tiny_config):
+def test_changed_config_is_not_resumed(tmp_path, tiny_config, capsys):
     trainer.train(tiny_config(tmp_path, train__steps=2))
     with pytest.raises(ConfigError, match=r"different config.*adapter\.rank: checkpoint 4, now 8"):
         trainer.train(tiny_config(tmp_path, adapter__rank=8))
     with pytest.raises(ConfigError, match="already holds checkpoints up to step 2; pass train.resume=true"):
         trainer.train(tiny_config(tmp_path, train__resume=False))
-    extended = trainer.train(tiny_config(tmp_path, train__steps=3))  # more steps is allowed
+    capsys.readouterr()
+    extended = trainer.train(tiny_config(tmp_path, train__steps=3))  # more steps is allowed, with a warning
     assert int(extended.state.step) == 3
+    assert "warning: train.steps changed from 2 to 3: from step 3 on, the learning rate follows the 3-step " \
+        "schedule" in capsys.readouterr().out
 
 
 def test_a_run_is_not_resumed_over_changed_data_files(tmp_path, tiny_config):
