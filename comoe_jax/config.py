@@ -810,8 +810,10 @@ def validate(cfg: Config) -> Config:
     _require(ev.max_per_task >= 0, "eval.max_per_task", ev.max_per_task, ">= 0 (0 = all)")
     _require(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, ">= 1")
     _require(ev.max_new_tokens >= 1, "eval.max_new_tokens", ev.max_new_tokens, ">= 1")
-    _require(ev.max_len == 0 or ev.max_len > ev.max_new_tokens, "eval.max_len", ev.max_len,
-             f"0 (the model's context, at most 2048) or more tokens than eval.max_new_tokens={ev.max_new_tokens}")
+    room = ev.max_new_tokens if ev.mode == "generate" else 1  # a scored answer needs one token of context
+    _require(ev.max_len == 0 or ev.max_len > room, "eval.max_len", ev.max_len,
+             f"0 (the model's context, at most 2048) or more than {room} tokens"
+             + (f" (eval.max_new_tokens={ev.max_new_tokens} with eval.mode=generate)" if ev.mode == "generate" else ""))
     _require(me.num_devices == -1 or me.num_devices >= 1, "mesh.num_devices", me.num_devices, "-1 (all) or >= 1")
     _require(me.dcn >= 1, "mesh.dcn", me.dcn, ">= 1 (the number of TPU slices)")
     host_port = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:]+):\d+", me.coordinator_address)  # IPv6 in brackets

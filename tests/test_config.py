@@ -45,6 +45,9 @@ def _cfg(*overrides):
     (["eval.sources=jsonl:/no/file.jsonl"], r"eval\.sources='jsonl:/no/file.jsonl' is not allowed: /no/file\.jsonl"),
     (["eval.mode=vote"], r"eval\.mode='vote' is not allowed: one of label, loglik, generate"),
     (["eval.split=dev"], r"eval\.split='dev' is not allowed: one of train, validation, test"),
+    (["eval.mode=generate", "eval.max_len=16", "eval.max_new_tokens=16"],
+     r"eval\.max_len=16 is not allowed: 0 .* or more than 16 tokens \(eval\.max_new_tokens=16 with eval\.mode=generate"),
+    (["eval.mode=label", "eval.max_len=1"], r"eval\.max_len=1 is not allowed: 0 .* or more than 1 tokens$"),
     (["mesh.tensor=0"], r"mesh\.tensor=0 is not allowed"),
     (["optim.grad_accum_steps=0"], r"optim\.grad_accum_steps=0 is not allowed: >= 1"),
     (["adapter.method=adalora"], r"adapter\.method='adalora' is not allowed: one of comoe-lora, comoe-dora, lora"),
@@ -60,6 +63,7 @@ def test_refusals_name_key_and_allowed_values(overrides, message):
 
 def test_plain_lora_and_lambda_zero_are_valid():
     validate(_cfg("adapter.method=lora"))
+    validate(_cfg("eval.mode=label", "eval.max_len=16", "eval.max_new_tokens=32"))  # generation's budget unused
     validate(_cfg("adapter.top_k=4", "loss.contrastive_weight=0"))  # soft routing over all experts
 
 
