@@ -260,7 +260,7 @@ _NUMBER = re.compile(r"(?:(?<![0-9A-Za-z.])[-\u2212])?(?:\d(?:[\d,]*\d)?(?:\.\d+
 
 def _as_number(text: str) -> float | None:
     """A number written as text: thousands commas, a currency sign or a trailing percent sign allowed."""
-    plain = text.strip().replace("\u2212", "-").replace(",", "").replace(" ", "").removesuffix("%")
+    plain = text.strip().replace("\u2212", "-").replace(",", "").removesuffix("%")
     plain = re.sub(r"^(-?)[$\u20ac\u00a3]", r"\1", plain)  # $, EUR, GBP signs
     try:
         return float(plain)
