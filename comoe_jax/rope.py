@@ -153,7 +153,9 @@ def rope_frequencies(spec: RopeSpec, seq_len) -> tuple[jax.Array, float]:
 def rope_cos_sin(spec: RopeSpec, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos, sin ``[..., T, head_dim]`` (float32) for integer ``positions [..., T]``; the length of dynamic and
     longrope is ``max(positions) + 1`` of each row, as in transformers."""
-    inv_freq, scaling = rope_frequencies(spec, jnp.max(positions, axis=-1, keepdims=True) + 1)
+    length_dependent = spec.rope_type in ("dynamic", "longrope")  # the others need no reduction over positions
+    inv_freq, scaling = rope_frequencies(spec, jnp.max(positions, axis=-1, keepdims=True) + 1 if length_dependent
+                                         else None)
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling

@@ -46,7 +46,8 @@ def _cfg(*overrides):
     (["eval.mode=vote"], r"eval\.mode='vote' is not allowed: one of label, loglik, generate"),
     (["eval.split=dev"], r"eval\.split='dev' is not allowed: one of train, validation, test"),
     (["eval.mode=generate", "eval.max_len=16", "eval.max_new_tokens=16"],
-     r"eval\.max_len=16 is not allowed: 0 .* or more than 16 tokens \(eval\.max_new_tokens=16 with eval\.mode=generate"),
+     r"eval\.max_len=16 is not allowed: 0 .* or more than 16 tokens \(eval\.max_new_tokens=16 with "
+     r"eval\.mode=generate"),
     (["eval.mode=label", "eval.max_len=1"], r"eval\.max_len=1 is not allowed: 0 .* or more than 1 tokens$"),
     (["mesh.tensor=0"], r"mesh\.tensor=0 is not allowed"),
     (["optim.grad_accum_steps=0"], r"optim\.grad_accum_steps=0 is not allowed: >= 1"),
