@@ -14,7 +14,7 @@ from comoe_jax.rope import RopeSpec
 # (ministral: Mistral with per-layer windows from layer_types; transformers' AutoConfig turns a mistral
 # config.json that lists layer_types into one)
 FAMILIES = {"llama": "llama", "mistral": "mistral", "ministral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-            "gemma3_text": "gemma3", "gemma3": "gemma3"}
+            "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
 def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
@@ -45,8 +45,8 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
         attention_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         family=family, hidden_act=act,
     )
-    if family == "gemma3":
-        return DecoderSpec(**common, **_gemma3_fields(hf, source))
+    if family.startswith("gemma"):
+        return DecoderSpec(**common, **_gemma_fields(hf, source, family))
     rope = _rope(hf, source)
     if family == "llama":
         return DecoderSpec(head_dim=rope.head_dim, rope=rope, **common)
@@ -71,16 +71,30 @@ def _rope(hf, source: str, layer_type: str | None = None) -> RopeSpec:
         raise LoadError(f"{source}: {e}") from None
 
 
-def _gemma3_fields(hf, source: str) -> dict:
-    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
-        if getattr(hf, key, None):
-            raise LoadError(f"{source}: {key}={getattr(hf, key)!r} is not supported (Gemma 3 decoders use "
-                            "none / false)")
-    rope, window = _rope(hf, source, "full_attention"), getattr(hf, "sliding_window", None)
-    return dict(head_dim=rope.head_dim, rope=rope, local_rope=_rope(hf, source, "sliding_attention"),
-                query_scale=float(hf.query_pre_attn_scalar) ** -0.5, sliding_window=window and int(window),
-                sliding_layers=_sliding_layers(hf, source, window),
-                final_logit_softcap=getattr(hf, "final_logit_softcapping", None))
+def _gemma_fields(hf, source: str, family: str) -> dict:
+    """Gemma: Llama's fields; Gemma 2 adds the query scale, soft-caps and windows; Gemma 3 a local RoPE."""
+    if family == "gemma":
+        rope = _rope(hf, source)
+        return dict(head_dim=rope.head_dim, rope=rope)
+    if getattr(hf, "use_bidirectional_attention", None):
+        raise LoadError(f"{source}: use_bidirectional_attention=True is not supported (a causal decoder is)")
+    if family == "gemma3" and getattr(hf, "attn_logit_softcapping", None) is not None:
+        # transformers' Gemma 3 ignores the field: honouring it would break parity, ignoring it would hide it
+        raise LoadError(f"{source}: attn_logit_softcapping={hf.attn_logit_softcapping!r} is not supported for "
+                        "Gemma 3 (its checkpoints set null; transformers ignores the field)")
+    caps = {}
+    for key, field in (("attn_logit_softcapping", "attn_logit_softcap"), ("final_logit_softcapping",
+                                                                           "final_logit_softcap")):
+        value = getattr(hf, key, None)
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+            raise LoadError(f"{source}: {key}={value!r}; a soft-cap is a positive finite number or null")
+        caps[field] = value and float(value)
+    window = getattr(hf, "sliding_window", None)
+    rope = _rope(hf, source, "full_attention" if family == "gemma3" else None)
+    local = dict(local_rope=_rope(hf, source, "sliding_attention")) if family == "gemma3" else {}
+    return dict(head_dim=rope.head_dim, rope=rope, query_scale=float(hf.query_pre_attn_scalar) ** -0.5,
+                sliding_window=window and int(window), sliding_layers=_sliding_layers(hf, source, window),
+                **caps, **local)
 
 
 def _sliding_layers(hf, source: str, window) -> tuple[bool, ...]:

@@ -202,7 +202,7 @@ def _gguf_hf_config(reader, path: Path):
     arch = _gguf_field(reader, "general.architecture")
     if arch not in ("llama", "gemma3"):
         raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported; comoe-jax reads 'llama' and 'gemma3' "
-                        "GGUF files (Mistral, Qwen2 and Qwen3 from Hugging Face folders: config.json + safetensors)")
+                        "GGUF files (the other families from Hugging Face folders: config.json + safetensors)")
     f = lambda key, default=None: _gguf_field(reader, f"{arch}.{key}", default)  # noqa: E731
     heads = int(f("attention.head_count"))
     vocab = f("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
@@ -453,7 +453,7 @@ def from_pretrained(
     rules: dict | None = None,
     random_arch: dict | None = None,
 ) -> CausalLM:
-    """Load a Llama-, Mistral-, Qwen2-, Qwen3- or Gemma-3-family model and attach CoMoE adapters.
+    """Load a Llama-, Mistral-, Qwen2-, Qwen3- or Gemma-family model and attach CoMoE adapters.
 
     Args:
       path: a Hugging Face folder (``config.json`` + ``*.safetensors``, sharded with an
@@ -466,7 +466,7 @@ def from_pretrained(
       seed: adapter initialisation (and random base weights for 'random').
       mesh, rules: place every weight on its sharding (default: one device, replicated).
       random_arch: transformers config fields of the random model (``path='random'`` only;
-        ``model_type`` 'llama' by default, or 'mistral', 'qwen2', 'qwen3', 'gemma3_text').
+        ``model_type`` 'llama' by default, or 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text').
     Returns:
       a ``CausalLM``; ``model(input_ids [B, T] int32) -> logits [B, T, V]``.
     """

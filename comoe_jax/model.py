@@ -1,13 +1,13 @@
-"""Flax NNX decoder for the Llama, Mistral, Qwen2/3 and Gemma 3 families, with mixture-of-LoRA adapters.
+"""Flax NNX decoder for the Llama, Mistral, Qwen2/3 and Gemma 1/2/3 families, with mixture-of-LoRA adapters.
 
 Llama: RMSNorm, RoPE (every transformers rope_type), grouped-query attention, SwiGLU,
 tied or untied embeddings, causal + padding mask. Mistral adds a sliding window on every
 layer, Qwen2 biases on q/k/v (not o), Qwen3 RMSNorm on queries and keys (``spec.qkv_bias``,
-``spec.qk_norm``, ``spec.sliding_layers``). Gemma 3 adds (``spec.family``):
-norms scaled by ``1 + w``, RMSNorm on queries and keys, norms after attention and MLP
-as well as before, embeddings scaled by ``sqrt(hidden)``, GeGLU, and local attention
-over a sliding window (with its own RoPE) on most layers. Frozen weights are ``Frozen``
-variables, adapters and routers ``nnx.Param``.
+``spec.qk_norm``, ``spec.sliding_layers``). Gemma (``spec.family``) has norms scaled by
+``1 + w``, embeddings scaled by ``sqrt(hidden)`` and GeGLU; Gemma 2 adds norms after
+attention and MLP as well as before, soft-capped attention scores and logits, and a sliding
+window on every other layer; Gemma 3 adds RMSNorm on queries and keys and its own RoPE on the
+sliding-window layers. Frozen weights are ``Frozen`` variables, adapters and routers ``nnx.Param``.
 
 Decoder layers live in stacks (``layers.<g>.layer.*``, leading axis = layer) that
 the forward pass scans over. Per-layer names follow Hugging Face
@@ -55,19 +55,26 @@ class DecoderSpec:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
-    family: str = "llama"  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3"
+    family: str = "llama"  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3"
     hidden_act: str = "silu"
     query_scale: float | None = None  # attention logit scale; None: head_dim ** -0.5
     sliding_window: int | None = None  # local layers see keys at distance < sliding_window
     sliding_layers: tuple[bool, ...] = ()  # per layer: local (sliding-window) attention
     local_rope: RopeSpec | None = None  # RoPE of the local layers
-    final_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap): Gemma 2 / 3
+    attn_logit_softcap: float | None = None  # the same on attention scores, before the mask: Gemma 2
     qkv_bias: bool = False  # biases on q/k/v even without attention_bias (which biases all four): Qwen2
     qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE: Qwen3 (Gemma 3 always)
 
     @property
     def gemma(self) -> bool:
-        return self.family == "gemma3"
+        """Norms scaled by ``1 + w`` and embeddings by ``sqrt(hidden)``."""
+        return self.family in ("gemma", "gemma2", "gemma3")
+
+    @property
+    def sandwich(self) -> bool:
+        """Norms after attention and MLP as well as before."""
+        return self.family in ("gemma2", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -131,13 +138,13 @@ class Attention(nnx.Module):
         self.k_proj = build.linear("k_proj", d, spec.num_kv_heads * hd, ("embed", "kv_heads"), bias)
         self.v_proj = build.linear("v_proj", d, spec.num_kv_heads * hd, ("embed", "kv_heads"), bias)
         self.o_proj = build.linear("o_proj", spec.num_heads * hd, d, ("heads", "embed"), spec.attention_bias)
-        self.qk_norm = spec.qk_norm or spec.gemma
+        self.qk_norm = spec.qk_norm or spec.family == "gemma3"
         if self.qk_norm:
             norm = dict(dtype=build.dtype, param_dtype=build.param_dtype, gemma=spec.gemma)
             self.q_norm = RMSNorm(hd, spec.rms_norm_eps, **norm)
             self.k_norm = RMSNorm(hd, spec.rms_norm_eps, **norm)
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
-        self.scale = spec.query_scale
+        self.scale, self.softcap = spec.query_scale, spec.attn_logit_softcap
 
     def __call__(self, x, inputs: AttentionInputs, ctx, kv=None):
         """``kv = (k_cache, v_cache, index)`` (``[B, S, K, hd]`` each): write this call's keys and
@@ -150,15 +157,35 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
-        if kv is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=inputs.mask, scale=self.scale, is_causal=True)
-        else:
+        if kv is not None:
             k_cache, v_cache, index = kv
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            out = jax.nn.dot_product_attention(q, k, v, mask=inputs.mask, scale=self.scale)
             kv = (k, v)
+        causal = kv is None  # with a cache the mask says which slots each query sees
+        if self.softcap:
+            out = softcapped_attention(q, k, v, inputs.mask, self.scale, self.softcap, causal)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=inputs.mask, scale=self.scale, is_causal=causal)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), ctx), kv
+
+
+def softcapped_attention(q, k, v, mask, scale: float | None, cap: float, causal: bool) -> jax.Array:
+    """Attention with Gemma 2's soft-capped scores ``cap * tanh(scores / cap)``, which
+    ``jax.nn.dot_product_attention`` cannot do. ``q [B, T, N, hd]``, ``k, v [B, S, K, hd]``
+    (K divides N), ``mask [B|1, 1, T, S]`` bool or None -> ``[B, T, N, hd]``."""
+    b, t, n, hd = q.shape
+    s, heads_kv = k.shape[1], k.shape[2]
+    q = q.reshape(b, t, heads_kv, n // heads_kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5 if scale is None else scale)
+    scores = cap * jnp.tanh(scores / cap)
+    allowed = jnp.ones((1, 1, t, s), bool) if mask is None else mask
+    if causal:
+        allowed = allowed & jnp.tril(jnp.ones((t, s), bool))
+    scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, hd)
 
 
 class MLP(nnx.Module):
@@ -174,7 +201,7 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Llama: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; Gemma 3 also norms each block's output."""
+    """Llama: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; Gemma 2 / 3 also norm each block's output."""
 
     def __init__(self, spec: DecoderSpec, build: _Builder):
         norm = partial(RMSNorm, spec.hidden_size, spec.rms_norm_eps, dtype=build.dtype,
@@ -182,10 +209,10 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = norm()
         self.self_attn = Attention(spec, build)
         self.post_attention_layernorm = norm()  # Llama: the norm before the MLP
-        if spec.gemma:
+        if spec.sandwich:
             self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
         self.mlp = MLP(spec, build)
-        self.sandwich = spec.gemma
+        self.sandwich = spec.sandwich
         self.num_adapters = build.count
 
     def __call__(self, x, inputs: AttentionInputs, ctx, kv=None):
@@ -394,7 +421,7 @@ class CausalLM(nnx.Module):
         attention = self._attention_inputs(positions, attention_mask, segment_ids, cache, cache_index,
                                            pair_mask, positions)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
-        if self.spec.gemma:  # in the weights' dtype, as transformers' Gemma3TextScaledWordEmbedding
+        if self.spec.gemma:  # in the weights' dtype, as transformers' GemmaTextScaledWordEmbedding
             x = x * jnp.asarray(math.sqrt(self.spec.hidden_size), x.dtype)
         x = constrain(x.astype(self.dtype), ("batch", "length", "act_embed"))
         new_cache = []

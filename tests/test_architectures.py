@@ -1,4 +1,5 @@
-"""Mistral, Qwen2 and Qwen3: logits parity with transformers' PyTorch models, adapters, training; refusals."""
+"""Mistral, Qwen2, Qwen3, Gemma and Gemma 2: logits parity with transformers' PyTorch models, adapters,
+training; refusals."""
 
 from typing import NamedTuple
 
@@ -11,6 +12,10 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 from transformers import (  # noqa: E402
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
     MinistralConfig,
     MinistralForCausalLM,
     MistralConfig,
@@ -34,7 +39,8 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
 CLASSES = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-           "qwen3": (Qwen3Config, Qwen3ForCausalLM), "ministral": (MinistralConfig, MinistralForCausalLM)}
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM), "ministral": (MinistralConfig, MinistralForCausalLM),
+           "gemma": (GemmaConfig, GemmaForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM)}
 # name -> (model_type, config fields, expected spec fields)
 CONFIGS = {
     "mistral_window5_gqa": ("mistral", dict(sliding_window=5),
@@ -54,6 +60,14 @@ CONFIGS = {
                                                            head_dim=16, sliding_layers=())),
     "qwen3_attention_bias_tied": ("qwen3", dict(head_dim=8, attention_bias=True, tie_word_embeddings=True),
                                   dict(qk_norm=True, attention_bias=True, head_dim=8)),
+    "gemma_mqa_head16_tied": ("gemma", dict(head_dim=16, num_key_value_heads=1),
+                              dict(head_dim=16, tie_word_embeddings=True, sliding_layers=(), query_scale=None,
+                                   attn_logit_softcap=None, final_logit_softcap=None, qk_norm=False)),
+    # caps small enough to bite on these random weights (Gemma 2 ships 50 / 30)
+    "gemma2_softcaps_window4": ("gemma2", dict(head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
+                                               attn_logit_softcapping=1.5, final_logit_softcapping=4.0),
+                                dict(sliding_window=4, sliding_layers=(True, False), query_scale=12 ** -0.5,
+                                     attn_logit_softcap=1.5, final_logit_softcap=4.0, qk_norm=False)),
 }
 
 
@@ -125,8 +139,9 @@ def test_the_sliding_window_is_what_makes_parity(name, saved):
     assert np.abs(ref.got[0, window + 2:] - full[0, window + 2:]).max() > 1e-2
 
 
-def test_cached_generation_under_mistrals_window_equals_full_recompute(saved):
-    model = from_pretrained(saved("mistral_window5_gqa").folder)
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "gemma2_softcaps_window4"])
+def test_cached_generation_under_a_window_equals_full_recompute(name, saved):
+    model = from_pretrained(saved(name).folder)
     rng = np.random.default_rng(3)
     prompts = [list(rng.integers(3, 97, size=n)) for n in (7, 2)]  # 7 + 4 tokens: past the window of 5
     got = greedy_generate(model, prompts, max_new_tokens=4, eos_id=-1, pad_id=0, batch_size=2)
@@ -138,7 +153,46 @@ def test_cached_generation_under_mistrals_window_equals_full_recompute(saved):
         assert len(g) == 4 and g == [int(i) for i in logits[row, len(p) - 1:len(p) + 3].argmax(-1)]
 
 
-@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1"])
+def test_gemma2_parity_needs_its_attention_soft_cap(saved):
+    """Without the cap on its attention scores the reference differs: the parity above is not that of
+    plain attention (the cap sits inside the attention, where jax.nn.dot_product_attention has none)."""
+    ref, hf_model = saved("gemma2_softcaps_window4"), _hf_model("gemma2_softcaps_window4")
+    for layer in hf_model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    real = ref.mask.astype(bool)
+    assert np.abs(_logits(hf_model, ref.ids, ref.mask)[real] - ref.got[real]).max() > 1e-2
+
+
+def test_softcapped_attention_equals_a_float64_loop():
+    """``softcapped_attention`` against the plain definition, one query, head and key at a time."""
+    from comoe_jax.model import softcapped_attention
+
+    rng = np.random.default_rng(7)
+    b, t, s, n, kv, hd, cap, scale = 2, 5, 7, 6, 3, 4, 0.8, 0.37
+    q, k, v = rng.normal(size=(b, t, n, hd)), rng.normal(size=(b, s, kv, hd)), rng.normal(size=(b, s, kv, hd))
+    mask = rng.random((b, 1, t, s)) < 0.7
+    mask[..., 0] = True  # every query sees a key
+    got = softcapped_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(mask), scale, cap,
+                               causal=False)
+    want = np.zeros((b, t, n, hd))
+    for i in range(b):
+        for j in range(t):
+            for h in range(n):
+                g = h // (n // kv)
+                scores = [cap * np.tanh(q[i, j, h] @ k[i, m, g] * scale / cap) for m in range(s)]
+                weights = [np.exp(x) if mask[i, 0, j, m] else 0.0 for m, x in enumerate(scores)]
+                want[i, j, h] = sum(w * v[i, m, g] for m, w in enumerate(weights)) / sum(weights)
+    assert got.shape == (b, t, n, hd) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    causal = softcapped_attention(*(jnp.asarray(a[:, :t], jnp.float32) for a in (q, k, v)), None, scale, cap,
+                                  causal=True)
+    tril = jnp.asarray(np.tril(np.ones((t, t), bool)))[None, None]
+    explicit = softcapped_attention(*(jnp.asarray(a[:, :t], jnp.float32) for a in (q, k, v)), tril, scale, cap,
+                                    causal=False)
+    np.testing.assert_allclose(np.asarray(causal), np.asarray(explicit), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "gemma2_softcaps_window4"])
 def test_packed_option_scores_keep_the_window_in_positions(name, saved):
     """Packed rows put an item's options after one another; a window counts positions, not slots."""
     model = from_pretrained(saved(name).folder)
@@ -151,7 +205,8 @@ def test_packed_option_scores_keep_the_window_in_positions(name, saved):
     np.testing.assert_allclose(packed, [total for total, _ in whole], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_qkv_biases_gqa", "qwen3_qk_norm_gqa"])
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_qkv_biases_gqa", "qwen3_qk_norm_gqa",
+                                  "gemma2_softcaps_window4"])
 def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
     """CoMoE experts attach to all seven projections by name; on q_proj and o_proj (biased and not in Qwen2,
     after / before the q/k norms in Qwen3) the logits at initialisation are the base model's, and gradient
@@ -191,7 +246,8 @@ def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
     assert all(np.array_equal(np.asarray(v), np.asarray(frozen_before[k])) for k, v in flat_values(frozen).items())
 
 
-@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "qwen3_attention_bias_tied"])
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "qwen3_attention_bias_tied",
+                                  "gemma_mqa_head16_tied", "gemma2_softcaps_window4"])
 def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path, monkeypatch):
     """A trained LoRA on every projection of Mistral / Qwen2 (biases) / Qwen3 (q/k norms, tied embeddings):
     the merged folder (AutoModelForCausalLM, no peft) and the peft folder give our adapted logits."""
@@ -234,7 +290,8 @@ def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path
 def test_unsupported_model_types_are_refused_with_the_supported_list(model_type, tmp_path):
     (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}", "num_hidden_layers": 2}}')
     with pytest.raises(LoadError, match=rf"model_type '{model_type}' is not supported; comoe-jax implements "
-                                        r"llama, mistral, ministral, qwen2, qwen3, gemma3_text, gemma3"):
+                                        r"llama, mistral, ministral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
+                                        r"gemma3"):
         from_pretrained(str(tmp_path))
     with pytest.raises(LoadError, match="model_type 'phi3' is not supported"):
         model_spec("random", dict(model_type="phi3"))

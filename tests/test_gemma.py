@@ -106,11 +106,15 @@ def test_the_language_model_of_a_multimodal_gemma3_checkpoint_is_loaded(tied, tm
     np.testing.assert_allclose(got[mask.astype(bool)], want[mask.astype(bool)], atol=1e-4, rtol=0)
 
 
-def test_gemma3_configs_the_model_cannot_run_are_refused(tmp_path):
+@pytest.mark.parametrize("key, value, match", [
+    ("use_bidirectional_attention", True, r"use_bidirectional_attention=True is not supported"),
+    ("attn_logit_softcapping", 50.0, r"attn_logit_softcapping=50\.0 is not supported for Gemma 3"),
+    ("final_logit_softcapping", -1.0, r"final_logit_softcapping=-1\.0; a soft-cap is a positive finite number")])
+def test_gemma3_configs_the_model_cannot_run_are_refused(key, value, match, tmp_path):
     hf_model = _hf_model(CONFIGS["gqa_window4"])
-    hf_model.config.attn_logit_softcapping = 50.0
+    setattr(hf_model.config, key, value)
     hf_model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"attn_logit_softcapping=50\.0 is not supported"):
+    with pytest.raises(ValueError, match=rf"config\.json: {match}"):
         from_pretrained(str(tmp_path))
 
 
@@ -157,10 +161,13 @@ def test_comoe_training_on_gemma3_lowers_the_loss_and_changes_only_adapters(tiny
     assert any(k.endswith("pre_feedforward_layernorm.scale") for k in frozen)
 
 
-def test_gemma3_on_eight_devices_equals_one(tiny_config, run_steps, sharded):
-
-    arch = BASE | {"model_type": "gemma3_text", "vocab_size": 320, "num_hidden_layers": 2,
-                   "layer_types": ["sliding_attention", "full_attention"]}
+@pytest.mark.parametrize("extra", [{"model_type": "gemma3_text"},
+                                   {"model_type": "gemma2", "attn_logit_softcapping": 2.0}], ids=["gemma3", "gemma2"])
+def test_gemma_on_eight_devices_equals_one(extra, tiny_config, run_steps, sharded):
+    """The train step (CE + contrastive) sharded over data, fsdp and tensor axes; Gemma 2's attention is
+    our own soft-capped einsum, not jax.nn.dot_product_attention."""
+    arch = BASE | {"vocab_size": 320, "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}
+    arch |= extra
     one, eight = tiny_config(), tiny_config(**sharded)
     one.model.random_arch = eight.model.random_arch = arch
     np.testing.assert_allclose(run_steps(eight, jax.devices()[:8]), run_steps(one, jax.devices()[:1]), rtol=1e-5)
