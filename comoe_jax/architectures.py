@@ -14,7 +14,7 @@ from comoe_jax.rope import RopeSpec
 # (ministral: Mistral with per-layer windows from layer_types; transformers' AutoConfig turns a mistral
 # config.json that lists layer_types into one)
 FAMILIES = {"llama": "llama", "mistral": "mistral", "ministral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-            "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+            "smollm3": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
 def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
@@ -48,6 +48,12 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
     if family.startswith("gemma"):
         return DecoderSpec(**common, **_gemma_fields(hf, source, family))
     rope = _rope(hf, source)
+    if model_type == "smollm3":
+        window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", False) else None
+        sliding = _sliding_layers(hf, source, window)
+        return DecoderSpec(head_dim=rope.head_dim, rope=rope, nope_layers=_nope_layers(hf, source),
+                           sliding_window=window and int(window), sliding_layers=sliding if any(sliding) else (),
+                           **common)
     if family == "llama":
         return DecoderSpec(head_dim=rope.head_dim, rope=rope, **common)
     # As transformers builds them: Mistral and Qwen2 have no attention_bias field (Qwen2: q/k/v biased, o not),
@@ -95,6 +101,18 @@ def _gemma_fields(hf, source: str, family: str) -> dict:
     return dict(head_dim=rope.head_dim, rope=rope, query_scale=float(hf.query_pre_attn_scalar) ** -0.5,
                 sliding_window=window and int(window), sliding_layers=_sliding_layers(hf, source, window),
                 **caps, **local)
+
+
+def _nope_layers(hf, source: str) -> tuple[bool, ...]:
+    """SmolLM3's ``no_rope_layers`` (per layer: 1 uses RoPE, 0 does not) as per-layer 'no RoPE' flags."""
+    flags = getattr(hf, "no_rope_layers", None)
+    if flags is None:
+        return ()
+    if (not isinstance(flags, (list, tuple)) or len(flags) != hf.num_hidden_layers
+            or any(f not in (0, 1) or isinstance(f, float) for f in flags)):
+        raise LoadError(f"{source}: no_rope_layers must list 1 (RoPE) or 0 (no RoPE) for each of the "
+                        f"{hf.num_hidden_layers} layers (got {flags!r})")
+    return tuple(not f for f in flags)
 
 
 def _sliding_layers(hf, source: str, window) -> tuple[bool, ...]:

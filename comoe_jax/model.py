@@ -1,7 +1,8 @@
 """Flax NNX decoder for the Llama, Mistral, Qwen2/3 and Gemma 1/2/3 families, with mixture-of-LoRA adapters.
 
 Llama: RMSNorm, RoPE (every transformers rope_type), grouped-query attention, SwiGLU,
-tied or untied embeddings, causal + padding mask. Mistral adds a sliding window on every
+tied or untied embeddings, causal + padding mask; SmolLM3 leaves RoPE out of some layers
+(``spec.nope_layers``). Mistral adds a sliding window on every
 layer, Qwen2 biases on q/k/v (not o), Qwen3 RMSNorm on queries and keys (``spec.qkv_bias``,
 ``spec.qk_norm``, ``spec.sliding_layers``). Gemma (``spec.family``) has norms scaled by
 ``1 + w``, embeddings scaled by ``sqrt(hidden)`` and GeGLU; Gemma 2 adds norms after
@@ -60,6 +61,7 @@ class DecoderSpec:
     query_scale: float | None = None  # attention logit scale; None: head_dim ** -0.5
     sliding_window: int | None = None  # local layers see keys at distance < sliding_window
     sliding_layers: tuple[bool, ...] = ()  # per layer: local (sliding-window) attention
+    nope_layers: tuple[bool, ...] = ()  # per layer: no RoPE on queries and keys (SmolLM3's NoPE layers)
     local_rope: RopeSpec | None = None  # RoPE of the local layers
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap): Gemma 2 / 3
     attn_logit_softcap: float | None = None  # the same on attention scores, before the mask: Gemma 2
@@ -248,6 +250,7 @@ class LayerStack(nnx.Module):
         self.first, self.size, self.remat = layers.start, len(layers), remat
         self.num_adapters = self.layer.num_adapters * len(layers)
         self.sliding = tuple(bool(spec.sliding_layers[i]) for i in layers) if spec.sliding_layers else ()
+        self.nope = tuple(bool(spec.nope_layers[i]) for i in layers) if any(spec.nope_layers) else ()
 
     def __call__(self, x, attention: tuple[AttentionInputs, AttentionInputs | None], ctx, cache=None,
                  cache_index=None):
@@ -263,10 +266,13 @@ class LayerStack(nnx.Module):
         kinds = captured_types(self)
 
         def body(x, scanned):
-            index, sliding, layer_state, layer_cache = scanned
+            index, sliding, nope, layer_state, layer_cache = scanned
             layer_ctx = ctx if ctx is None or ctx.key is None else ctx.replace(key=jax.random.fold_in(ctx.key, index))
             kv = None if layer_cache is None else (*layer_cache, cache_index)
             inputs = full if local is None else jax.tree.map(lambda g, w: jnp.where(sliding, w, g), full, local)
+            if self.nope:  # cos 1, sin 0: RoPE is then exactly the identity
+                inputs = inputs._replace(cos=jnp.where(nope, jnp.ones_like(inputs.cos), inputs.cos),
+                                         sin=jnp.where(nope, jnp.zeros_like(inputs.sin), inputs.sin))
             layer = nnx.merge(graphdef, layer_state)
             if not kinds:
                 x, kv = layer(x, inputs, layer_ctx, kv)
@@ -283,7 +289,8 @@ class LayerStack(nnx.Module):
                               else policies.dots_with_no_batch_dims_saveable)
         indices = jnp.arange(self.first, self.first + self.size, dtype=jnp.int32)
         sliding = jnp.asarray(self.sliding or (False,) * self.size)
-        x, (cache, sown) = jax.lax.scan(body, x, (indices, sliding, state, cache))
+        nope = jnp.asarray(self.nope or (False,) * self.size)
+        x, (cache, sown) = jax.lax.scan(body, x, (indices, sliding, nope, state, cache))
         for collected in sown:
             for path, variable in nnx.to_flat_state(collected):
                 module = reduce(getattr, path[:-1], self.layer)

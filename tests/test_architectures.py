@@ -1,4 +1,4 @@
-"""Mistral, Qwen2, Qwen3, Gemma and Gemma 2: logits parity with transformers' PyTorch models, adapters,
+"""Mistral, Qwen2, Qwen3, SmolLM3, Gemma and Gemma 2: logits parity with transformers' PyTorch models, adapters,
 training; refusals."""
 
 from typing import NamedTuple
@@ -24,6 +24,8 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 from comoe_jax import AdapterConfig, from_pretrained  # noqa: E402
@@ -40,7 +42,8 @@ BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=64)
 CLASSES = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
            "qwen3": (Qwen3Config, Qwen3ForCausalLM), "ministral": (MinistralConfig, MinistralForCausalLM),
-           "gemma": (GemmaConfig, GemmaForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM)}
+           "smollm3": (SmolLM3Config, SmolLM3ForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
+           "gemma2": (Gemma2Config, Gemma2ForCausalLM)}
 # name -> (model_type, config fields, expected spec fields)
 CONFIGS = {
     "mistral_window5_gqa": ("mistral", dict(sliding_window=5),
@@ -60,6 +63,14 @@ CONFIGS = {
                                                            head_dim=16, sliding_layers=())),
     "qwen3_attention_bias_tied": ("qwen3", dict(head_dim=8, attention_bias=True, tie_word_embeddings=True),
                                   dict(qk_norm=True, attention_bias=True, head_dim=8)),
+    # (SmolLM3's default special-token ids lie outside this vocabulary)
+    "smollm3_nope_on_layer1": ("smollm3", dict(no_rope_layer_interval=2, pad_token_id=None),
+                               dict(family="llama", nope_layers=(False, True), sliding_layers=())),
+    "smollm3_nope_on_layer0_window4": ("smollm3", dict(no_rope_layers=[0, 1], use_sliding_window=True,
+                                                       sliding_window=4, pad_token_id=None, tie_word_embeddings=False,
+                                                       layer_types=["sliding_attention", "full_attention"]),
+                                       dict(nope_layers=(True, False), sliding_window=4,
+                                            sliding_layers=(True, False), tie_word_embeddings=False)),
     "gemma_mqa_head16_tied": ("gemma", dict(head_dim=16, num_key_value_heads=1),
                               dict(head_dim=16, tie_word_embeddings=True, sliding_layers=(), query_scale=None,
                                    attn_logit_softcap=None, final_logit_softcap=None, qk_norm=False)),
@@ -116,7 +127,7 @@ def test_logits_match_transformers(name, saved):
     ref = saved(name)
     model_type, _, expected = CONFIGS[name]
     spec = model_spec(ref.folder)
-    assert spec.family == {"ministral": "mistral"}.get(model_type, model_type)
+    assert spec.family == {"ministral": "mistral", "smollm3": "llama"}.get(model_type, model_type)
     assert {k: getattr(spec, k) for k in expected} == expected
     assert ref.got.shape == ref.want.shape and ref.got.dtype == np.float32
     real = ref.mask.astype(bool)
@@ -139,7 +150,7 @@ def test_the_sliding_window_is_what_makes_parity(name, saved):
     assert np.abs(ref.got[0, window + 2:] - full[0, window + 2:]).max() > 1e-2
 
 
-@pytest.mark.parametrize("name", ["mistral_window5_gqa", "gemma2_softcaps_window4"])
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "gemma2_softcaps_window4", "smollm3_nope_on_layer0_window4"])
 def test_cached_generation_under_a_window_equals_full_recompute(name, saved):
     model = from_pretrained(saved(name).folder)
     rng = np.random.default_rng(3)
@@ -151,6 +162,25 @@ def test_cached_generation_under_a_window_equals_full_recompute(name, saved):
     logits = _ours(model, ids, mask)  # each new token: the argmax of a full (windowed) forward of what precedes it
     for row, (p, g) in enumerate(zip(prompts, got)):
         assert len(g) == 4 and g == [int(i) for i in logits[row, len(p) - 1:len(p) + 3].argmax(-1)]
+
+
+def test_smollm3_parity_needs_its_nope_layers(saved):
+    """With RoPE on every layer the reference differs: the parity above is not that of a plain Llama."""
+    ref, hf_model = saved("smollm3_nope_on_layer1"), _hf_model("smollm3_nope_on_layer1")
+    for layer in hf_model.model.layers:
+        layer.self_attn.use_rope = 1
+    real = ref.mask.astype(bool)
+    assert np.abs(_logits(hf_model, ref.ids, ref.mask)[real] - ref.got[real]).max() > 1e-2
+
+
+def test_smollm3_without_use_sliding_window_has_no_window():
+    """SmolLM3 windows a layer only with use_sliding_window (as transformers does), whatever layer_types say."""
+    arch = BASE | dict(model_type="smollm3", sliding_window=4, layer_types=["sliding_attention"] * 2)
+    assert model_spec("random", arch).sliding_layers == ()
+    assert model_spec("random", arch | dict(use_sliding_window=True)).sliding_layers == (True, True)
+    with pytest.raises(LoadError, match=r"no_rope_layers must list 1 \(RoPE\) or 0 \(no RoPE\) for each of the 2 "
+                                        r"layers \(got \[1, 1, 0\]\)"):
+        model_spec("random", arch | dict(no_rope_layers=[1, 1, 0]))
 
 
 def test_gemma2_parity_needs_its_attention_soft_cap(saved):
@@ -206,7 +236,7 @@ def test_packed_option_scores_keep_the_window_in_positions(name, saved):
 
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_qkv_biases_gqa", "qwen3_qk_norm_gqa",
-                                  "gemma2_softcaps_window4"])
+                                  "gemma2_softcaps_window4", "smollm3_nope_on_layer1"])
 def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
     """CoMoE experts attach to all seven projections by name; on q_proj and o_proj (biased and not in Qwen2,
     after / before the q/k norms in Qwen3) the logits at initialisation are the base model's, and gradient
@@ -247,7 +277,7 @@ def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
 
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "qwen3_attention_bias_tied",
-                                  "gemma_mqa_head16_tied", "gemma2_softcaps_window4"])
+                                  "gemma_mqa_head16_tied", "gemma2_softcaps_window4", "smollm3_nope_on_layer1"])
 def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path, monkeypatch):
     """A trained LoRA on every projection of Mistral / Qwen2 (biases) / Qwen3 (q/k norms, tied embeddings):
     the merged folder (AutoModelForCausalLM, no peft) and the peft folder give our adapted logits."""
@@ -290,8 +320,8 @@ def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path
 def test_unsupported_model_types_are_refused_with_the_supported_list(model_type, tmp_path):
     (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}", "num_hidden_layers": 2}}')
     with pytest.raises(LoadError, match=rf"model_type '{model_type}' is not supported; comoe-jax implements "
-                                        r"llama, mistral, ministral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
-                                        r"gemma3"):
+                                        r"llama, mistral, ministral, qwen2, qwen3, smollm3, gemma, gemma2, "
+                                        r"gemma3_text, gemma3"):
         from_pretrained(str(tmp_path))
     with pytest.raises(LoadError, match="model_type 'phi3' is not supported"):
         model_spec("random", dict(model_type="phi3"))
