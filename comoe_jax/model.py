@@ -1,8 +1,9 @@
-"""Flax NNX decoder for the Llama, Mistral, Qwen2/3 and Gemma 1/2/3 families, with mixture-of-LoRA adapters.
+"""Flax NNX decoder for the Llama, Mistral, Qwen2/3, Gemma 1/2/3 and OLMo 2/3 families, with mixture-of-LoRA adapters.
 
 Llama: RMSNorm, RoPE (every transformers rope_type), grouped-query attention, SwiGLU,
 tied or untied embeddings, causal + padding mask; SmolLM3 leaves RoPE out of some layers
-(``spec.nope_layers``). Mistral adds a sliding window on every
+(``spec.nope_layers``); OLMo 2 / 3 norm only each block's output, and the whole query and key
+projections. Mistral adds a sliding window on every
 layer, Qwen2 biases on q/k/v (not o), Qwen3 RMSNorm on queries and keys (``spec.qkv_bias``,
 ``spec.qk_norm``, ``spec.sliding_layers``). Gemma (``spec.family``) has norms scaled by
 ``1 + w``, embeddings scaled by ``sqrt(hidden)`` and GeGLU; Gemma 2 adds norms after
@@ -56,7 +57,7 @@ class DecoderSpec:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
-    family: str = "llama"  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3"
+    family: str = "llama"  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "olmo2"
     hidden_act: str = "silu"
     query_scale: float | None = None  # attention logit scale; None: head_dim ** -0.5
     sliding_window: int | None = None  # local layers see keys at distance < sliding_window
@@ -67,6 +68,7 @@ class DecoderSpec:
     attn_logit_softcap: float | None = None  # the same on attention scores, before the mask: Gemma 2
     qkv_bias: bool = False  # biases on q/k/v even without attention_bias (which biases all four): Qwen2
     qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE: Qwen3 (Gemma 3 always)
+    # (OLMo 2 / 3 instead norm the whole query and key projections, over all heads at once)
 
     @property
     def gemma(self) -> bool:
@@ -74,9 +76,10 @@ class DecoderSpec:
         return self.family in ("gemma", "gemma2", "gemma3")
 
     @property
-    def sandwich(self) -> bool:
-        """Norms after attention and MLP as well as before."""
-        return self.family in ("gemma2", "gemma3")
+    def norms(self) -> str:
+        """Where each layer norms: 'pre' (before attention and MLP: Llama), 'sandwich' (before and after:
+        Gemma 2 / 3) or 'post' (after only: OLMo 2 / 3)."""
+        return {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post"}.get(self.family, "pre")
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,13 @@ class Attention(nnx.Module):
         self.v_proj = build.linear("v_proj", d, spec.num_kv_heads * hd, ("embed", "kv_heads"), bias)
         self.o_proj = build.linear("o_proj", spec.num_heads * hd, d, ("heads", "embed"), spec.attention_bias)
         self.qk_norm = spec.qk_norm or spec.family == "gemma3"
+        self.projection_norm = spec.family == "olmo2"
+        norm = partial(RMSNorm, eps=spec.rms_norm_eps, dtype=build.dtype, param_dtype=build.param_dtype,
+                       gemma=spec.gemma)
         if self.qk_norm:
-            norm = dict(dtype=build.dtype, param_dtype=build.param_dtype, gemma=spec.gemma)
-            self.q_norm = RMSNorm(hd, spec.rms_norm_eps, **norm)
-            self.k_norm = RMSNorm(hd, spec.rms_norm_eps, **norm)
+            self.q_norm, self.k_norm = norm(hd), norm(hd)
+        elif self.projection_norm:
+            self.q_norm, self.k_norm = norm(spec.num_heads * hd), norm(spec.num_kv_heads * hd)
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
         self.scale, self.softcap = spec.query_scale, spec.attn_logit_softcap
 
@@ -153,6 +159,8 @@ class Attention(nnx.Module):
         values at ``index`` and attend over the whole cache (``mask`` is then ``[B, 1, T, S]``)."""
         b, t, _ = x.shape
         q, k, v = self.q_proj(x, ctx), self.k_proj(x, ctx), self.v_proj(x, ctx)
+        if self.projection_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
@@ -203,23 +211,32 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Llama: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; Gemma 2 / 3 also norm each block's output."""
+    """Llama: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; Gemma 2 / 3 also norm each block's output,
+    OLMo 2 / 3 norm only the outputs (``spec.norms``). Norm names follow each family's checkpoints."""
 
     def __init__(self, spec: DecoderSpec, build: _Builder):
         norm = partial(RMSNorm, spec.hidden_size, spec.rms_norm_eps, dtype=build.dtype,
                        param_dtype=build.param_dtype, gemma=spec.gemma)
-        self.input_layernorm = norm()
+        self.norms = spec.norms
+        if self.norms != "post":
+            self.input_layernorm = norm()
         self.self_attn = Attention(spec, build)
         self.post_attention_layernorm = norm()  # Llama: the norm before the MLP
-        if spec.sandwich:
-            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        if self.norms == "sandwich":
+            self.pre_feedforward_layernorm = norm()
+        if self.norms != "pre":
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(spec, build)
-        self.sandwich = spec.sandwich
         self.num_adapters = build.count
 
     def __call__(self, x, inputs: AttentionInputs, ctx, kv=None):
+        if self.norms == "post":
+            attn, kv = self.self_attn(x, inputs, ctx, kv)
+            x = x + self.post_attention_layernorm(attn)
+            x = x + self.post_feedforward_layernorm(self.mlp(x, ctx))
+            return constrain(x, ("batch", "length", "act_embed")), kv
         attn, kv = self.self_attn(self.input_layernorm(x), inputs, ctx, kv)
-        if self.sandwich:
+        if self.norms == "sandwich":
             x = x + self.post_attention_layernorm(attn)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), ctx))
         else:

@@ -1,5 +1,5 @@
-"""Mistral, Qwen2, Qwen3, SmolLM3, Gemma and Gemma 2: logits parity with transformers' PyTorch models, adapters,
-training; refusals."""
+"""Mistral, Qwen2, Qwen3, SmolLM3, OLMo 2 / 3, Gemma and Gemma 2: logits parity with transformers' PyTorch
+models, adapters, training; refusals."""
 
 from typing import NamedTuple
 
@@ -20,6 +20,10 @@ from transformers import (  # noqa: E402
     MinistralForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Olmo3Config,
+    Olmo3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -43,7 +47,8 @@ BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_laye
 CLASSES = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
            "qwen3": (Qwen3Config, Qwen3ForCausalLM), "ministral": (MinistralConfig, MinistralForCausalLM),
            "smollm3": (SmolLM3Config, SmolLM3ForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
-           "gemma2": (Gemma2Config, Gemma2ForCausalLM)}
+           "gemma2": (Gemma2Config, Gemma2ForCausalLM), "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+           "olmo3": (Olmo3Config, Olmo3ForCausalLM)}
 # name -> (model_type, config fields, expected spec fields)
 CONFIGS = {
     "mistral_window5_gqa": ("mistral", dict(sliding_window=5),
@@ -71,6 +76,13 @@ CONFIGS = {
                                                        layer_types=["sliding_attention", "full_attention"]),
                                        dict(nope_layers=(True, False), sliding_window=4,
                                             sliding_layers=(True, False), tie_word_embeddings=False)),
+    "olmo2_post_norms_gqa": ("olmo2", dict(pad_token_id=None), dict(sliding_layers=(), qk_norm=False)),
+    "olmo3_window4_on_layer0_two_ropes": ("olmo3", dict(
+        pad_token_id=None, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=True,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}),
+        dict(sliding_window=4, sliding_layers=(True, False), tie_word_embeddings=True)),
     "gemma_mqa_head16_tied": ("gemma", dict(head_dim=16, num_key_value_heads=1),
                               dict(head_dim=16, tie_word_embeddings=True, sliding_layers=(), query_scale=None,
                                    attn_logit_softcap=None, final_logit_softcap=None, qk_norm=False)),
@@ -127,7 +139,7 @@ def test_logits_match_transformers(name, saved):
     ref = saved(name)
     model_type, _, expected = CONFIGS[name]
     spec = model_spec(ref.folder)
-    assert spec.family == {"ministral": "mistral", "smollm3": "llama"}.get(model_type, model_type)
+    assert spec.family == {"ministral": "mistral", "smollm3": "llama", "olmo3": "olmo2"}.get(model_type, model_type)
     assert {k: getattr(spec, k) for k in expected} == expected
     assert ref.got.shape == ref.want.shape and ref.got.dtype == np.float32
     real = ref.mask.astype(bool)
@@ -150,7 +162,8 @@ def test_the_sliding_window_is_what_makes_parity(name, saved):
     assert np.abs(ref.got[0, window + 2:] - full[0, window + 2:]).max() > 1e-2
 
 
-@pytest.mark.parametrize("name", ["mistral_window5_gqa", "gemma2_softcaps_window4", "smollm3_nope_on_layer0_window4"])
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "gemma2_softcaps_window4", "smollm3_nope_on_layer0_window4",
+                                  "olmo3_window4_on_layer0_two_ropes"])
 def test_cached_generation_under_a_window_equals_full_recompute(name, saved):
     model = from_pretrained(saved(name).folder)
     rng = np.random.default_rng(3)
@@ -222,7 +235,8 @@ def test_softcapped_attention_equals_a_float64_loop():
     np.testing.assert_allclose(np.asarray(causal), np.asarray(explicit), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "gemma2_softcaps_window4"])
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "gemma2_softcaps_window4",
+                                  "olmo3_window4_on_layer0_two_ropes"])
 def test_packed_option_scores_keep_the_window_in_positions(name, saved):
     """Packed rows put an item's options after one another; a window counts positions, not slots."""
     model = from_pretrained(saved(name).folder)
@@ -236,7 +250,7 @@ def test_packed_option_scores_keep_the_window_in_positions(name, saved):
 
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_qkv_biases_gqa", "qwen3_qk_norm_gqa",
-                                  "gemma2_softcaps_window4", "smollm3_nope_on_layer1"])
+                                  "gemma2_softcaps_window4", "smollm3_nope_on_layer1", "olmo2_post_norms_gqa"])
 def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
     """CoMoE experts attach to all seven projections by name; on q_proj and o_proj (biased and not in Qwen2,
     after / before the q/k norms in Qwen3) the logits at initialisation are the base model's, and gradient
@@ -248,7 +262,7 @@ def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
     assert adapted.num_adapters == 4
     attn = adapted.layers[0].layer.self_attn
     assert (attn.q_proj.bias is not None, attn.o_proj.bias is not None) == (name.startswith("qwen2"), False)
-    assert hasattr(attn, "q_norm") == name.startswith("qwen3")
+    assert hasattr(attn, "q_norm") == name.startswith(("qwen3", "olmo"))
     ids, mask, bare = jnp.asarray(ref.ids, jnp.int32), jnp.asarray(ref.mask), ref.got
     graphdef, params, frozen = split_model(adapted)
 
@@ -277,7 +291,8 @@ def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
 
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "qwen3_attention_bias_tied",
-                                  "gemma_mqa_head16_tied", "gemma2_softcaps_window4", "smollm3_nope_on_layer1"])
+                                  "gemma_mqa_head16_tied", "gemma2_softcaps_window4", "smollm3_nope_on_layer1",
+                                  "olmo2_post_norms_gqa", "olmo3_window4_on_layer0_two_ropes"])
 def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path, monkeypatch):
     """A trained LoRA on every projection of Mistral / Qwen2 (biases) / Qwen3 (q/k norms, tied embeddings):
     the merged folder (AutoModelForCausalLM, no peft) and the peft folder give our adapted logits."""
@@ -316,12 +331,24 @@ def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path
         np.testing.assert_allclose(_logits(half, ref.ids, ref.mask)[real], ours[real], atol=0.1, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["olmo3_window4_on_layer0_two_ropes", "smollm3_nope_on_layer0_window4",
+                                  "qwen2_window4_on_layer1"])
+def test_train_step_on_eight_devices_equals_one(name, tiny_config, run_steps, sharded):
+    """CE + contrastive steps on a 2 x 2 x 2 mesh (data, fsdp, tensor): OLMo's norms over the whole
+    (tensor-sharded) projections, SmolLM3's layers without RoPE and Qwen2's biases shard like the rest."""
+    model_type, fields, _ = CONFIGS[name]
+    arch = BASE | fields | {"model_type": model_type, "vocab_size": 320}
+    one, eight = tiny_config(), tiny_config(**sharded)
+    one.model.random_arch = eight.model.random_arch = arch
+    np.testing.assert_allclose(run_steps(eight, jax.devices()[:8]), run_steps(one, jax.devices()[:1]), rtol=1e-5)
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "phi3"])
 def test_unsupported_model_types_are_refused_with_the_supported_list(model_type, tmp_path):
     (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}", "num_hidden_layers": 2}}')
     with pytest.raises(LoadError, match=rf"model_type '{model_type}' is not supported; comoe-jax implements "
-                                        r"llama, mistral, ministral, qwen2, qwen3, smollm3, gemma, gemma2, "
-                                        r"gemma3_text, gemma3"):
+                                        r"llama, mistral, ministral, qwen2, qwen3, smollm3, olmo2, olmo3, "
+                                        r"gemma, gemma2, gemma3_text, gemma3"):
         from_pretrained(str(tmp_path))
     with pytest.raises(LoadError, match="model_type 'phi3' is not supported"):
         model_spec("random", dict(model_type="phi3"))
