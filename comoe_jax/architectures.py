@@ -12,11 +12,11 @@ from comoe_jax.rope import RopeSpec
 
 # transformers model_type -> ours
 # (ministral: Mistral with per-layer windows from layer_types; transformers' AutoConfig turns a mistral
-# config.json that lists layer_types into one. smollm3: Llama with layers without RoPE. olmo3: OLMo 2 with
-# windows and a RoPE per layer type)
+# config.json that lists layer_types into one. smollm3: Llama with layers without RoPE. granite: Llama with
+# scaled embeddings, block outputs, queries and logits. olmo3: OLMo 2 with windows and a RoPE per layer type)
 FAMILIES = {"llama": "llama", "mistral": "mistral", "ministral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-            "smollm3": "llama", "olmo2": "olmo2", "olmo3": "olmo2", "gemma": "gemma", "gemma2": "gemma2",
-            "gemma3_text": "gemma3", "gemma3": "gemma3"}
+            "smollm3": "llama", "granite": "llama", "olmo2": "olmo2", "olmo3": "olmo2", "gemma": "gemma",
+            "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
 def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
@@ -58,6 +58,8 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
         return DecoderSpec(head_dim=rope.head_dim, rope=rope, nope_layers=_nope_layers(hf, source),
                            sliding_window=window and int(window), sliding_layers=sliding if any(sliding) else (),
                            **common)
+    if model_type == "granite":
+        return DecoderSpec(head_dim=rope.head_dim, rope=rope, **common, **_granite_fields(hf, source))
     if family == "llama":
         return DecoderSpec(head_dim=rope.head_dim, rope=rope, **common)
     # As transformers builds them: Mistral and Qwen2 have no attention_bias field (Qwen2: q/k/v biased, o not),
@@ -105,6 +107,17 @@ def _gemma_fields(hf, source: str, family: str) -> dict:
     return dict(head_dim=rope.head_dim, rope=rope, query_scale=float(hf.query_pre_attn_scalar) ** -0.5,
                 sliding_window=window and int(window), sliding_layers=_sliding_layers(hf, source, window),
                 **caps, **local)
+
+
+def _granite_fields(hf, source: str) -> dict:
+    fields = {}
+    for key, field in (("embedding_multiplier", "embedding_multiplier"), ("residual_multiplier", "residual_multiplier"),
+                       ("attention_multiplier", "query_scale"), ("logits_scaling", "logits_scaling")):
+        value = getattr(hf, key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise LoadError(f"{source}: {key}={value!r}; Granite's multipliers are positive finite numbers")
+        fields[field] = float(value)
+    return fields
 
 
 def _olmo_fields(hf, source: str, model_type: str) -> dict:

@@ -453,7 +453,7 @@ def from_pretrained(
     rules: dict | None = None,
     random_arch: dict | None = None,
 ) -> CausalLM:
-    """Load a Llama-, SmolLM3-, Mistral-, Qwen2-, Qwen3-, OLMo- or Gemma-family model and attach CoMoE adapters.
+    """Load a model of a supported family (``architectures.FAMILIES``) and attach CoMoE adapters.
 
     Args:
       path: a Hugging Face folder (``config.json`` + ``*.safetensors``, sharded with an
@@ -466,8 +466,8 @@ def from_pretrained(
       seed: adapter initialisation (and random base weights for 'random').
       mesh, rules: place every weight on its sharding (default: one device, replicated).
       random_arch: transformers config fields of the random model (``path='random'`` only;
-        ``model_type`` 'llama' by default, or 'mistral', 'qwen2', 'qwen3', 'smollm3', 'olmo2', 'olmo3', 'gemma',
-        'gemma2', 'gemma3_text').
+        ``model_type`` 'llama' by default, or 'mistral', 'qwen2', 'qwen3', 'smollm3', 'granite', 'olmo2', 'olmo3',
+        'gemma', 'gemma2', 'gemma3_text').
     Returns:
       a ``CausalLM``; ``model(input_ids [B, T] int32) -> logits [B, T, V]``.
     """

@@ -1,11 +1,12 @@
-"""Flax NNX decoder for the Llama, Mistral, Qwen2/3, Gemma 1/2/3 and OLMo 2/3 families, with mixture-of-LoRA adapters.
+"""Flax NNX decoder for the Llama, Mistral, Qwen2/3, Gemma 1/2/3 and OLMo 2/3 families, with mixture-of-LoRA
+adapters.
 
 Llama: RMSNorm, RoPE (every transformers rope_type), grouped-query attention, SwiGLU,
 tied or untied embeddings, causal + padding mask; SmolLM3 leaves RoPE out of some layers
-(``spec.nope_layers``); OLMo 2 / 3 norm only each block's output, and the whole query and key
-projections. Mistral adds a sliding window on every
-layer, Qwen2 biases on q/k/v (not o), Qwen3 RMSNorm on queries and keys (``spec.qkv_bias``,
-``spec.qk_norm``, ``spec.sliding_layers``). Gemma (``spec.family``) has norms scaled by
+(``spec.nope_layers``); Granite scales embeddings, block outputs and logits. Mistral adds a
+sliding window on every layer, Qwen2 biases on q/k/v (not o), Qwen3 RMSNorm on queries and keys
+(``spec.qkv_bias``, ``spec.qk_norm``, ``spec.sliding_layers``). OLMo 2 / 3 norm only each block's
+output, and the whole query and key projections. Gemma (``spec.family``) has norms scaled by
 ``1 + w``, embeddings scaled by ``sqrt(hidden)`` and GeGLU; Gemma 2 adds norms after
 attention and MLP as well as before, soft-capped attention scores and logits, and a sliding
 window on every other layer; Gemma 3 adds RMSNorm on queries and keys and its own RoPE on the
@@ -63,6 +64,9 @@ class DecoderSpec:
     sliding_window: int | None = None  # local layers see keys at distance < sliding_window
     sliding_layers: tuple[bool, ...] = ()  # per layer: local (sliding-window) attention
     nope_layers: tuple[bool, ...] = ()  # per layer: no RoPE on queries and keys (SmolLM3's NoPE layers)
+    embedding_multiplier: float = 1.0  # Granite: embeddings times this
+    residual_multiplier: float = 1.0  # Granite: each block's output times this before it joins the residual
+    logits_scaling: float = 1.0  # Granite: logits divided by this
     local_rope: RopeSpec | None = None  # RoPE of the local layers
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap): Gemma 2 / 3
     attn_logit_softcap: float | None = None  # the same on attention scores, before the mask: Gemma 2
@@ -228,6 +232,7 @@ class DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = MLP(spec, build)
         self.num_adapters = build.count
+        self.residual_multiplier = spec.residual_multiplier
 
     def __call__(self, x, inputs: AttentionInputs, ctx, kv=None):
         if self.norms == "post":
@@ -239,6 +244,9 @@ class DecoderLayer(nnx.Module):
         if self.norms == "sandwich":
             x = x + self.post_attention_layernorm(attn)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), ctx))
+        elif self.residual_multiplier != 1.0:
+            x = x + attn * self.residual_multiplier
+            x = x + self.mlp(self.post_attention_layernorm(x), ctx) * self.residual_multiplier
         else:
             x = x + attn
             x = x + self.mlp(self.post_attention_layernorm(x), ctx)
@@ -447,6 +455,8 @@ class CausalLM(nnx.Module):
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
         if self.spec.gemma:  # in the weights' dtype, as transformers' GemmaTextScaledWordEmbedding
             x = x * jnp.asarray(math.sqrt(self.spec.hidden_size), x.dtype)
+        if self.spec.embedding_multiplier != 1.0:
+            x = x * self.spec.embedding_multiplier
         x = constrain(x.astype(self.dtype), ("batch", "length", "act_embed"))
         new_cache = []
         for i, stack in enumerate(self.layers):
@@ -462,6 +472,8 @@ class CausalLM(nnx.Module):
         else:
             head = self.lm_head.kernel[...].astype(self.dtype)
         logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+        if self.spec.logits_scaling != 1.0:
+            logits = logits / self.spec.logits_scaling
         if self.spec.final_logit_softcap:
             logits = jnp.tanh(logits / self.spec.final_logit_softcap) * self.spec.final_logit_softcap
         return logits

@@ -1,4 +1,4 @@
-"""Mistral, Qwen2, Qwen3, SmolLM3, OLMo 2 / 3, Gemma and Gemma 2: logits parity with transformers' PyTorch
+"""Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2 / 3, Gemma and Gemma 2: logits parity with transformers' PyTorch
 models, adapters, training; refusals."""
 
 from typing import NamedTuple
@@ -16,6 +16,8 @@ from transformers import (  # noqa: E402
     Gemma2ForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     MinistralConfig,
     MinistralForCausalLM,
     MistralConfig,
@@ -48,7 +50,7 @@ CLASSES = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config
            "qwen3": (Qwen3Config, Qwen3ForCausalLM), "ministral": (MinistralConfig, MinistralForCausalLM),
            "smollm3": (SmolLM3Config, SmolLM3ForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
            "gemma2": (Gemma2Config, Gemma2ForCausalLM), "olmo2": (Olmo2Config, Olmo2ForCausalLM),
-           "olmo3": (Olmo3Config, Olmo3ForCausalLM)}
+           "olmo3": (Olmo3Config, Olmo3ForCausalLM), "granite": (GraniteConfig, GraniteForCausalLM)}
 # name -> (model_type, config fields, expected spec fields)
 CONFIGS = {
     "mistral_window5_gqa": ("mistral", dict(sliding_window=5),
@@ -76,6 +78,10 @@ CONFIGS = {
                                                        layer_types=["sliding_attention", "full_attention"]),
                                        dict(nope_layers=(True, False), sliding_window=4,
                                             sliding_layers=(True, False), tie_word_embeddings=False)),
+    "granite_multipliers": ("granite", dict(embedding_multiplier=3.0, residual_multiplier=0.4,
+                                            attention_multiplier=0.3, logits_scaling=2.5),
+                            dict(family="llama", embedding_multiplier=3.0, residual_multiplier=0.4, query_scale=0.3,
+                                 logits_scaling=2.5)),
     "olmo2_post_norms_gqa": ("olmo2", dict(pad_token_id=None), dict(sliding_layers=(), qk_norm=False)),
     "olmo3_window4_on_layer0_two_ropes": ("olmo3", dict(
         pad_token_id=None, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
@@ -139,7 +145,8 @@ def test_logits_match_transformers(name, saved):
     ref = saved(name)
     model_type, _, expected = CONFIGS[name]
     spec = model_spec(ref.folder)
-    assert spec.family == {"ministral": "mistral", "smollm3": "llama", "olmo3": "olmo2"}.get(model_type, model_type)
+    assert spec.family == {"ministral": "mistral", "smollm3": "llama", "granite": "llama",
+                           "olmo3": "olmo2"}.get(model_type, model_type)
     assert {k: getattr(spec, k) for k in expected} == expected
     assert ref.got.shape == ref.want.shape and ref.got.dtype == np.float32
     real = ref.mask.astype(bool)
@@ -196,6 +203,32 @@ def test_smollm3_without_use_sliding_window_has_no_window():
         model_spec("random", arch | dict(no_rope_layers=[1, 1, 0]))
 
 
+@pytest.mark.parametrize("key, value", [("embedding_multiplier", 1.0), ("residual_multiplier", 1.0),
+                                        ("attention_multiplier", 2.0), ("logits_scaling", 1.0)])
+def test_granite_parity_needs_each_multiplier(key, value, saved):
+    """Each of Granite's four multipliers changed (to 1, or a sharper query scale) changes the reference's logits."""
+    ref, hf_model = saved("granite_multipliers"), _hf_model("granite_multipliers")
+    if key == "attention_multiplier":
+        for layer in hf_model.model.layers:
+            layer.self_attn.scaling = value
+    elif key == "residual_multiplier":
+        for layer in hf_model.model.layers:
+            layer.residual_multiplier = value
+    elif key == "embedding_multiplier":
+        hf_model.model.embedding_multiplier = value
+    setattr(hf_model.config, key, value)
+    real = ref.mask.astype(bool)
+    assert np.abs(_logits(hf_model, ref.ids, ref.mask)[real] - ref.got[real]).max() > 1e-2
+
+
+def test_granite_multipliers_are_checked():
+    arch = BASE | dict(model_type="granite")
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(LoadError, match=rf"model\.random_arch: residual_multiplier={bad!r}; Granite's multipliers "
+                                            r"are positive finite numbers"):
+            model_spec("random", arch | dict(residual_multiplier=bad))
+
+
 def test_gemma2_parity_needs_its_attention_soft_cap(saved):
     """Without the cap on its attention scores the reference differs: the parity above is not that of
     plain attention (the cap sits inside the attention, where jax.nn.dot_product_attention has none)."""
@@ -250,7 +283,8 @@ def test_packed_option_scores_keep_the_window_in_positions(name, saved):
 
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_qkv_biases_gqa", "qwen3_qk_norm_gqa",
-                                  "gemma2_softcaps_window4", "smollm3_nope_on_layer1", "olmo2_post_norms_gqa"])
+                                  "gemma2_softcaps_window4", "smollm3_nope_on_layer1", "olmo2_post_norms_gqa",
+                                  "granite_multipliers"])
 def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
     """CoMoE experts attach to all seven projections by name; on q_proj and o_proj (biased and not in Qwen2,
     after / before the q/k norms in Qwen3) the logits at initialisation are the base model's, and gradient
@@ -292,7 +326,7 @@ def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "qwen3_attention_bias_tied",
                                   "gemma_mqa_head16_tied", "gemma2_softcaps_window4", "smollm3_nope_on_layer1",
-                                  "olmo2_post_norms_gqa", "olmo3_window4_on_layer0_two_ropes"])
+                                  "olmo2_post_norms_gqa", "olmo3_window4_on_layer0_two_ropes", "granite_multipliers"])
 def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path, monkeypatch):
     """A trained LoRA on every projection of Mistral / Qwen2 (biases) / Qwen3 (q/k norms, tied embeddings):
     the merged folder (AutoModelForCausalLM, no peft) and the peft folder give our adapted logits."""
@@ -332,7 +366,7 @@ def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path
 
 
 @pytest.mark.parametrize("name", ["olmo3_window4_on_layer0_two_ropes", "smollm3_nope_on_layer0_window4",
-                                  "qwen2_window4_on_layer1"])
+                                  "qwen2_window4_on_layer1", "granite_multipliers"])
 def test_train_step_on_eight_devices_equals_one(name, tiny_config, run_steps, sharded):
     """CE + contrastive steps on a 2 x 2 x 2 mesh (data, fsdp, tensor): OLMo's norms over the whole
     (tensor-sharded) projections, SmolLM3's layers without RoPE and Qwen2's biases shard like the rest."""
@@ -347,8 +381,8 @@ def test_train_step_on_eight_devices_equals_one(name, tiny_config, run_steps, sh
 def test_unsupported_model_types_are_refused_with_the_supported_list(model_type, tmp_path):
     (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}", "num_hidden_layers": 2}}')
     with pytest.raises(LoadError, match=rf"model_type '{model_type}' is not supported; comoe-jax implements "
-                                        r"llama, mistral, ministral, qwen2, qwen3, smollm3, olmo2, olmo3, "
-                                        r"gemma, gemma2, gemma3_text, gemma3"):
+                                        r"llama, mistral, ministral, qwen2, qwen3, smollm3, granite, olmo2, "
+                                        r"olmo3, gemma, gemma2, gemma3_text, gemma3"):
         from_pretrained(str(tmp_path))
     with pytest.raises(LoadError, match="model_type 'phi3' is not supported"):
         model_spec("random", dict(model_type="phi3"))
