@@ -53,10 +53,10 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
         return DecoderSpec(**(common | dict(mlp_bias=False)), **_olmo_fields(hf, source, model_type))
     rope = _rope(hf, source)
     if model_type == "smollm3":
-        window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", False) else None
+        window = _window(hf, source) if getattr(hf, "use_sliding_window", False) else None
         sliding = _sliding_layers(hf, source, window)
         return DecoderSpec(head_dim=rope.head_dim, rope=rope, nope_layers=_nope_layers(hf, source),
-                           sliding_window=window and int(window), sliding_layers=sliding if any(sliding) else (),
+                           sliding_window=window, sliding_layers=sliding if any(sliding) else (),
                            **common)
     if model_type == "granite":
         return DecoderSpec(head_dim=rope.head_dim, rope=rope, **common, **_granite_fields(hf, source))
@@ -67,12 +67,12 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
     common |= dict(mlp_bias=False, qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
     if family in ("mistral", "qwen2"):
         common["attention_bias"] = False
-    window = getattr(hf, "sliding_window", None)
+    window = _window(hf, source)
     if model_type == "mistral":
         sliding = (window is not None,) * hf.num_hidden_layers
     else:
         sliding = _sliding_layers(hf, source, window)
-    return DecoderSpec(head_dim=rope.head_dim, rope=rope, sliding_window=window and int(window),
+    return DecoderSpec(head_dim=rope.head_dim, rope=rope, sliding_window=window,
                        sliding_layers=sliding if any(sliding) else (), **common)
 
 
@@ -101,11 +101,14 @@ def _gemma_fields(hf, source: str, family: str) -> dict:
         if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
             raise LoadError(f"{source}: {key}={value!r}; a soft-cap is a positive finite number or null")
         caps[field] = value and float(value)
-    window = getattr(hf, "sliding_window", None)
+    window, scalar = _window(hf, source), getattr(hf, "query_pre_attn_scalar", None)
+    if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or not 0 < scalar < float("inf"):
+        raise LoadError(f"{source}: query_pre_attn_scalar={scalar!r}; it must be a positive number (queries are "
+                        "scaled by its inverse square root)")
     rope = _rope(hf, source, "full_attention" if family == "gemma3" else None)
     local = dict(local_rope=_rope(hf, source, "sliding_attention")) if family == "gemma3" else {}
-    return dict(head_dim=rope.head_dim, rope=rope, query_scale=float(hf.query_pre_attn_scalar) ** -0.5,
-                sliding_window=window and int(window), sliding_layers=_sliding_layers(hf, source, window),
+    return dict(head_dim=rope.head_dim, rope=rope, query_scale=float(scalar) ** -0.5,
+                sliding_window=window, sliding_layers=_sliding_layers(hf, source, window),
                 **caps, **local)
 
 
@@ -125,10 +128,10 @@ def _olmo_fields(hf, source: str, model_type: str) -> dict:
     if model_type == "olmo2":
         rope = _rope(hf, source)
         return dict(head_dim=rope.head_dim, rope=rope)
-    rope, window = _rope(hf, source, "full_attention"), getattr(hf, "sliding_window", None)
+    rope, window = _rope(hf, source, "full_attention"), _window(hf, source)
     sliding = _sliding_layers(hf, source, window)
     return dict(head_dim=rope.head_dim, rope=rope, local_rope=_rope(hf, source, "sliding_attention"),
-                sliding_window=window and int(window), sliding_layers=sliding if any(sliding) else ())
+                sliding_window=window, sliding_layers=sliding if any(sliding) else ())
 
 
 def _nope_layers(hf, source: str) -> tuple[bool, ...]:
@@ -141,6 +144,13 @@ def _nope_layers(hf, source: str) -> tuple[bool, ...]:
         raise LoadError(f"{source}: no_rope_layers must list 1 (RoPE) or 0 (no RoPE) for each of the "
                         f"{hf.num_hidden_layers} layers (got {flags!r})")
     return tuple(not f for f in flags)
+
+
+def _window(hf, source: str) -> int | None:
+    window = getattr(hf, "sliding_window", None)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise LoadError(f"{source}: sliding_window={window!r}; it must be a positive integer (tokens) or null")
+    return window
 
 
 def _sliding_layers(hf, source: str, window) -> tuple[bool, ...]:

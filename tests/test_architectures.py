@@ -221,12 +221,18 @@ def test_granite_parity_needs_each_multiplier(key, value, saved):
     assert np.abs(_logits(hf_model, ref.ids, ref.mask)[real] - ref.got[real]).max() > 1e-2
 
 
-def test_granite_multipliers_are_checked():
-    arch = BASE | dict(model_type="granite")
-    for bad in (0, -1.0, float("inf")):
-        with pytest.raises(LoadError, match=rf"model\.random_arch: residual_multiplier={bad!r}; Granite's multipliers "
-                                            r"are positive finite numbers"):
-            model_spec("random", arch | dict(residual_multiplier=bad))
+@pytest.mark.parametrize("fields, match", [
+    (dict(model_type="granite", residual_multiplier=0), r"residual_multiplier=0; Granite's multipliers are positive"),
+    (dict(model_type="granite", logits_scaling=-1.0), r"logits_scaling=-1\.0; Granite's multipliers are positive"),
+    (dict(model_type="granite", embedding_multiplier=float("inf")), r"embedding_multiplier=inf; Granite's multipliers"),
+    (dict(model_type="gemma2", query_pre_attn_scalar=0), r"query_pre_attn_scalar=0; it must be a positive number"),
+    (dict(model_type="mistral", sliding_window=0), r"sliding_window=0; it must be a positive integer \(tokens\)"),
+    (dict(model_type="olmo3", sliding_window=-4), r"sliding_window=-4; it must be a positive integer"),
+    (dict(model_type="smollm3", no_rope_layers=[1, 2]), r"no_rope_layers must list 1 \(RoPE\) or 0 \(no RoPE\)"),
+])
+def test_architecture_numbers_a_model_cannot_run_are_refused(fields, match):
+    with pytest.raises(LoadError, match=rf"^model\.random_arch: {match}"):
+        model_spec("random", BASE | fields)
 
 
 def test_gemma2_parity_needs_its_attention_soft_cap(saved):
