@@ -32,14 +32,18 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
         value = getattr(hf, name, None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise LoadError(f"{source}: {name}={value!r}; a decoder needs a positive integer")
-    act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
+    family = FAMILIES[model_type]
+    # Gemma 2 / 3 read hidden_activation; the others (Gemma 1 included, in transformers 5) hidden_act only
+    act = (family in ("gemma2", "gemma3") and getattr(hf, "hidden_activation", None)) or getattr(hf, "hidden_act",
+                                                                                                 "silu")
     if act not in ACTIVATIONS:
         raise LoadError(f"{source}: hidden activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
     kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     if hf.num_attention_heads % kv:
         raise LoadError(f"{source}: num_attention_heads ({hf.num_attention_heads}) is not a multiple of "
                         f"num_key_value_heads ({kv})")
-    family = FAMILIES[model_type]
+    if getattr(hf, "use_bidirectional_attention", None):
+        raise LoadError(f"{source}: use_bidirectional_attention=True is not supported (a causal decoder is)")
     common = dict(
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
         num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads, num_kv_heads=kv,
@@ -54,6 +58,10 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
     rope = _rope(hf, source)
     if model_type == "smollm3":
         window = _window(hf, source) if getattr(hf, "use_sliding_window", False) else None
+        if window is None and _window(hf, source) and "sliding_attention" in (getattr(hf, "layer_types", None) or ()):
+            # transformers' eager / SDPA attention would window those layers, its flash attention would not
+            raise LoadError(f"{source}: layer_types lists sliding_attention layers but use_sliding_window is false; "
+                            "set use_sliding_window=true or make those layers full_attention")
         sliding = _sliding_layers(hf, source, window)
         return DecoderSpec(head_dim=rope.head_dim, rope=rope, nope_layers=_nope_layers(hf, source),
                            sliding_window=window, sliding_layers=sliding if any(sliding) else (),
@@ -88,8 +96,6 @@ def _gemma_fields(hf, source: str, family: str) -> dict:
     if family == "gemma":
         rope = _rope(hf, source)
         return dict(head_dim=rope.head_dim, rope=rope)
-    if getattr(hf, "use_bidirectional_attention", None):
-        raise LoadError(f"{source}: use_bidirectional_attention=True is not supported (a causal decoder is)")
     if family == "gemma3" and getattr(hf, "attn_logit_softcapping", None) is not None:
         # transformers' Gemma 3 ignores the field: honouring it would break parity, ignoring it would hide it
         raise LoadError(f"{source}: attn_logit_softcapping={hf.attn_logit_softcapping!r} is not supported for "
@@ -108,7 +114,7 @@ def _gemma_fields(hf, source: str, family: str) -> dict:
     rope = _rope(hf, source, "full_attention" if family == "gemma3" else None)
     local = dict(local_rope=_rope(hf, source, "sliding_attention")) if family == "gemma3" else {}
     return dict(head_dim=rope.head_dim, rope=rope, query_scale=float(scalar) ** -0.5,
-                sliding_window=window, sliding_layers=_sliding_layers(hf, source, window),
+                sliding_window=window, sliding_layers=_sliding_layers(hf, source, window, needs_window=True),
                 **caps, **local)
 
 
@@ -129,21 +135,22 @@ def _olmo_fields(hf, source: str, model_type: str) -> dict:
         rope = _rope(hf, source)
         return dict(head_dim=rope.head_dim, rope=rope)
     rope, window = _rope(hf, source, "full_attention"), _window(hf, source)
-    sliding = _sliding_layers(hf, source, window)
+    sliding = _sliding_layers(hf, source, window, needs_window=True)
     return dict(head_dim=rope.head_dim, rope=rope, local_rope=_rope(hf, source, "sliding_attention"),
                 sliding_window=window, sliding_layers=sliding if any(sliding) else ())
 
 
 def _nope_layers(hf, source: str) -> tuple[bool, ...]:
-    """SmolLM3's ``no_rope_layers`` (per layer: 1 uses RoPE, 0 does not) as per-layer 'no RoPE' flags."""
+    """SmolLM3's ``no_rope_layers`` (per layer: 1 uses RoPE, 0 does not; as in transformers, entries past
+    the last layer are not read) as per-layer 'no RoPE' flags."""
     flags = getattr(hf, "no_rope_layers", None)
     if flags is None:
         return ()
-    if (not isinstance(flags, (list, tuple)) or len(flags) != hf.num_hidden_layers
+    if (not isinstance(flags, (list, tuple)) or len(flags) < hf.num_hidden_layers
             or any(f not in (0, 1) or isinstance(f, float) for f in flags)):
         raise LoadError(f"{source}: no_rope_layers must list 1 (RoPE) or 0 (no RoPE) for each of the "
                         f"{hf.num_hidden_layers} layers (got {flags!r})")
-    return tuple(not f for f in flags)
+    return tuple(not f for f in flags[:hf.num_hidden_layers])
 
 
 def _window(hf, source: str) -> int | None:
@@ -153,12 +160,16 @@ def _window(hf, source: str) -> int | None:
     return window
 
 
-def _sliding_layers(hf, source: str, window) -> tuple[bool, ...]:
-    """Per layer: sliding-window attention, from ``layer_types`` (none without a ``sliding_window``)."""
+def _sliding_layers(hf, source: str, window, needs_window: bool = False) -> tuple[bool, ...]:
+    """Per layer: sliding-window attention, from ``layer_types`` (none without a ``sliding_window``, unless
+    ``needs_window``: families whose sliding layers transformers cannot run without one)."""
     types = tuple(getattr(hf, "layer_types", None) or ("full_attention",) * hf.num_hidden_layers)
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown or len(types) != hf.num_hidden_layers:
         extra = f", unknown {unknown}" if unknown else ""
         raise LoadError(f"{source}: layer_types must list 'sliding_attention' / 'full_attention' for each of the "
                         f"{hf.num_hidden_layers} layers (got {len(types)} entries{extra})")
+    if needs_window and window is None and "sliding_attention" in types:
+        raise LoadError(f"{source}: layer_types lists sliding_attention layers but sliding_window is null; set "
+                        "sliding_window (tokens) or make those layers full_attention")
     return tuple(window is not None and t == "sliding_attention" for t in types)

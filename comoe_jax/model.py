@@ -80,6 +80,11 @@ class DecoderSpec:
         return self.family in ("gemma", "gemma2", "gemma3")
 
     @property
+    def norm_style(self) -> str:
+        """How RMSNorm scales and rounds (:class:`RMSNorm`)."""
+        return "gemma" if self.gemma else "olmo" if self.family == "olmo2" else "llama"
+
+    @property
     def norms(self) -> str:
         """Where each layer norms: 'pre' (before attention and MLP: Llama), 'sandwich' (before and after:
         Gemma 2 / 3) or 'post' (after only: OLMo 2 / 3)."""
@@ -117,17 +122,21 @@ class _Builder:
 
 
 class RMSNorm(nnx.Module):
-    """Llama's ``w * norm(x)``; with ``gemma`` Gemma's ``(1 + w) * norm(x)`` in float32 (weights stored as w)."""
+    """``style`` as each family's checkpoints and transformers round it (they differ only below float32):
+    'llama' ``w * norm(x)`` in the compute dtype, 'olmo' the same in float32, 'gemma' ``(1 + w) * norm(x)``
+    in float32 (weights stored as w)."""
 
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, gemma: bool = False):
-        self.scale = Frozen((jnp.zeros if gemma else jnp.ones)((dim,), param_dtype), axes=("norm",))
-        self.eps, self.dtype, self.gemma = eps, dtype, gemma
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, style: str = "llama"):
+        self.scale = Frozen((jnp.zeros if style == "gemma" else jnp.ones)((dim,), param_dtype), axes=("norm",))
+        self.eps, self.dtype, self.style = eps, dtype, style
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.gemma:
+        if self.style == "gemma":
             return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        if self.style == "olmo":
+            return (self.scale[...].astype(jnp.float32) * normed).astype(x.dtype)
         return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
@@ -150,13 +159,14 @@ class Attention(nnx.Module):
         self.qk_norm = spec.qk_norm or spec.family == "gemma3"
         self.projection_norm = spec.family == "olmo2"
         norm = partial(RMSNorm, eps=spec.rms_norm_eps, dtype=build.dtype, param_dtype=build.param_dtype,
-                       gemma=spec.gemma)
+                       style=spec.norm_style)
         if self.qk_norm:
             self.q_norm, self.k_norm = norm(hd), norm(hd)
         elif self.projection_norm:
             self.q_norm, self.k_norm = norm(spec.num_heads * hd), norm(spec.num_kv_heads * hd)
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
         self.scale, self.softcap = spec.query_scale, spec.attn_logit_softcap
+        self.rope_dtype = jnp.float32 if spec.family == "olmo2" else None  # OLMo rotates in float32, then rounds
 
     def __call__(self, x, inputs: AttentionInputs, ctx, kv=None):
         """``kv = (k_cache, v_cache, index)`` (``[B, S, K, hd]`` each): write this call's keys and
@@ -169,7 +179,7 @@ class Attention(nnx.Module):
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+        q, k = (apply_rope(a, inputs.cos, inputs.sin, self.rope_dtype) for a in (q, k))
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if kv is not None:
             k_cache, v_cache, index = kv
@@ -220,7 +230,7 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, spec: DecoderSpec, build: _Builder):
         norm = partial(RMSNorm, spec.hidden_size, spec.rms_norm_eps, dtype=build.dtype,
-                       param_dtype=build.param_dtype, gemma=spec.gemma)
+                       param_dtype=build.param_dtype, style=spec.norm_style)
         self.norms = spec.norms
         if self.norms != "post":
             self.input_layernorm = norm()
@@ -342,7 +352,7 @@ class CausalLM(nnx.Module):
         stack = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
         self.layers = nnx.List([LayerStack(spec, group, placement, **stack) for group in self.groups])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                            gemma=spec.gemma)
+                            style=spec.norm_style)
         head = Linear(spec.hidden_size, spec.vocab_size, axes=("embed", "vocab"), dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs)
         self.lm_head = None if spec.tie_word_embeddings else head

@@ -161,9 +161,12 @@ def rope_cos_sin(spec: RopeSpec, positions: jax.Array) -> tuple[jax.Array, jax.A
     return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (Hugging Face layout). ``x [B, T, heads, hd]``, cos/sin ``[B, T, hd]``."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, dtype=None) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face layout). ``x [B, T, heads, hd]``, cos/sin ``[B, T, hd]``; computed in
+    ``dtype`` (default: x's) and returned in x's."""
+    dtype = dtype or x.dtype
+    y = x.astype(dtype)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    rotated = jnp.concatenate([-y[..., half:], y[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(dtype), sin[:, :, None, :].astype(dtype)
+    return (y * cos + rotated * sin).astype(x.dtype)

@@ -229,10 +229,54 @@ def test_granite_parity_needs_each_multiplier(key, value, saved):
     (dict(model_type="mistral", sliding_window=0), r"sliding_window=0; it must be a positive integer \(tokens\)"),
     (dict(model_type="olmo3", sliding_window=-4), r"sliding_window=-4; it must be a positive integer"),
     (dict(model_type="smollm3", no_rope_layers=[1, 2]), r"no_rope_layers must list 1 \(RoPE\) or 0 \(no RoPE\)"),
+    (dict(model_type="smollm3", sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+     r"layer_types lists sliding_attention layers but use_sliding_window is false"),
+    (dict(model_type="gemma2", sliding_window=None), r"layer_types lists sliding_attention layers but sliding_window "
+                                                     r"is null"),
+    (dict(model_type="olmo3", sliding_window=None), r"layer_types lists sliding_attention layers but sliding_window"),
+    (dict(model_type="gemma", use_bidirectional_attention=True), r"use_bidirectional_attention=True is not supported"),
 ])
 def test_architecture_numbers_a_model_cannot_run_are_refused(fields, match):
     with pytest.raises(LoadError, match=rf"^model\.random_arch: {match}"):
         model_spec("random", BASE | fields)
+
+
+def test_what_smollm3_and_gemma_read_as_transformers_does():
+    """SmolLM3 reads only its first num_hidden_layers no_rope_layers; Gemma 1 (in transformers 5) takes its
+    activation from hidden_act, Gemma 2 / 3 from hidden_activation."""
+    spec = model_spec("random", BASE | dict(model_type="smollm3", no_rope_layers=[0, 1, 1, 0]))
+    assert spec.nope_layers == (True, False)
+    from comoe_jax.architectures import decoder_spec
+
+    for config_class, want in ((GemmaConfig, "silu"), (Gemma2Config, "gelu")):
+        config = config_class(**BASE, hidden_act="silu")
+        config.hidden_activation = "gelu"  # (a field Gemma 1's config does not define: set as a loaded one would)
+        assert decoder_spec(config).hidden_act == want
+
+
+def test_olmo_norms_and_rope_round_in_float32_as_transformers():
+    """In bfloat16 OLMo scales its norms and rotates in float32 before rounding; Llama rounds first."""
+    from comoe_jax.model import RMSNorm
+    from comoe_jax.rope import apply_rope
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 3, 4, 16)) * 3, jnp.bfloat16)
+    w = rng.normal(size=16).astype(np.float32) * 2
+    x64 = np.asarray(x, np.float64)
+    normed = (x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6)).astype(np.float32)
+    olmo, llama = (RMSNorm(16, 1e-6, dtype=jnp.bfloat16, param_dtype=jnp.float32, style=s) for s in ("olmo", "llama"))
+    olmo.scale[...] = llama.scale[...] = jnp.asarray(w)
+    np.testing.assert_array_equal(np.asarray(olmo(x), np.float32),
+                                  np.asarray(jnp.asarray(w * normed).astype(jnp.bfloat16), np.float32))
+    assert olmo(x).dtype == llama(x).dtype == jnp.bfloat16
+    assert not np.array_equal(np.asarray(olmo(x), np.float32), np.asarray(llama(x), np.float32))
+    cos, sin = (jnp.asarray(f(rng.normal(size=(2, 3, 16))), jnp.float32) for f in (np.cos, np.sin))
+    rotated = apply_rope(x, cos, sin, jnp.float32)
+    half = np.concatenate([-x64[..., 8:], x64[..., :8]], -1)
+    want = x64 * np.asarray(cos)[:, :, None] + half * np.asarray(sin)[:, :, None]
+    assert rotated.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(rotated, np.float32),
+                                  np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16), np.float32))
 
 
 def test_gemma2_parity_needs_its_attention_soft_cap(saved):
