@@ -193,14 +193,16 @@ def test_smollm3_parity_needs_its_nope_layers(saved):
     assert np.abs(_logits(hf_model, ref.ids, ref.mask)[real] - ref.got[real]).max() > 1e-2
 
 
-def test_smollm3_without_use_sliding_window_has_no_window():
-    """SmolLM3 windows a layer only with use_sliding_window (as transformers does), whatever layer_types say."""
-    arch = BASE | dict(model_type="smollm3", sliding_window=4, layer_types=["sliding_attention"] * 2)
+def test_smollm3_windows_a_layer_only_with_use_sliding_window():
+    """As transformers' SmolLM3 attention: a window needs use_sliding_window (a config whose layer_types
+    disagree with it is refused, in the test below)."""
+    arch = BASE | dict(model_type="smollm3", sliding_window=4)
     assert model_spec("random", arch).sliding_layers == ()
-    assert model_spec("random", arch | dict(use_sliding_window=True)).sliding_layers == (True, True)
+    both = arch | dict(use_sliding_window=True, layer_types=["sliding_attention"] * 2)
+    assert model_spec("random", both).sliding_layers == (True, True)
     with pytest.raises(LoadError, match=r"no_rope_layers must list 1 \(RoPE\) or 0 \(no RoPE\) for each of the 2 "
-                                        r"layers \(got \[1, 1, 0\]\)"):
-        model_spec("random", arch | dict(no_rope_layers=[1, 1, 0]))
+                                        r"layers \(got \[1, 1, 2\]\)"):
+        model_spec("random", arch | dict(no_rope_layers=[1, 1, 2]))
 
 
 @pytest.mark.parametrize("key, value", [("embedding_multiplier", 1.0), ("residual_multiplier", 1.0),
