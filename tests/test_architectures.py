@@ -1,13 +1,16 @@
 """Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2 / 3, Gemma and Gemma 2: logits parity with transformers' PyTorch
 models, adapters, training; refusals."""
 
+from functools import partial
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 from flax import nnx
 
 torch = pytest.importorskip("torch")
@@ -291,33 +294,39 @@ def test_gemma2_parity_needs_its_attention_soft_cap(saved):
     assert np.abs(_logits(hf_model, ref.ids, ref.mask)[real] - ref.got[real]).max() > 1e-2
 
 
-def test_softcapped_attention_equals_a_float64_loop():
-    """``softcapped_attention`` against the plain definition, one query, head and key at a time."""
-    from comoe_jax.model import softcapped_attention
+class SoftcappedAttentionTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((2, 5, 7, 6, 3, 4, 0.8, 0.37), (1, 3, 3, 4, 1, 8, 2.0, None),
+                              (3, 6, 2, 2, 2, 5, 0.3, 1.1))
+    def test_equals_a_float64_loop(self, b, t, s, n, kv, hd, cap, scale):
+        """``softcapped_attention`` against the plain definition, one query, head and key at a time."""
+        from comoe_jax.model import softcapped_attention
 
-    rng = np.random.default_rng(7)
-    b, t, s, n, kv, hd, cap, scale = 2, 5, 7, 6, 3, 4, 0.8, 0.37
-    q, k, v = rng.normal(size=(b, t, n, hd)), rng.normal(size=(b, s, kv, hd)), rng.normal(size=(b, s, kv, hd))
-    mask = rng.random((b, 1, t, s)) < 0.7
-    mask[..., 0] = True  # every query sees a key
-    got = softcapped_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(mask), scale, cap,
-                               causal=False)
-    want = np.zeros((b, t, n, hd))
-    for i in range(b):
-        for j in range(t):
-            for h in range(n):
-                g = h // (n // kv)
-                scores = [cap * np.tanh(q[i, j, h] @ k[i, m, g] * scale / cap) for m in range(s)]
-                weights = [np.exp(x) if mask[i, 0, j, m] else 0.0 for m, x in enumerate(scores)]
-                want[i, j, h] = sum(w * v[i, m, g] for m, w in enumerate(weights)) / sum(weights)
-    assert got.shape == (b, t, n, hd) and got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
-    causal = softcapped_attention(*(jnp.asarray(a[:, :t], jnp.float32) for a in (q, k, v)), None, scale, cap,
-                                  causal=True)
-    tril = jnp.asarray(np.tril(np.ones((t, t), bool)))[None, None]
-    explicit = softcapped_attention(*(jnp.asarray(a[:, :t], jnp.float32) for a in (q, k, v)), tril, scale, cap,
-                                    causal=False)
-    np.testing.assert_allclose(np.asarray(causal), np.asarray(explicit), atol=1e-6)
+        rng = np.random.default_rng(b * t * s + n)
+        q, k, v = rng.normal(size=(b, t, n, hd)), rng.normal(size=(b, s, kv, hd)), rng.normal(size=(b, s, kv, hd))
+        mask = rng.random((b, 1, t, s)) < 0.7
+        mask[..., 0] = True  # every query sees a key
+        attend = self.variant(partial(softcapped_attention, scale=scale, cap=cap, causal=False))
+        got = attend(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(mask))
+        want = np.zeros((b, t, n, hd))
+        factor = hd ** -0.5 if scale is None else scale
+        for i in range(b):
+            for j in range(t):
+                for h in range(n):
+                    g = h // (n // kv)
+                    scores = [cap * np.tanh(q[i, j, h] @ k[i, m, g] * factor / cap) for m in range(s)]
+                    weights = [np.exp(x) if mask[i, 0, j, m] else 0.0 for m, x in enumerate(scores)]
+                    want[i, j, h] = sum(w * v[i, m, g] for m, w in enumerate(weights)) / sum(weights)
+        chex.assert_shape(got, (b, t, n, hd))
+        chex.assert_type(got, jnp.float32)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+        half = attend(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), jnp.asarray(mask))
+        chex.assert_type(half, jnp.bfloat16)  # scores and softmax in float32 inside
+        np.testing.assert_allclose(np.asarray(half, np.float32), want, atol=0.05)
+        q2, k2, v2 = (jnp.asarray(a[:, :min(t, s)], jnp.float32) for a in (q, k, v))
+        causal = self.variant(partial(softcapped_attention, scale=scale, cap=cap, causal=True))(q2, k2, v2, None)
+        tril = jnp.asarray(np.tril(np.ones((q2.shape[1],) * 2, bool)))[None, None]
+        np.testing.assert_allclose(np.asarray(causal), np.asarray(attend(q2, k2, v2, tril)), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "gemma2_softcaps_window4",
