@@ -100,33 +100,34 @@ def _gemma_fields(hf, source: str, family: str) -> dict:
         # transformers' Gemma 3 ignores the field: honouring it would break parity, ignoring it would hide it
         raise LoadError(f"{source}: attn_logit_softcapping={hf.attn_logit_softcapping!r} is not supported for "
                         "Gemma 3 (its checkpoints set null; transformers ignores the field)")
-    caps = {}
-    for key, field in (("attn_logit_softcapping", "attn_logit_softcap"), ("final_logit_softcapping",
-                                                                           "final_logit_softcap")):
-        value = getattr(hf, key, None)
-        if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-            raise LoadError(f"{source}: {key}={value!r}; a soft-cap is a positive finite number or null")
-        caps[field] = value and float(value)
-    window, scalar = _window(hf, source), getattr(hf, "query_pre_attn_scalar", None)
-    if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or not 0 < scalar < float("inf"):
-        raise LoadError(f"{source}: query_pre_attn_scalar={scalar!r}; it must be a positive number (queries are "
-                        "scaled by its inverse square root)")
+    cap = "a soft-cap is a positive finite number or null"
+    caps = dict(attn_logit_softcap=_positive(hf, "attn_logit_softcapping", source, cap, optional=True),
+                final_logit_softcap=_positive(hf, "final_logit_softcapping", source, cap, optional=True))
+    scalar = _positive(hf, "query_pre_attn_scalar", source, "it must be a positive number (queries are scaled by "
+                       "its inverse square root)")
+    window = _window(hf, source)
     rope = _rope(hf, source, "full_attention" if family == "gemma3" else None)
     local = dict(local_rope=_rope(hf, source, "sliding_attention")) if family == "gemma3" else {}
-    return dict(head_dim=rope.head_dim, rope=rope, query_scale=float(scalar) ** -0.5,
+    return dict(head_dim=rope.head_dim, rope=rope, query_scale=scalar ** -0.5,
                 sliding_window=window, sliding_layers=_sliding_layers(hf, source, window, needs_window=True),
                 **caps, **local)
 
 
 def _granite_fields(hf, source: str) -> dict:
-    fields = {}
-    for key, field in (("embedding_multiplier", "embedding_multiplier"), ("residual_multiplier", "residual_multiplier"),
-                       ("attention_multiplier", "query_scale"), ("logits_scaling", "logits_scaling")):
-        value = getattr(hf, key, 1.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise LoadError(f"{source}: {key}={value!r}; Granite's multipliers are positive finite numbers")
-        fields[field] = float(value)
-    return fields
+    keys = dict(embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
+                query_scale="attention_multiplier", logits_scaling="logits_scaling")
+    return {field: _positive(hf, key, source, "Granite's multipliers are positive finite numbers", default=1.0)
+            for field, key in keys.items()}
+
+
+def _positive(hf, key: str, source: str, rule: str, default=None, optional: bool = False) -> float | None:
+    """``hf.<key>`` as a float, refused with ``rule`` unless a positive finite number (or None if ``optional``)."""
+    value = getattr(hf, key, default)
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise LoadError(f"{source}: {key}={value!r}; {rule}")
+    return float(value)
 
 
 def _olmo_fields(hf, source: str, model_type: str) -> dict:
