@@ -6,6 +6,8 @@ unsupported model is refused before any weight is read.
 
 from __future__ import annotations
 
+import numpy as np
+
 from comoe_jax.errors import LoadError
 from comoe_jax.model import ACTIVATIONS, DecoderSpec
 from comoe_jax.rope import RopeSpec
@@ -13,10 +15,11 @@ from comoe_jax.rope import RopeSpec
 # transformers model_type -> ours
 # (ministral: Mistral with per-layer windows from layer_types; transformers' AutoConfig turns a mistral
 # config.json that lists layer_types into one. smollm3: Llama with layers without RoPE. granite: Llama with
-# scaled embeddings, block outputs, queries and logits. olmo3: OLMo 2 with windows and a RoPE per layer type)
+# scaled embeddings, block outputs, queries and logits. olmo3: OLMo 2 with windows and a RoPE per layer type.
+# phi3: Mistral-like with q/k/v and gate/up fused in its checkpoints, split on load, and a partial rotary)
 FAMILIES = {"llama": "llama", "mistral": "mistral", "ministral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
             "smollm3": "llama", "granite": "llama", "olmo2": "olmo2", "olmo3": "olmo2", "gemma": "gemma",
-            "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+            "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3"}
 
 
 def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
@@ -55,7 +58,7 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
         return DecoderSpec(**common, **_gemma_fields(hf, source, family))
     if family == "olmo2":  # (transformers builds OLMo's MLP without biases whatever mlp_bias says)
         return DecoderSpec(**(common | dict(mlp_bias=False)), **_olmo_fields(hf, source, model_type))
-    rope = _rope(hf, source)
+    rope = _rope(hf, source, partial=family == "phi3")
     if model_type == "smollm3":
         window = _window(hf, source) if getattr(hf, "use_sliding_window", False) else None
         if window is None and _window(hf, source) and "sliding_attention" in (getattr(hf, "layer_types", None) or ()):
@@ -70,13 +73,13 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
         return DecoderSpec(head_dim=rope.head_dim, rope=rope, **common, **_granite_fields(hf, source))
     if family == "llama":
         return DecoderSpec(head_dim=rope.head_dim, rope=rope, **common)
-    # As transformers builds them: Mistral and Qwen2 have no attention_bias field (Qwen2: q/k/v biased, o not),
-    # none of the three an mlp_bias one; Mistral windows every layer, Qwen2/3 the layers layer_types names.
+    # As transformers builds them: Mistral, Qwen2 and Phi-3 have no attention_bias field (Qwen2: q/k/v biased, o
+    # not), none an mlp_bias one; Mistral and Phi-3 window every layer, Qwen2/3 the layers layer_types names.
     common |= dict(mlp_bias=False, qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
-    if family in ("mistral", "qwen2"):
+    if family in ("mistral", "qwen2", "phi3"):
         common["attention_bias"] = False
     window = _window(hf, source)
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         sliding = (window is not None,) * hf.num_hidden_layers
     else:
         sliding = _sliding_layers(hf, source, window)
@@ -84,9 +87,9 @@ def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
                        sliding_layers=sliding if any(sliding) else (), **common)
 
 
-def _rope(hf, source: str, layer_type: str | None = None) -> RopeSpec:
+def _rope(hf, source: str, layer_type: str | None = None, partial: bool = False) -> RopeSpec:
     try:
-        return RopeSpec.from_hf(hf, layer_type)
+        return RopeSpec.from_hf(hf, layer_type, partial)
     except ValueError as e:
         raise LoadError(f"{source}: {e}") from None
 
@@ -174,3 +177,52 @@ def _sliding_layers(hf, source: str, window, needs_window: bool = False) -> tupl
         raise LoadError(f"{source}: layer_types lists sliding_attention layers but sliding_window is null; set "
                         "sliding_window (tokens) or make those layers full_attention")
     return tuple(window is not None and t == "sliding_attention" for t in types)
+
+
+# --------------------------------------------------------------------------- checkpoint layouts
+
+# Phi-3 checkpoints stack several of our projections' weights by rows into one tensor per layer
+FUSED = {"phi3": {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}}
+
+
+def projection_rows(spec: DecoderSpec, proj: str) -> int:
+    """The output size of one of a layer's projections (``q_proj``, ..., ``down_proj``)."""
+    if proj in ("gate_proj", "up_proj"):
+        return spec.intermediate_size
+    if proj in ("o_proj", "down_proj"):
+        return spec.hidden_size
+    return (spec.num_heads if proj == "q_proj" else spec.num_kv_heads) * spec.head_dim
+
+
+def fused_source(spec: DecoderSpec, name: str) -> tuple[str, int, int, int] | None:
+    """Where a family that fuses projections in its checkpoints (Phi-3) keeps our per-layer weight ``name``
+    (``layers.<i>.<block>.<proj>.kernel``): (the fused weight's name in our naming, first row, end row, the
+    fused weight's rows), rows in the checkpoint's ``[d_out, d_in]`` layout; None where it is stored as itself."""
+    layer, _, rest = name.partition(".self_attn.") if ".self_attn." in name else name.partition(".mlp.")
+    block = "self_attn" if ".self_attn." in name else "mlp"
+    proj, _, leaf = rest.partition(".")
+    for fused, parts in FUSED.get(spec.family, {}).items():
+        if fused.startswith(block + ".") and proj in parts and leaf == "kernel":
+            sizes = [projection_rows(spec, p) for p in parts]
+            start = sum(sizes[: parts.index(proj)])
+            return f"{layer}.{fused}.kernel", start, start + sizes[parts.index(proj)], sum(sizes)
+    return None
+
+
+def fuse_for_checkpoint(spec: DecoderSpec, tensors):
+    """(name, ``[d_out, d_in]`` weight) pairs in our naming -> the same with the projections a family fuses
+    (Phi-3) joined as its checkpoints store them; a fused weight is yielded once all its parts have come."""
+    pending: dict[str, dict[int, object]] = {}
+    for name, weight in tensors:
+        where = fused_source(spec, name)
+        if where is None:
+            yield name, weight
+            continue
+        fused, start, _, _ = where
+        parts = pending.setdefault(fused, {})
+        parts[start] = weight
+        if len(parts) == len(FUSED[spec.family][fused.split(".", 2)[2].removesuffix(".kernel")]):
+            yield fused, np.concatenate([parts[k] for k in sorted(parts)], axis=0)
+            del pending[fused]
+    if pending:  # a fused weight must never be left out of a checkpoint
+        raise ValueError(f"parts of {sorted(pending)} never came: a checkpoint needs all of them")

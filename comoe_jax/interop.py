@@ -3,7 +3,8 @@
 peft layout (what ``PeftModel.from_pretrained`` reads), for layer i and projection p:
 ``base_model.model.model.layers.<i>.<self_attn|mlp>.<p>.lora_A.weight [r, d_in]``,
 ``...lora_B.weight [d_out, r]`` and, for DoRA, ``...lora_magnitude_vector [d_out]``;
-our arrays are their transposes (``y = x @ W``). Mixture adapters have no peft
+our arrays are their transposes (``y = x @ W``). Phi-3, whose checkpoints fuse q/k/v and gate/up, gets one
+LoRA / DoRA per fused module (``qkv_proj``, ``gate_up_proj``). Mixture adapters have no peft
 equivalent; they use comoe-jax's own safetensors layout (``checkpoint.save_adapters``).
 """
 
@@ -15,10 +16,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
+from comoe_jax.architectures import FUSED, fuse_for_checkpoint, projection_rows
 from comoe_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, load_adapters, read_safetensors, set_adapters
 from comoe_jax.config import AdapterConfig, Config, LossConfig, config_from_dict, read_json
 from comoe_jax.constants import ALIAS_HUB_IDS, TARGET_MODULES
@@ -66,6 +69,7 @@ def export_peft(model, cfg: Config, directory: str | Path) -> Path:
                          "DoRA per layer; mixtures export with comoe_jax.checkpoint.save_adapters")
     gathered = multihost_utils.process_allgather(flat_values(split_model(model)[1]), tiled=True)
     per_layer = unstack({k: np.asarray(v) for k, v in gathered.items()}, model.groups)
+    norms = _untargeted_norms(model, a)
     directory = as_path(directory)
     if jax.process_index() != 0:
         return directory
@@ -76,17 +80,70 @@ def export_peft(model, cfg: Config, directory: str | Path) -> Path:
         value = value[0]  # the single expert
         tensors[f"{PEFT_PREFIX}model.{module}.{suffix}"] = np.ascontiguousarray(value.T if transpose else value)
     layers = sorted(int(k.split(".")[1]) for k in per_layer if k.endswith(".lora_a"))
+    targets, ranks = sorted(a.target_modules), {}
+    if FUSED.get(model.spec.family):
+        tensors, targets, ranks = _fused_peft(model, a, tensors, sorted(set(layers)), norms)
     peft_config = _PEFT_REQUIRED | {
         **base_model_fields(cfg.model.path), "task_type": "CAUSAL_LM", "r": a.rank,
-        "lora_alpha": a.alpha, "lora_dropout": a.dropout, "target_modules": sorted(a.target_modules),
+        "lora_alpha": a.alpha, "lora_dropout": a.dropout, "target_modules": targets,
         "use_dora": a.method == "dora", "layers_to_transform": sorted(set(layers)), "init_lora_weights": True,
-        "inference_mode": True,
+        "inference_mode": True, "rank_pattern": ranks,
+        "alpha_pattern": {module: a.alpha * rank / a.rank for module, rank in ranks.items()},  # same alpha / r
     }
     directory.mkdir(parents=True, exist_ok=True)
     (directory / ADAPTER_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
     (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
     (directory / BASE_MODEL_FILE).write_text(json.dumps({"base_model": cfg.model.path}))
     return directory
+
+
+def _fused_peft(model, a: AdapterConfig, tensors: dict, layers: list[int], norms: dict) -> tuple[dict, list, dict]:
+    """peft's layout of a family whose checkpoints fuse projections (Phi-3: peft adapts ``qkv_proj`` and
+    ``gate_up_proj``): the targeted parts' LoRAs as one LoRA on the fused module, A stacked by rank and B
+    block-diagonal (exactly their sum); rank ``parts x r`` with alpha scaled alike (``rank_pattern``,
+    ``alpha_pattern``). DoRA's magnitude of an untargeted part's rows is their norm in W0 (``norms``, per
+    per-layer module name), so its scale is 1. -> (tensors, target_modules, rank_pattern)."""
+    targets, ranks = set(a.target_modules), {}
+    for fused, parts in FUSED[model.spec.family].items():
+        present = [p for p in parts if p in targets]
+        if not present:
+            continue
+        block, short = fused.split(".")
+        targets = (targets - set(parts)) | {short}
+        ranks[short] = len(present) * a.rank
+        for layer in layers:
+            prefix = f"{PEFT_PREFIX}model.layers.{layer}.{block}"
+            lora_a, b, m = [], [], []
+            for p in parts:
+                block_b = np.zeros((projection_rows(model.spec, p), ranks[short]), np.float32)
+                if p in present:
+                    j = present.index(p) * a.rank
+                    lora_a.append(tensors.pop(f"{prefix}.{p}.lora_A.weight"))  # [r, d_in]
+                    block_b[:, j:j + a.rank] = tensors.pop(f"{prefix}.{p}.lora_B.weight")  # [d_out, r]
+                b.append(block_b)
+                if a.method == "dora":
+                    m.append(tensors.pop(f"{prefix}.{p}.lora_magnitude_vector") if p in present
+                             else norms[f"layers.{layer}.{block}.{p}"])
+            out = f"{prefix}.{short}"
+            tensors[out + ".lora_A.weight"] = np.ascontiguousarray(np.concatenate(lora_a, axis=0))
+            tensors[out + ".lora_B.weight"] = np.ascontiguousarray(np.concatenate(b, axis=0))
+            if m:
+                tensors[out + ".lora_magnitude_vector"] = np.ascontiguousarray(np.concatenate(m).astype(np.float32))
+    return tensors, sorted(targets), ranks
+
+
+def _untargeted_norms(model, a: AdapterConfig) -> dict[str, np.ndarray]:
+    """For DoRA on a family that fuses projections: the W0 column norms ``[d_out]`` of the fused parts that
+    carry no adapter, per per-layer module name (every process joins the gather)."""
+    parts = {p for fused in FUSED.get(model.spec.family, {}).values() for p in fused
+             if a.method == "dora" and set(fused) & set(a.target_modules) and p not in a.target_modules}
+    if not parts:
+        return {}
+    _, _, frozen = split_model(model)
+    kernels = {k: v for k, v in flat_values(frozen).items() if k.endswith(".kernel") and k.rsplit(".", 2)[-2] in parts}
+    gathered = multihost_utils.process_allgather(
+        {k: jnp.linalg.norm(v.astype(jnp.float32), axis=-2) for k, v in kernels.items()}, tiled=True)
+    return {k.removesuffix(".kernel"): np.asarray(v) for k, v in unstack(gathered, model.groups).items()}
 
 
 def base_model_fields(path: str) -> dict:
@@ -126,20 +183,26 @@ def recorded_base(directory: str | Path) -> str | None:
 
 def merged_tensors(model, adapter: AdapterConfig, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
     """(Hugging Face name, array in ``dtype``) of the base model's frozen weights with a single-expert LoRA /
-    DoRA folded in, one stacked weight at a time (a 7B model is never held twice on the host); merged in
+    DoRA folded in, one stacked weight at a time (a 7B model is never held twice on the host; Phi-3's parts of one
+    fused weight wait for each other); merged in
     float32: LoRA ``W0 + s A B``; DoRA ``m * (W0 + s A B) / ||W0 + s A B||`` (norm over the input axis)."""
     _, adapters, frozen = split_model(model)
     trained = unstack({k: np.asarray(v, np.float32) for k, v in flat_values(adapters).items()}, model.groups)
     scaling, out_dtype = adapter.alpha / adapter.rank, NUMPY_DTYPES[dtype]
-    for stacked, value in flat_values(frozen).items():
-        for name, weight in unstack({stacked: np.asarray(value, np.float32)}, model.groups).items():
-            module = name.removesuffix(".kernel")
-            if name.endswith(".kernel") and module + ".lora_a" in trained:
-                weight = weight + scaling * trained[module + ".lora_a"][0] @ trained[module + ".lora_b"][0]
-                if adapter.method == "dora":
-                    weight = weight * (trained[module + ".magnitude"][0] / np.linalg.norm(weight, axis=0))
-            weight = weight.T if name.endswith(".kernel") else weight  # ours y = x @ W; torch's y = x @ W.T
-            yield _hf_name(name), np.ascontiguousarray(weight.astype(out_dtype))
+
+    def merged():
+        for stacked, value in flat_values(frozen).items():
+            for name, weight in unstack({stacked: np.asarray(value, np.float32)}, model.groups).items():
+                module = name.removesuffix(".kernel")
+                if name.endswith(".kernel") and module + ".lora_a" in trained:
+                    weight = weight + scaling * trained[module + ".lora_a"][0] @ trained[module + ".lora_b"][0]
+                    if adapter.method == "dora":
+                        weight = weight * (trained[module + ".magnitude"][0] / np.linalg.norm(weight, axis=0))
+                weight = weight.T if name.endswith(".kernel") else weight  # ours y = x @ W; torch's y = x @ W.T
+                yield name, weight.astype(out_dtype)
+
+    for name, weight in fuse_for_checkpoint(model.spec, merged()):  # Phi-3: q/k/v and gate/up as one tensor each
+        yield _hf_name(name), np.ascontiguousarray(weight)
 
 
 def write_safetensors_shards(directory, tensors: Iterable[tuple[str, np.ndarray]],
@@ -200,6 +263,13 @@ def export_merged(model, cfg: Config, directory: str | Path, dtype: str = "float
 
 
 def _peft_fields(path: Path, meta: dict, num_layers: int) -> AdapterConfig:
+    targets = meta.get("target_modules")
+    fused = sorted({t for t in (targets if isinstance(targets, list) else ()) if isinstance(t, str)}
+                   & {f.split(".")[1] for layout in FUSED.values() for f in layout})
+    if fused:
+        raise AdapterFormatError(f"{path}: a peft adapter on {', '.join(fused)} (Phi-3's fused projections) cannot be "
+                                 "read: comoe-jax keeps q/k/v and gate/up apart; use the comoe adapter folder the run "
+                                 "wrote (<run>/adapter) or merge it (comoe-export --format merged)")
     for key, want in _PEFT_REQUIRED.items():
         value = meta.get(key)
         if value is not None and value != want and (value or want):
@@ -211,7 +281,6 @@ def _peft_fields(path: Path, meta: dict, num_layers: int) -> AdapterConfig:
                                  "unmodified base, so convert it to a plain LoRA with peft first (save_pretrained(..., "
                                  "path_initial_model_for_weight_conversion=...)); plain inits: "
                                  f"{', '.join(map(str, _PEFT_PLAIN_INITS))}")
-    targets = meta.get("target_modules")
     if isinstance(targets, str) or not targets or any(t not in TARGET_MODULES for t in targets):
         raise AdapterFormatError(f"{path}: field 'target_modules' is {targets!r}; give a list of "
                                  f"{' '.join(TARGET_MODULES)}")

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from comoe_jax import sharding as shd
 from comoe_jax.adapters import MoESpec
-from comoe_jax.architectures import decoder_spec
+from comoe_jax.architectures import decoder_spec, fused_source
 from comoe_jax.config import AdapterConfig, Config, LossConfig, ModelConfig, parse_layer_range, read_json
 from comoe_jax.errors import LoadError
 from comoe_jax.model import (
@@ -152,11 +152,14 @@ def _safetensors(path: Path):
             from None
 
 
-def _hf_tensors(folder: Path, names: list[str]) -> Callable[[str], np.ndarray]:
-    """Reader of our parameters from a HF folder, in our layout ([d_in, d_out] kernels)."""
+def _hf_tensors(folder: Path, names: list[str], spec: DecoderSpec) -> Callable[[str], np.ndarray]:
+    """Reader of our parameters from a HF folder, in our layout ([d_in, d_out] kernels); projections a family
+    fuses in its checkpoints (Phi-3's qkv_proj, gate_up_proj) are read as row ranges of the fused tensor."""
     where = _safetensors_index(folder)
     prefix = next((p for p in HF_PREFIXES if _hf_name("embed_tokens", p) in where), "model.")
-    missing = [_hf_name(n, prefix) for n in names if _hf_name(n, prefix) not in where]
+    sources = {n: fused_source(spec, n) for n in names}
+    keys = {n: _hf_name(sources[n][0] if sources[n] else n, prefix) for n in names}
+    missing = list(dict.fromkeys(keys[n] for n in names if keys[n] not in where))
     if missing == ["lm_head.weight"] and not prefix:
         raise LoadError(f"{folder}: a bare decoder checkpoint (no 'model.' prefix, as LlamaModel saves one) has no "
                         "lm_head.weight, and config.json sets tie_word_embeddings=false; save the *ForCausalLM model")
@@ -165,10 +168,20 @@ def _hf_tensors(folder: Path, names: list[str]) -> Callable[[str], np.ndarray]:
                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
     def read(name: str) -> np.ndarray:
-        key = _hf_name(name, prefix)
+        key = keys[name]
         with _safetensors(where[key]) as handle:
             try:
-                value = handle.get_tensor(key)
+                if sources[name] is None:
+                    value = handle.get_tensor(key)
+                else:
+                    _, start, stop, rows = sources[name]
+                    tensor = handle.get_slice(key)
+                    if tensor.get_shape()[0] != rows:
+                        raise LoadError(f"{where[key]}: tensor {key} has shape {tuple(tensor.get_shape())}, the config "
+                                        f"implies {rows} rows (its projections stacked)")
+                    value = tensor[start:stop]
+            except LoadError:
+                raise
             except Exception as e:  # the header names the tensor but its bytes are cut off or damaged
                 raise LoadError(f"{where[key]}: tensor {key} cannot be read ({type(e).__name__}: {e}); is the file "
                                 "complete?") from None
@@ -298,7 +311,7 @@ def _gguf_tensors(reader, path: Path, spec: DecoderSpec) -> Callable[[str], np.n
 
 
 # Real transformers fields that a default config's to_dict() leaves out for some model types.
-WELL_KNOWN_FIELDS = ("head_dim", "sliding_window_pattern")
+WELL_KNOWN_FIELDS = ("head_dim", "sliding_window_pattern", "partial_rotary_factor")
 
 
 def hf_config(model_cfg: ModelConfig):
@@ -347,7 +360,7 @@ def _open(model_cfg: ModelConfig):
         spec = decoder_spec(hf, str(path))
         return spec, lambda names: _gguf_tensors(_gguf_reader(path), path, spec)
     spec = decoder_spec(hf, str(path / "config.json"))
-    return spec, lambda names: _hf_tensors(path, names)
+    return spec, lambda names: _hf_tensors(path, names, spec)
 
 
 def model_spec(path: str, random_arch: dict | None = None) -> DecoderSpec:
@@ -467,7 +480,7 @@ def from_pretrained(
       mesh, rules: place every weight on its sharding (default: one device, replicated).
       random_arch: transformers config fields of the random model (``path='random'`` only;
         ``model_type`` 'llama' by default, or 'mistral', 'qwen2', 'qwen3', 'smollm3', 'granite', 'olmo2', 'olmo3',
-        'gemma', 'gemma2', 'gemma3_text').
+        'gemma', 'gemma2', 'gemma3_text', 'phi3').
     Returns:
       a ``CausalLM``; ``model(input_ids [B, T] int32) -> logits [B, T, V]``.
     """

@@ -1,11 +1,12 @@
-"""Flax NNX decoder for the Llama, Mistral, Qwen2/3, Gemma 1/2/3 and OLMo 2/3 families, with mixture-of-LoRA
+"""Flax NNX decoder for the Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3 and OLMo 2/3 families, with mixture-of-LoRA
 adapters.
 
 Llama: RMSNorm, RoPE (every transformers rope_type), grouped-query attention, SwiGLU,
 tied or untied embeddings, causal + padding mask; SmolLM3 leaves RoPE out of some layers
 (``spec.nope_layers``); Granite scales embeddings, block outputs and logits. Mistral adds a
 sliding window on every layer, Qwen2 biases on q/k/v (not o), Qwen3 RMSNorm on queries and keys
-(``spec.qkv_bias``, ``spec.qk_norm``, ``spec.sliding_layers``). OLMo 2 / 3 norm only each block's
+(``spec.qkv_bias``, ``spec.qk_norm``, ``spec.sliding_layers``); Phi-3 is Mistral with part of each head
+rotated (its fused checkpoint tensors are split on load). OLMo 2 / 3 norm only each block's
 output, and the whole query and key projections. Gemma (``spec.family``) has norms scaled by
 ``1 + w``, embeddings scaled by ``sqrt(hidden)`` and GeGLU; Gemma 2 adds norms after
 attention and MLP as well as before, soft-capped attention scores and logits, and a sliding
@@ -58,7 +59,7 @@ class DecoderSpec:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
-    family: str = "llama"  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "olmo2"
+    family: str = "llama"  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "olmo2" | "phi3"
     hidden_act: str = "silu"
     query_scale: float | None = None  # attention logit scale; None: head_dim ** -0.5
     sliding_window: int | None = None  # local layers see keys at distance < sliding_window
@@ -83,6 +84,14 @@ class DecoderSpec:
     def norm_style(self) -> str:
         """How RMSNorm scales and rounds (:class:`RMSNorm`)."""
         return "gemma" if self.gemma else "olmo" if self.family == "olmo2" else "llama"
+
+    @property
+    def reencode_at(self) -> int | None:
+        """Phi-3 with longrope: transformers' generate encodes the whole sequence again once it grows past
+        ``original_max_position_embeddings`` (so every cached key takes the long factors); the length, or None."""
+        if self.family == "phi3" and self.rope.rope_type == "longrope":
+            return int(self.rope.get("original_max_position_embeddings"))
+        return None
 
     @property
     def norms(self) -> str:

@@ -35,9 +35,15 @@ class RopeSpec:
     def get(self, key, default=None):
         return dict(self.params).get(key, default)
 
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dimensions of each head that rotate (Phi-3's ``partial_rotary_factor``; the rest pass)."""
+        return int(self.head_dim * self.get("partial_rotary_factor", 1.0))
+
     @classmethod
-    def from_hf(cls, hf_config, layer_type: str | None = None) -> RopeSpec:
-        """``layer_type`` picks one entry of per-layer-type ``rope_parameters`` (Gemma 3: full / sliding)."""
+    def from_hf(cls, hf_config, layer_type: str | None = None, partial: bool = False) -> RopeSpec:
+        """``layer_type`` picks one entry of per-layer-type ``rope_parameters`` (Gemma 3: full / sliding);
+        ``partial``: the family rotates part of each head (Phi-3), so ``partial_rotary_factor`` may be below 1."""
         params = dict(getattr(hf_config, "rope_parameters", None) or {})
         if layer_type is not None:
             params = dict(params.get(layer_type) or {})
@@ -50,9 +56,14 @@ class RopeSpec:
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type {rope_type!r} is not supported; "
                              f"supported: {', '.join(ROPE_TYPES)}")
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported (rotary "
-                             "embeddings on the whole head only)")
+        factor = params.get("partial_rotary_factor", 1.0)
+        if factor != 1.0 and not partial:
+            raise ValueError(f"partial_rotary_factor={factor!r} is not supported for this model type (rotary "
+                             "embeddings on the whole head only; Phi-3 rotates part of each head)")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1 \
+                or int(head_dim * factor) < 2 or int(head_dim * factor) % 2:
+            raise ValueError(f"partial_rotary_factor={factor!r}; it must be in (0, 1] and leave an even number of "
+                             f"rotary dimensions of the head's {head_dim}")
         top = getattr(hf_config, "original_max_position_embeddings", None)
         if layer_type is None and top and rope_type in ("llama3", "yarn", "longrope"):
             # As transformers' standardize_rope_params: a top-level value (Phi-3 style configs) wins.
@@ -133,9 +144,9 @@ def _dynamic(spec: RopeSpec, dim: int, base: float, seq_len):
 
 
 def rope_frequencies(spec: RopeSpec, seq_len) -> tuple[jax.Array, float]:
-    """Inverse frequencies ``[head_dim // 2]`` float32 and the cos/sin scaling factor. ``seq_len`` (integers of
-    any shape S) matters to dynamic and longrope only, whose frequencies are ``[*S, head_dim // 2]``."""
-    dim, base = spec.head_dim, spec.theta
+    """Inverse frequencies ``[rotary_dim // 2]`` float32 and the cos/sin scaling factor. ``seq_len`` (integers of
+    any shape S) matters to dynamic and longrope only, whose frequencies are ``[*S, rotary_dim // 2]``."""
+    dim, base = spec.rotary_dim, spec.theta
     kind = spec.rope_type
     if kind == "default":
         return _default_inv_freq(base, dim), 1.0
@@ -151,7 +162,7 @@ def rope_frequencies(spec: RopeSpec, seq_len) -> tuple[jax.Array, float]:
 
 
 def rope_cos_sin(spec: RopeSpec, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin ``[..., T, head_dim]`` (float32) for integer ``positions [..., T]``; the length of dynamic and
+    """cos, sin ``[..., T, rotary_dim]`` (float32) for integer ``positions [..., T]``; the length of dynamic and
     longrope is ``max(positions) + 1`` of each row, as in transformers."""
     length_dependent = spec.rope_type in ("dynamic", "longrope")  # the others need no reduction over positions
     inv_freq, scaling = rope_frequencies(spec, jnp.max(positions, axis=-1, keepdims=True) + 1 if length_dependent
@@ -162,11 +173,14 @@ def rope_cos_sin(spec: RopeSpec, positions: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, dtype=None) -> jax.Array:
-    """Rotate-half RoPE (Hugging Face layout). ``x [B, T, heads, hd]``, cos/sin ``[B, T, hd]``; computed in
+    """Rotate-half RoPE (Hugging Face layout). ``x [B, T, heads, hd]``, cos/sin ``[B, T, rd]``: the first ``rd``
+    dimensions of each head rotate, the rest pass unchanged (``rd < hd``: Phi-3's partial rotary); computed in
     ``dtype`` (default: x's) and returned in x's."""
     dtype = dtype or x.dtype
-    y = x.astype(dtype)
-    half = x.shape[-1] // 2
+    rd = cos.shape[-1]
+    y, kept = x[..., :rd].astype(dtype), x[..., rd:]
+    half = rd // 2
     rotated = jnp.concatenate([-y[..., half:], y[..., :half]], axis=-1)
     cos, sin = cos[:, :, None, :].astype(dtype), sin[:, :, None, :].astype(dtype)
-    return (y * cos + rotated * sin).astype(x.dtype)
+    out = (y * cos + rotated * sin).astype(x.dtype)
+    return out if rd == x.shape[-1] else jnp.concatenate([out, kept], axis=-1)

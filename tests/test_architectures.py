@@ -1,7 +1,8 @@
-"""Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2 / 3, Gemma and Gemma 2: logits parity with transformers' PyTorch
-models, adapters, training; refusals."""
+"""Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2 / 3, Phi-3, Gemma and Gemma 2: logits parity with
+transformers' PyTorch models, adapters, training, exports; refusals."""
 
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 
 import chex
@@ -29,6 +30,8 @@ from transformers import (  # noqa: E402
     Olmo2ForCausalLM,
     Olmo3Config,
     Olmo3ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -53,7 +56,8 @@ CLASSES = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config
            "qwen3": (Qwen3Config, Qwen3ForCausalLM), "ministral": (MinistralConfig, MinistralForCausalLM),
            "smollm3": (SmolLM3Config, SmolLM3ForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
            "gemma2": (Gemma2Config, Gemma2ForCausalLM), "olmo2": (Olmo2Config, Olmo2ForCausalLM),
-           "olmo3": (Olmo3Config, Olmo3ForCausalLM), "granite": (GraniteConfig, GraniteForCausalLM)}
+           "olmo3": (Olmo3Config, Olmo3ForCausalLM), "granite": (GraniteConfig, GraniteForCausalLM),
+           "phi3": (Phi3Config, Phi3ForCausalLM)}
 # name -> (model_type, config fields, expected spec fields)
 CONFIGS = {
     "mistral_window5_gqa": ("mistral", dict(sliding_window=5),
@@ -85,6 +89,16 @@ CONFIGS = {
                                             attention_multiplier=0.3, logits_scaling=2.5),
                             dict(family="llama", embedding_multiplier=3.0, residual_multiplier=0.4, query_scale=0.3,
                                  logits_scaling=2.5)),
+    # (Phi-3's default special-token ids lie outside this vocabulary)
+    "phi3_window5_half_rotary": ("phi3", dict(pad_token_id=None, eos_token_id=2, sliding_window=5, rope_parameters=dict(
+        rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
+        dict(sliding_window=5, sliding_layers=(True, True), attention_bias=False, qkv_bias=False)),
+    "phi3_longrope_mha_tied": ("phi3", dict(pad_token_id=None, eos_token_id=2, num_key_value_heads=4,
+                                            tie_word_embeddings=True, original_max_position_embeddings=8,
+                                            partial_rotary_factor=0.75, rope_parameters=dict(
+                                                rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.1, 1.2],
+                                                long_factor=[4.0, 8.0, 16.0])),
+                               dict(sliding_window=None, sliding_layers=(), tie_word_embeddings=True)),
     "olmo2_post_norms_gqa": ("olmo2", dict(pad_token_id=None), dict(sliding_layers=(), qk_norm=False)),
     "olmo3_window4_on_layer0_two_ropes": ("olmo3", dict(
         pad_token_id=None, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
@@ -156,12 +170,13 @@ def test_logits_match_transformers(name, saved):
     np.testing.assert_allclose(ref.got[real], ref.want[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "ministral_window4_on_layer1"])
+@pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "ministral_window4_on_layer1",
+                                  "phi3_window5_half_rotary"])
 def test_the_sliding_window_is_what_makes_parity(name, saved):
     """Without its window the reference differs past it: the parity above is not that of full attention."""
     ref, hf_model = saved(name), _hf_model(name)  # the same seed: the same weights
     window = hf_model.config.sliding_window
-    if not name.startswith("mistral"):  # the mask of each layer follows layer_types
+    if not name.startswith(("mistral", "phi3")):  # the mask of each layer follows layer_types
         hf_model.config.layer_types = ["full_attention"] * 2
         for layer in hf_model.model.layers:
             layer.self_attn.sliding_window = None
@@ -173,7 +188,7 @@ def test_the_sliding_window_is_what_makes_parity(name, saved):
 
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "gemma2_softcaps_window4", "smollm3_nope_on_layer0_window4",
-                                  "olmo3_window4_on_layer0_two_ropes"])
+                                  "olmo3_window4_on_layer0_two_ropes", "phi3_window5_half_rotary"])
 def test_cached_generation_under_a_window_equals_full_recompute(name, saved):
     model = from_pretrained(saved(name).folder)
     rng = np.random.default_rng(3)
@@ -240,6 +255,12 @@ def test_granite_parity_needs_each_multiplier(key, value, saved):
                                                      r"is null"),
     (dict(model_type="olmo3", sliding_window=None), r"layer_types lists sliding_attention layers but sliding_window"),
     (dict(model_type="gemma", use_bidirectional_attention=True), r"use_bidirectional_attention=True is not supported"),
+    (dict(model_type="llama", rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
+     r"partial_rotary_factor=0\.5 is not supported for this model type \(rotary embeddings on the whole head only"),
+    (dict(model_type="phi3", pad_token_id=None, rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                                     partial_rotary_factor=0.2)),
+     r"partial_rotary_factor=0\.2; it must be in \(0, 1\] and leave an even number of rotary dimensions of the "
+     r"head's 8"),
 ])
 def test_architecture_numbers_a_model_cannot_run_are_refused(fields, match):
     with pytest.raises(LoadError, match=rf"^model\.random_arch: {match}"):
@@ -329,6 +350,93 @@ class SoftcappedAttentionTest(parameterized.TestCase):
         np.testing.assert_allclose(np.asarray(causal), np.asarray(attend(q2, k2, v2, tril)), atol=1e-6)
 
 
+def test_phi3_parity_needs_its_partial_rotary(saved):
+    """Rotating whole heads the reference differs: the parity above is that of Phi-3's half-rotated heads."""
+    ref, hf_model = saved("phi3_window5_half_rotary"), _hf_model("phi3_window5_half_rotary")
+    hf_model.config.rope_parameters["partial_rotary_factor"] = 1.0
+    hf_model.model.rotary_emb = type(hf_model.model.rotary_emb)(hf_model.config)
+    real = ref.mask.astype(bool)
+    assert np.abs(_logits(hf_model, ref.ids, ref.mask)[real] - ref.got[real]).max() > 1e-2
+
+
+def test_phi3_fused_weights_are_split_by_rows(saved):
+    """Phi-3's qkv_proj rows are q (heads x hd), k, v (kv heads x hd); gate_up_proj's gate then up."""
+    ref, hf_model = saved("phi3_window5_half_rotary"), _hf_model("phi3_window5_half_rotary")
+    layer = from_pretrained(ref.folder).layers[0].layer
+    qkv = hf_model.model.layers[1].self_attn.qkv_proj.weight.detach().numpy()
+    gate_up = hf_model.model.layers[1].mlp.gate_up_proj.weight.detach().numpy()
+    attn, mlp = layer.self_attn, layer.mlp
+    np.testing.assert_array_equal(np.asarray(attn.q_proj.kernel[...][1]).T, qkv[:32])
+    np.testing.assert_array_equal(np.asarray(attn.k_proj.kernel[...][1]).T, qkv[32:48])
+    np.testing.assert_array_equal(np.asarray(attn.v_proj.kernel[...][1]).T, qkv[48:])
+    np.testing.assert_array_equal(np.asarray(mlp.gate_proj.kernel[...][1]).T, gate_up[:48])
+    np.testing.assert_array_equal(np.asarray(mlp.up_proj.kernel[...][1]).T, gate_up[48:])
+
+
+def test_phi3_fused_tensor_of_the_wrong_size_is_named(saved, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = saved("phi3_window5_half_rotary").folder
+    for f in Path(folder).iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.1.self_attn.qkv_proj.weight"
+    tensors[key] = tensors[key][:-8]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=rf"model\.safetensors: tensor {key} has shape \(56, 32\), the config implies "
+                                        r"64 rows \(its projections stacked\)"):
+        from_pretrained(str(tmp_path))
+
+
+def test_phi3_longrope_generation_encodes_again_past_its_original_length_as_transformers(saved, monkeypatch):
+    """transformers' Phi-3 generate encodes the whole sequence again when it grows past
+    original_max_position_embeddings (8 here), so every key takes the long factors: our cached generation
+    gives its tokens, for prompts that cross the limit while generating, start past it, or never reach it;
+    keeping the prompt's short-factor keys instead would not."""
+    from comoe_jax.model import DecoderSpec
+
+    ref, hf_model = saved("phi3_longrope_mha_tied"), _hf_model("phi3_longrope_mha_tied")
+    hf_model.generation_config.eos_token_id, hf_model.generation_config.pad_token_id = None, 0
+    model = from_pretrained(ref.folder)
+    assert model.spec.reencode_at == 8
+    rng = np.random.default_rng(5)
+    prompts = [list(map(int, rng.integers(3, 97, size=n))) for n in (3, 5, 6, 7, 8, 9, 2)]
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)
+        want.append(out[0, len(p):].tolist())
+    assert greedy_generate(model, prompts, max_new_tokens=6, eos_id=-1, pad_id=0, batch_size=4) == want
+    monkeypatch.setattr(DecoderSpec, "reencode_at", property(lambda self: None))
+    jax.clear_caches()  # the compiled generation is keyed on the model's structure, which the patch leaves as it is
+    assert greedy_generate(from_pretrained(ref.folder), prompts, max_new_tokens=6, eos_id=-1, pad_id=0,
+                           batch_size=4) != want
+
+
+class ApplyRopeTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((2, 5, 3, 8, 8), (1, 7, 2, 12, 6), (3, 4, 1, 10, 4))
+    def test_partial_rotation_equals_a_float64_loop(self, b, t, heads, hd, rd):
+        """The first ``rd`` dimensions of each head rotate in pairs (i, i + rd / 2); the rest pass unchanged."""
+        from comoe_jax.rope import apply_rope
+
+        rng = np.random.default_rng(hd * 10 + rd)
+        x, angles = rng.normal(size=(b, t, heads, hd)), rng.normal(size=(b, t, rd // 2))
+        cos, sin = np.cos(np.concatenate([angles] * 2, -1)), np.sin(np.concatenate([angles] * 2, -1))
+        got = self.variant(apply_rope)(*(jnp.asarray(a, jnp.float32) for a in (x, cos, sin)))
+        want = x.copy()
+        for i in range(b):
+            for j in range(t):
+                for h in range(heads):
+                    for d in range(rd // 2):
+                        a, c = x[i, j, h, d], x[i, j, h, d + rd // 2]
+                        want[i, j, h, d] = a * np.cos(angles[i, j, d]) - c * np.sin(angles[i, j, d])
+                        want[i, j, h, d + rd // 2] = c * np.cos(angles[i, j, d]) + a * np.sin(angles[i, j, d])
+        chex.assert_shape(got, (b, t, heads, hd))
+        chex.assert_type(got, jnp.float32)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "gemma2_softcaps_window4",
                                   "olmo3_window4_on_layer0_two_ropes"])
 def test_packed_option_scores_keep_the_window_in_positions(name, saved):
@@ -345,7 +453,7 @@ def test_packed_option_scores_keep_the_window_in_positions(name, saved):
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_qkv_biases_gqa", "qwen3_qk_norm_gqa",
                                   "gemma2_softcaps_window4", "smollm3_nope_on_layer1", "olmo2_post_norms_gqa",
-                                  "granite_multipliers"])
+                                  "granite_multipliers", "phi3_window5_half_rotary"])
 def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
     """CoMoE experts attach to all seven projections by name; on q_proj and o_proj (biased and not in Qwen2,
     after / before the q/k norms in Qwen3) the logits at initialisation are the base model's, and gradient
@@ -387,14 +495,32 @@ def test_comoe_adapters_start_at_the_base_model_and_train(name, saved):
 
 @pytest.mark.parametrize("name", ["mistral_window5_gqa", "qwen2_window4_on_layer1", "qwen3_attention_bias_tied",
                                   "gemma_mqa_head16_tied", "gemma2_softcaps_window4", "smollm3_nope_on_layer1",
-                                  "olmo2_post_norms_gqa", "olmo3_window4_on_layer0_two_ropes", "granite_multipliers"])
+                                  "olmo2_post_norms_gqa", "olmo3_window4_on_layer0_two_ropes", "granite_multipliers",
+                                  "phi3_longrope_mha_tied"])
 def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path, monkeypatch):
-    """A trained LoRA on every projection of Mistral / Qwen2 (biases) / Qwen3 (q/k norms, tied embeddings):
+    """A trained LoRA on every projection of Mistral / Qwen2 (biases) / Qwen3 (q/k norms, tied embeddings) / ...:
     the merged folder (AutoModelForCausalLM, no peft) and the peft folder give our adapted logits."""
-    from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
     from comoe_jax import interop
+    from comoe_jax.interop import export_merged
+
+    ref, cfg, model, ours = _exported(name, saved, tmp_path, "lora", ALL_PROJECTIONS)
+    real = ref.mask.astype(bool)
+    if name.startswith("qwen3"):  # bfloat16, in shards with an index (as transformers shards a large model)
+        monkeypatch.setattr(interop, "SHARD_BYTES", 2**13)
+        half = AutoModelForCausalLM.from_pretrained(export_merged(model, cfg, tmp_path / "bf16", dtype="bfloat16"))
+        assert half.dtype == torch.bfloat16 and (tmp_path / "bf16" / "model.safetensors.index.json").exists()
+        assert len(list((tmp_path / "bf16").glob("model-*-of-*.safetensors"))) > 2
+        np.testing.assert_allclose(_logits(half, ref.ids, ref.mask)[real], ours[real], atol=0.1, rtol=0)
+
+
+def _exported(name, saved, tmp_path, method, targets):
+    """A random single-expert ``method`` adapter on ``targets``; asserts the merged and peft exports give our
+    logits in transformers; -> (saved reference, Config, our model, our logits)."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
     from comoe_jax.config import Config
     from comoe_jax.interop import export_merged, export_peft
     from comoe_jax.loading import byte_tokenizer
@@ -404,13 +530,14 @@ def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path
     byte_tokenizer().save_pretrained(ref.folder)  # the merged folder carries the base's tokenizer
     cfg = Config()
     cfg.model.path = ref.folder
-    cfg.adapter.method, cfg.adapter.num_experts, cfg.adapter.top_k = "lora", 1, 1
-    cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.target_modules = 4, 8.0, ALL_PROJECTIONS
+    cfg.adapter.method, cfg.adapter.num_experts, cfg.adapter.top_k = method, 1, 1
+    cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.target_modules = 4, 8.0, targets
     model = from_pretrained(ref.folder, adapter=cfg.adapter)
     _, adapters, _ = split_model(model)
     rng = np.random.default_rng(11)
-    nnx.update(model, state_from_flat(adapters, {k: jnp.asarray(rng.normal(size=v.shape) * 0.2, jnp.float32)
-                                                 for k, v in flat_values(adapters).items()}))
+    values = {k: rng.normal(size=v.shape) * 0.2 + (np.asarray(v) if k.endswith("magnitude") else 0)
+              for k, v in flat_values(adapters).items()}
+    nnx.update(model, state_from_flat(adapters, {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}))
     ours = _ours(model, ref.ids, ref.mask)
     real = ref.mask.astype(bool)
     assert np.abs(ours[real] - ref.got[real]).max() > 1e-2  # the adapters change the logits
@@ -418,19 +545,35 @@ def test_lora_exports_merged_and_peft_load_in_transformers(name, saved, tmp_path
     np.testing.assert_allclose(_logits(merged, ref.ids, ref.mask)[real], ours[real], atol=1e-4, rtol=0)
     peft_model = AutoPeftModelForCausalLM.from_pretrained(str(export_peft(model, cfg, tmp_path / "peft")))
     np.testing.assert_allclose(_logits(peft_model, ref.ids, ref.mask)[real], ours[real], atol=1e-4, rtol=0)
-    if name.startswith("qwen3"):  # bfloat16, in shards with an index (as transformers shards a large model)
-        monkeypatch.setattr(interop, "SHARD_BYTES", 2**13)
-        half = AutoModelForCausalLM.from_pretrained(export_merged(model, cfg, tmp_path / "bf16", dtype="bfloat16"))
-        assert half.dtype == torch.bfloat16 and (tmp_path / "bf16" / "model.safetensors.index.json").exists()
-        assert len(list((tmp_path / "bf16").glob("model-*-of-*.safetensors"))) > 2
-        np.testing.assert_allclose(_logits(half, ref.ids, ref.mask)[real], ours[real], atol=0.1, rtol=0)
+    return ref, cfg, model, ours
+
+
+def test_phi3_dora_on_some_fused_parts_exports_to_peft_and_merged(saved, tmp_path):
+    """DoRA on q_proj, v_proj and up_proj only: peft adapts Phi-3's fused qkv_proj / gate_up_proj, so the export is
+    one DoRA per fused module, A stacked by rank and B block-diagonal with empty blocks for k_proj and gate_proj
+    (their magnitudes are W0's norms: scale 1); merged and peft folders give our logits. Such a folder is refused
+    as an adapter to read back, with the way out."""
+    import json
+
+    from comoe_jax.errors import AdapterFormatError
+    from comoe_jax.interop import read_peft
+
+    _exported("phi3_window5_half_rotary", saved, tmp_path, "dora", ("q_proj", "v_proj", "up_proj"))
+    meta = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert meta["target_modules"] == ["gate_up_proj", "qkv_proj"] and meta["use_dora"]
+    assert meta["rank_pattern"] == {"qkv_proj": 8, "gate_up_proj": 4}
+    assert meta["alpha_pattern"] == {"qkv_proj": 16.0, "gate_up_proj": 8.0}
+    with pytest.raises(AdapterFormatError, match=r"a peft adapter on gate_up_proj, qkv_proj \(Phi-3's fused "
+                                                 r"projections\) cannot be read.*<run>/adapter"):
+        read_peft(tmp_path / "peft", 2)
 
 
 @pytest.mark.parametrize("name", ["olmo3_window4_on_layer0_two_ropes", "smollm3_nope_on_layer0_window4",
-                                  "qwen2_window4_on_layer1", "granite_multipliers"])
+                                  "qwen2_window4_on_layer1", "granite_multipliers", "phi3_window5_half_rotary"])
 def test_train_step_on_eight_devices_equals_one(name, tiny_config, run_steps, sharded):
     """CE + contrastive steps on a 2 x 2 x 2 mesh (data, fsdp, tensor): OLMo's norms over the whole
-    (tensor-sharded) projections, SmolLM3's layers without RoPE and Qwen2's biases shard like the rest."""
+    (tensor-sharded) projections, SmolLM3's layers without RoPE, Qwen2's biases and Phi-3's half-rotated heads
+    shard like the rest."""
     model_type, fields, _ = CONFIGS[name]
     arch = BASE | fields | {"model_type": model_type, "vocab_size": 320}
     one, eight = tiny_config(), tiny_config(**sharded)
@@ -438,15 +581,15 @@ def test_train_step_on_eight_devices_equals_one(name, tiny_config, run_steps, sh
     np.testing.assert_allclose(run_steps(eight, jax.devices()[:8]), run_steps(one, jax.devices()[:1]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "phi3"])
+@pytest.mark.parametrize("model_type", ["gpt2", "phi"])
 def test_unsupported_model_types_are_refused_with_the_supported_list(model_type, tmp_path):
     (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}", "num_hidden_layers": 2}}')
     with pytest.raises(LoadError, match=rf"model_type '{model_type}' is not supported; comoe-jax implements "
                                         r"llama, mistral, ministral, qwen2, qwen3, smollm3, granite, olmo2, "
-                                        r"olmo3, gemma, gemma2, gemma3_text, gemma3"):
+                                        r"olmo3, gemma, gemma2, gemma3_text, gemma3, phi3"):
         from_pretrained(str(tmp_path))
-    with pytest.raises(LoadError, match="model_type 'phi3' is not supported"):
-        model_spec("random", dict(model_type="phi3"))
+    with pytest.raises(LoadError, match="model_type 'phi' is not supported"):
+        model_spec("random", dict(model_type="phi"))
 
 
 def test_gguf_of_another_architecture_is_refused(tmp_path):

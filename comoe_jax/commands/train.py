@@ -1,4 +1,5 @@
-"""Fine-tune a Llama, SmolLM3, Granite, Mistral, Qwen2 / Qwen3, OLMo 2 / 3 or Gemma 1 / 2 / 3 model with CoMoE adapters.
+"""Fine-tune a Llama, SmolLM3, Granite, Mistral, Qwen2 / Qwen3, OLMo 2 / 3, Phi-3 or Gemma 1 / 2 / 3 model with CoMoE
+adapters.
 
     python train.py                                   # configs/default.py
     python train.py --config configs/tiny.py train.steps=50 loss.contrastive_weight=0
