@@ -6,6 +6,8 @@ unsupported model is refused before any weight is read.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from comoe_jax.errors import LoadError
@@ -198,14 +200,12 @@ def fused_source(spec: DecoderSpec, name: str) -> tuple[str, int, int, int] | No
     """Where a family that fuses projections in its checkpoints (Phi-3) keeps our per-layer weight ``name``
     (``layers.<i>.<block>.<proj>.kernel``): (the fused weight's name in our naming, first row, end row, the
     fused weight's rows), rows in the checkpoint's ``[d_out, d_in]`` layout; None where it is stored as itself."""
-    layer, _, rest = name.partition(".self_attn.") if ".self_attn." in name else name.partition(".mlp.")
-    block = "self_attn" if ".self_attn." in name else "mlp"
-    proj, _, leaf = rest.partition(".")
-    for fused, parts in FUSED.get(spec.family, {}).items():
-        if fused.startswith(block + ".") and proj in parts and leaf == "kernel":
+    m = re.fullmatch(r"(layers\.\d+)\.(self_attn|mlp)\.(\w+)\.kernel", name)
+    for fused, parts in FUSED.get(spec.family, {}).items() if m else ():
+        if fused.startswith(m[2] + ".") and m[3] in parts:
             sizes = [projection_rows(spec, p) for p in parts]
-            start = sum(sizes[: parts.index(proj)])
-            return f"{layer}.{fused}.kernel", start, start + sizes[parts.index(proj)], sum(sizes)
+            start = sum(sizes[: parts.index(m[3])])
+            return f"{m[1]}.{fused}.kernel", start, start + sizes[parts.index(m[3])], sum(sizes)
     return None
 
 
@@ -218,10 +218,10 @@ def fuse_for_checkpoint(spec: DecoderSpec, tensors):
         if where is None:
             yield name, weight
             continue
-        fused, start, _, _ = where
+        fused, start, _, rows = where
         parts = pending.setdefault(fused, {})
         parts[start] = weight
-        if len(parts) == len(FUSED[spec.family][fused.split(".", 2)[2].removesuffix(".kernel")]):
+        if sum(part.shape[0] for part in parts.values()) == rows:
             yield fused, np.concatenate([parts[k] for k in sorted(parts)], axis=0)
             del pending[fused]
     if pending:  # a fused weight must never be left out of a checkpoint

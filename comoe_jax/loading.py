@@ -168,20 +168,13 @@ def _hf_tensors(folder: Path, names: list[str], spec: DecoderSpec) -> Callable[[
                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
     def read(name: str) -> np.ndarray:
-        key = keys[name]
+        key, source = keys[name], sources[name]
         with _safetensors(where[key]) as handle:
+            if source is not None and handle.get_slice(key).get_shape()[0] != source[3]:  # (from the header)
+                raise LoadError(f"{where[key]}: tensor {key} has shape {tuple(handle.get_slice(key).get_shape())}, "
+                                f"the config implies {source[3]} rows (its projections stacked)")
             try:
-                if sources[name] is None:
-                    value = handle.get_tensor(key)
-                else:
-                    _, start, stop, rows = sources[name]
-                    tensor = handle.get_slice(key)
-                    if tensor.get_shape()[0] != rows:
-                        raise LoadError(f"{where[key]}: tensor {key} has shape {tuple(tensor.get_shape())}, the config "
-                                        f"implies {rows} rows (its projections stacked)")
-                    value = tensor[start:stop]
-            except LoadError:
-                raise
+                value = handle.get_tensor(key) if source is None else handle.get_slice(key)[source[1]:source[2]]
             except Exception as e:  # the header names the tensor but its bytes are cut off or damaged
                 raise LoadError(f"{where[key]}: tensor {key} cannot be read ({type(e).__name__}: {e}); is the file "
                                 "complete?") from None

@@ -1,8 +1,8 @@
 """Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2 / 3, Phi-3, Gemma and Gemma 2: logits parity with
 transformers' PyTorch models, adapters, training, exports; refusals."""
 
+import shutil
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import chex
@@ -376,9 +376,7 @@ def test_phi3_fused_weights_are_split_by_rows(saved):
 def test_phi3_fused_tensor_of_the_wrong_size_is_named(saved, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    folder = saved("phi3_window5_half_rotary").folder
-    for f in Path(folder).iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(saved("phi3_window5_half_rotary").folder, tmp_path, dirs_exist_ok=True)
     tensors = load_file(tmp_path / "model.safetensors")
     key = "model.layers.1.self_attn.qkv_proj.weight"
     tensors[key] = tensors[key][:-8]
