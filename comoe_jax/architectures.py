@@ -24,12 +24,16 @@ FAMILIES = {"llama": "llama", "mistral": "mistral", "ministral": "mistral", "qwe
             "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3"}
 
 
-def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
-    """The :class:`DecoderSpec` of a transformers config; ``source`` names it in error messages."""
-    model_type = getattr(hf, "model_type", "llama")
+def check_model_type(model_type: str, source: str) -> str:
     if model_type not in FAMILIES:
         raise LoadError(f"{source}: model_type {model_type!r} is not supported; comoe-jax implements "
                         f"{', '.join(FAMILIES)}")
+    return model_type
+
+
+def decoder_spec(hf, source: str = "config.json") -> DecoderSpec:
+    """The :class:`DecoderSpec` of a transformers config; ``source`` names it in error messages."""
+    model_type = check_model_type(getattr(hf, "model_type", "llama"), source)
     tied = getattr(hf, "tie_word_embeddings", False)
     if model_type == "gemma3":  # the multimodal checkpoint: its language model (tied as the top level says)
         hf = hf.text_config

@@ -12,6 +12,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 
@@ -28,13 +29,15 @@ def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
+        previous = _sigterm_interrupts()
         try:
             code = main(argv)
         except ComoeError as e:
             fail(f"{e.label}: {e}")
             return e.exit_code
-        except KeyboardInterrupt:
-            fail("interrupted")
+        except KeyboardInterrupt as e:
+            fail(f"interrupted{' (SIGTERM)' if str(e) == 'SIGTERM' else ''}; what was saved is kept: rerun the same "
+                 "command to continue")
             return EXIT_INTERRUPTED
         except OSError as e:  # unreadable or unwritable paths, a full disk: the message names the file
             fail(f"file error: {e}")
@@ -46,15 +49,34 @@ def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
                  "train.batch_size (optim.grad_accum_steps keeps the batch), data.seq_len or eval.batch_size, set "
                  "model.remat=true or model.dtype=bfloat16, or shard over more devices (mesh.fsdp)")
             return EXIT_BAD_INPUT
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return EXIT_OK if code is None else code
 
     return run
 
 
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's stop) outside the training loop (loading, evaluation) ends the command like Ctrl-C,
+    with the interrupted exit code, instead of killing it silently with 143. The training loop installs its own
+    handler (save the step, then stop); with several processes JAX's preemption notifier takes SIGTERM over.
+    Returns the handler replaced (None where none could be installed: not the main thread)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        return None
+
+
 def _out_of_memory(error: Exception) -> bool:
-    """XLA's allocation failure (a ``JaxRuntimeError`` whose status is RESOURCE_EXHAUSTED), or the host's."""
+    """XLA's allocation failure (a ``JaxRuntimeError`` with status RESOURCE_EXHAUSTED, or XLA:CPU's INTERNAL
+    "Out of memory allocating ..."), or the host's."""
+    text = str(error)
     return isinstance(error, MemoryError) or (type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
-                                              and "RESOURCE_EXHAUSTED" in str(error))
+                                              and ("RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()))
 
 
 def _first_line(error: Exception) -> str:

@@ -367,6 +367,9 @@ def load_config_file(path: str | Path) -> Config:
     """Run ``path`` (a ``configs/*.py`` file or a shipped config's name: executed Python, so only trusted
     files) and type-check the ``Config`` its ``get_config()`` returns; or read a run's ``config.json``.
     Errors name the file and line."""
+    if not str(path).strip():
+        raise ConfigError(f"--config '': empty; give a config file or a shipped config's name "
+                          f"({', '.join(builtin_config_names())})")
     path = config_file(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else "")
@@ -389,6 +392,8 @@ def load_config_file(path: str | Path) -> Config:
         raise ConfigError(f"{_line_in(path, e)}: {e}") from None
     except Exception as e:  # the file is user code: report where it failed, not our traceback
         raise ConfigError(f"{_line_in(path, e)}: {type(e).__name__}: {e}") from None
+    except SystemExit as e:  # sys.exit("...") in a config file: its message, with the file and line
+        raise ConfigError(f"{_line_in(path, e)}: the config file exits ({e.code!r})") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected comoe_jax.config.Config")
     try:
@@ -440,14 +445,17 @@ def load_run_config(run_dir: str | Path) -> Config:
     return cfg
 
 
-def read_json(path: Path, error: type[Exception] = ConfigError):
-    """The JSON in ``path``; a damaged file raises ``error`` naming the file and line."""
+def read_json(path: Path, error: type[Exception] = ConfigError) -> dict:
+    """The JSON object in ``path``; a damaged file (or another JSON value) raises ``error`` naming the file."""
     try:
-        return json.loads(as_path(path).read_text(encoding="utf-8"))
+        data = json.loads(as_path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); the file is damaged") from None
     except UnicodeDecodeError:
         raise error(f"{path}: not UTF-8 text; the file is damaged") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: holds a JSON {type(data).__name__}, not an object of named fields; the file is damaged")
+    return data
 
 
 # --------------------------------------------------------------------------- types
@@ -772,6 +780,7 @@ def validate(cfg: Config) -> Config:
     if lo.load_balance_weight > 0:
         _require(a.num_experts >= 2, "adapter.num_experts", a.num_experts,
                  "the load-balance loss needs a router (n >= 2)")
+    _require(0 <= t.seed < 2**32, "train.seed", t.seed, f"0 <= seed <= {2**32 - 1}")
     _require(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "a positive number")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
     _require(0 <= o.end_lr_ratio <= 1, "optim.end_lr_ratio", o.end_lr_ratio, "between 0 and 1")
@@ -799,12 +808,16 @@ def validate(cfg: Config) -> Config:
     for key, specs in (("data.train", d.train), ("eval.sources", cfg.eval.sources),
                        ("eval.validation_sources", cfg.eval.validation_sources)):
         _require(len(specs) > 0 or key == "eval.validation_sources", key, specs, "at least one source")
+        _require(len(set(specs)) == len(specs), key, specs,
+                 "each source once (to weigh a task more, set data.mix_weights)")
         for spec in specs:
             _check_source(key, spec)
     for task, weight in d.mix_weights.items():
         _require(isinstance(task, str), "data.mix_weights", d.mix_weights, "task names (text) as keys")
-        _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
-                 "data.mix_weights", {task: weight}, "positive numbers")
+        _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight < math.inf,
+                 "data.mix_weights", {task: weight}, "positive finite numbers")
+    _require(math.isfinite(sum(d.mix_weights.values())), "data.mix_weights", d.mix_weights,
+             "relative shares whose sum is finite, e.g. {\"math_qa\": 2, \"social_iqa\": 1}")
     ev = cfg.eval
     _require(ev.split in SPLITS, "eval.split", ev.split, f"one of {', '.join(SPLITS)}")
     _require(ev.mode in EVAL_MODES, "eval.mode", ev.mode, f"one of {', '.join(EVAL_MODES)}")

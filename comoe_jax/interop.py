@@ -11,6 +11,7 @@ equivalent; they use comoe-jax's own safetensors layout (``checkpoint.save_adapt
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from comoe_jax.constants import ALIAS_HUB_IDS, TARGET_MODULES
 from comoe_jax.errors import AdapterFormatError, ConfigError
 from comoe_jax.generate import greedy_generate, stop_token_ids
 from comoe_jax.loading import _hf_name, from_pretrained, hf_config, load_tokenizer, model_spec, resolve_model_path
-from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, unstack
+from comoe_jax.model import ATTENTION_PROJECTIONS, flat_values, split_model, stacked_sources, unstack
 from comoe_jax.paths import as_path, hub_id, replace
 
 PEFT_PREFIX = "base_model.model."
@@ -183,26 +184,37 @@ def recorded_base(directory: str | Path) -> str | None:
 
 def merged_tensors(model, adapter: AdapterConfig, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
     """(Hugging Face name, array in ``dtype``) of the base model's frozen weights with a single-expert LoRA /
-    DoRA folded in, one stacked weight at a time (a 7B model is never held twice on the host; Phi-3's parts of one
-    fused weight wait for each other); merged in
-    float32: LoRA ``W0 + s A B``; DoRA ``m * (W0 + s A B) / ||W0 + s A B||`` (norm over the input axis)."""
+    DoRA folded in, layer by layer (the host holds one layer's weights at a time, and Phi-3's parts of one fused
+    weight come together); merged in float32: LoRA ``W0 + s A B``; DoRA ``m * (W0 + s A B) / ||W0 + s A B||``
+    (norm over the input axis)."""
     _, adapters, frozen = split_model(model)
     trained = unstack({k: np.asarray(v, np.float32) for k, v in flat_values(adapters).items()}, model.groups)
     scaling, out_dtype = adapter.alpha / adapter.rank, NUMPY_DTYPES[dtype]
+    values = flat_values(frozen)
 
     def merged():
-        for stacked, value in flat_values(frozen).items():
-            for name, weight in unstack({stacked: np.asarray(value, np.float32)}, model.groups).items():
-                module = name.removesuffix(".kernel")
-                if name.endswith(".kernel") and module + ".lora_a" in trained:
-                    weight = weight + scaling * trained[module + ".lora_a"][0] @ trained[module + ".lora_b"][0]
-                    if adapter.method == "dora":
-                        weight = weight * (trained[module + ".magnitude"][0] / np.linalg.norm(weight, axis=0))
-                weight = weight.T if name.endswith(".kernel") else weight  # ours y = x @ W; torch's y = x @ W.T
-                yield name, weight.astype(out_dtype)
+        for name, stacked, index in _layer_by_layer(values, model.groups):
+            weight = np.asarray(values[stacked] if index is None else values[stacked][index], np.float32)
+            module = name.removesuffix(".kernel")
+            if name.endswith(".kernel") and module + ".lora_a" in trained:
+                weight = weight + scaling * trained[module + ".lora_a"][0] @ trained[module + ".lora_b"][0]
+                if adapter.method == "dora":
+                    weight = weight * (trained[module + ".magnitude"][0] / np.linalg.norm(weight, axis=0))
+            weight = weight.T if name.endswith(".kernel") else weight  # ours y = x @ W; torch's y = x @ W.T
+            yield name, weight.astype(out_dtype)
 
     for name, weight in fuse_for_checkpoint(model.spec, merged()):  # Phi-3: q/k/v and gate/up as one tensor each
         yield _hf_name(name), np.ascontiguousarray(weight)
+
+
+def _layer_by_layer(values: dict, groups: tuple[range, ...]) -> list[tuple[str, str, int | None]]:
+    """(per-layer name, stacked name, index in the stack or None) of every weight: the layers' in layer order,
+    a layer's weights together, after the weights outside the layers."""
+    items = []
+    for stacked in values:
+        sources = stacked_sources(stacked, groups)
+        items += [(name, stacked, j) for j, name in enumerate(sources)] if sources else [(stacked, stacked, None)]
+    return sorted(items, key=lambda item: int(m[1]) if (m := re.match(r"layers\.(\d+)\.", item[0])) else -1)
 
 
 def write_safetensors_shards(directory, tensors: Iterable[tuple[str, np.ndarray]],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from comoe_jax import sharding as shd
 from comoe_jax.adapters import MoESpec
-from comoe_jax.architectures import decoder_spec, fused_source
+from comoe_jax.architectures import check_model_type, decoder_spec, fused_source
 from comoe_jax.config import AdapterConfig, Config, LossConfig, ModelConfig, parse_layer_range, read_json
 from comoe_jax.errors import LoadError
 from comoe_jax.model import (
@@ -166,6 +168,10 @@ def _hf_tensors(folder: Path, names: list[str], spec: DecoderSpec) -> Callable[[
     if missing:
         raise LoadError(f"{folder}: tensors missing from the safetensors files: {', '.join(missing[:5])}"
                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    layers = {int(m[1]) for key in where if (m := re.match(rf"{re.escape(prefix)}layers\.(\d+)\.", key))}
+    if layers and max(layers) >= spec.num_layers:  # config.json cut down, or the weights of a bigger model
+        raise LoadError(f"{folder}: the safetensors files hold layer {max(layers)}'s weights, but config.json has "
+                        f"num_hidden_layers={spec.num_layers}; the config and the weights are of different models")
 
     def read(name: str) -> np.ndarray:
         key, source = keys[name], sources[name]
@@ -313,7 +319,7 @@ def hf_config(model_cfg: ModelConfig):
 
     if model_cfg.path == "random":
         arch = dict(model_cfg.random_arch)
-        model_type = arch.pop("model_type", "llama")
+        model_type = check_model_type(arch.pop("model_type", "llama"), "model.random_arch")
         try:
             known = AutoConfig.for_model(model_type).to_dict()
             config = AutoConfig.for_model(model_type, **arch)
@@ -399,6 +405,8 @@ def _materialise(create, reader_factory, model_cfg: ModelConfig, mesh: Mesh | No
     shardings = {n: shd.named_sharding(axes, shapes[n], rules, mesh)
                  for state in (adapters_abs, frozen_abs) for n, axes in flat_axes(state).items()}
     adapter_names, frozen_names = list(flat_values(adapters_abs)), list(flat_values(frozen_abs))
+    dtypes = {n: v.dtype for state in (adapters_abs, frozen_abs) for n, v in flat_values(state).items()}
+    _check_host_memory(model_cfg, shapes, dtypes, shardings)
     init_names = adapter_names + (frozen_names if reader_factory is None else [])
     # Under jit, the unused random init of the frozen base is dead code and never runs.
     init = jax.jit(lambda: {n: v for n, v in flat_values(nnx.state(create())).items() if n in init_names},
@@ -413,15 +421,57 @@ def _materialise(create, reader_factory, model_cfg: ModelConfig, mesh: Mesh | No
             parts = [np.asarray(read(src)) for src in sources[name]]
             want = shapes[name] if stacked[name] is None else shapes[name][1:]
             for src, part in zip(sources[name], parts):
-                if part.shape != want:
-                    raise LoadError(f"{model_cfg.path}: tensor for {src} has shape {part.shape}, the config implies "
-                                    f"{want}")
+                _check_tensor(model_cfg.path, src, part, want)
             array = parts[0] if stacked[name] is None else np.stack(parts)
             values[name] = jax.device_put(array.astype(target), shardings[name])
     values |= _dora_magnitudes(values, adapter_names, {n: shardings[n] for n in adapter_names})
     adapters = state_from_flat(adapters_abs, {n: values[n] for n in adapter_names})
     frozen = state_from_flat(frozen_abs, {n: values[n] for n in frozen_names})
     return nnx.merge(graphdef, adapters, frozen)
+
+
+def _check_tensor(path: str, name: str, value: np.ndarray, shape: tuple) -> None:
+    """A base weight must have the config's shape, be floating point (integers are quantised weights, which
+    need their scales) and be finite (a NaN would make every step non-finite)."""
+    if value.shape != shape:
+        raise LoadError(f"{path}: tensor for {name} has shape {value.shape}, the config implies {shape}")
+    if value.dtype.kind != "f" and value.dtype != ml_dtypes.bfloat16:
+        raise LoadError(f"{path}: tensor for {name} is {value.dtype}, not floating point (a quantised checkpoint?); "
+                        "comoe-jax reads float32 / float16 / bfloat16 weights, or a GGUF file")
+    if not np.isfinite(value).all():
+        raise LoadError(f"{path}: tensor for {name} holds non-finite values (NaN or inf); the checkpoint is damaged")
+
+
+def _check_host_memory(model_cfg: ModelConfig, shapes: dict, dtypes: dict, shardings: dict) -> None:
+    """Refuse, before allocating, weights that cannot fit this host's memory (CPU devices keep them there; an
+    allocation past it ends in an XLA error or the kernel's OOM killer, with no word on the cause)."""
+    limit = host_memory_bytes()
+    if jax.default_backend() != "cpu" or limit is None:
+        return
+    need = sum(math.prod(shardings[n].shard_shape(shape)) * np.dtype(dtypes[n]).itemsize
+               * len(shardings[n].addressable_devices) for n, shape in shapes.items())
+    if need > limit:
+        source = f"model.random_arch={model_cfg.random_arch}" if model_cfg.path == "random" else model_cfg.path
+        count = sum(math.prod(shape) for shape in shapes.values())
+        devices = len({device for sharding in shardings.values() for device in sharding.addressable_devices})
+        raise LoadError(f"{source}: the weights ({count / 1e9:.2f} B parameters, model.param_dtype="
+                        f"{model_cfg.param_dtype}) need {need / 2**30:.1f} GiB on this host's "
+                        f"{devices} CPU device(s), more than its {limit / 2**30:.1f} GiB of memory; "
+                        "use a smaller model, model.param_dtype=bfloat16, or shard over more processes (mesh.fsdp)")
+
+
+def host_memory_bytes() -> int | None:
+    """This host's memory, or its container's limit where that is lower (cgroup v2 / v1); None if unknown."""
+    try:
+        sizes = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    except (ValueError, OSError, AttributeError):
+        sizes = []
+    for name in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            sizes.append(int(Path(name).read_text().strip()))
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+    return min(sizes) if sizes else None
 
 
 def _dora_magnitudes(values: dict, adapter_names: list[str], shardings: dict) -> dict:

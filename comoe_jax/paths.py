@@ -101,6 +101,18 @@ def output_folder(path, name: str) -> epath.Path:
     return path
 
 
+def results_folder(path, name: str) -> epath.Path:
+    """:func:`output_folder` for a command's results (analyze, compare, sweep): never a training run's folder,
+    whose plots and tables have the same names."""
+    if not str(path).strip():
+        raise RunFolderError(f"{name} '': empty; give a folder for the results")
+    path = as_path(path)
+    if (path / "config.json").is_file() and ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()):
+        raise RunFolderError(f"{name}={path} is a training run, whose plots and tables the results would overwrite; "
+                             "choose another folder")
+    return output_folder(path, name)
+
+
 def copy_tree(src, dst) -> None:
     """Copy the files of folder ``src`` (and its subfolders) into ``dst``, local or remote."""
     src, dst = as_path(src), as_path(dst)

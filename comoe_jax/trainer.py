@@ -35,8 +35,10 @@ from comoe_jax.config import (
 )
 from comoe_jax.data import (
     BATCH_ARRAYS,
+    DataError,
     TrainStream,
     assign_rows,
+    check_token_ids,
     check_tokenizer,
     data_fingerprint,
     load_sources,
@@ -48,7 +50,7 @@ from comoe_jax.flops import device_peak, train_step_flops
 from comoe_jax.interop import export_peft
 from comoe_jax.loading import build_model, load_tokenizer, model_spec
 from comoe_jax.model import flat_values, split_model, state_from_flat, trainable_parameters
-from comoe_jax.paths import as_path, output_folder, write_atomic
+from comoe_jax.paths import as_path, is_local, output_folder, write_atomic
 from comoe_jax.plots import plot_run, plot_validation
 from comoe_jax.progress import MetricSinks, Progress, metric_sinks, read_jsonl, repair_jsonl
 from comoe_jax.report import (
@@ -113,10 +115,12 @@ def next_global_batch(stream: TrainStream, cfg: Config) -> dict[str, np.ndarray]
     return {k: np.stack([m[k] for m in micro]) for k in BATCH_ARRAYS}
 
 
-def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None) -> TrainStream:
+def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None,
+                    vocab_size: int | None = None) -> TrainStream:
     """Load the training sources of ``cfg``, tokenize the examples of ``rows`` (the batch rows this
-    process feeds; default all) and mix them into a batch stream of those rows."""
-    check_tokenizer(tokenizer)
+    process feeds; default all) and mix them into a batch stream of those rows; token ids at or past the
+    model's ``vocab_size`` are refused."""
+    check_tokenizer(tokenizer, encodes=True)
     d, batch_size = cfg.data, cfg.train.batch_size
     examples = load_sources(d.train, "train", seed=cfg.train.seed, tasks=d.tasks, max_per_task=d.max_examples_per_task)
     tasks = tuple(dict.fromkeys(ex.task for ex in examples))
@@ -126,6 +130,8 @@ def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None) 
             if (kept := tuple(r for r in ex_rows if r in wanted))]
     records, counts = tokenize_rows(tokenizer, [ex for ex, _ in mine], [r for _, r in mine], d.template,
                                     d.seq_len, tasks, d.chat_replies)
+    check_token_ids(records, tokenizer, vocab_size, cfg.model.path)
+    _check_rows_fed(records, mine, cfg)
     share = "" if len(rows) == batch_size else f" (the {len(rows)} of {batch_size} batch rows this process feeds)"
     say(counts.summary(d.seq_len) + share)
     stream = TrainStream({r: records.get(r, {}) for r in rows}, batch_size=batch_size, seq_len=d.seq_len,
@@ -139,6 +145,18 @@ def training_stream(cfg: Config, tokenizer, say, rows: list[int] | None = None) 
         say(f"warning: data.mix_weights leaves {', '.join(rare)} under 1% of the examples: tasks it does not name "
             f"({', '.join(unnamed) or 'none'}) weigh their number of examples; name every task to set the shares")
     return stream
+
+
+def _check_rows_fed(records: dict, mine: list, cfg: Config) -> None:
+    """Each batch row needs a kept example: name the examples of a row that lost them all (too long)."""
+    for row in sorted(records):
+        if not any(records[row].values()):
+            lost = [ex.source for ex, rows in mine if row in rows]
+            named = ", ".join(lost[:3]) + (", ..." if len(lost) > 3 else "")
+            raise DataError(f"batch row {row} of train.batch_size={cfg.train.batch_size} has no training example: "
+                            f"the {len(lost)} example(s) assigned to it ({named}) keep no response token within "
+                            f"data.seq_len={cfg.data.seq_len}; raise data.seq_len, shorten those examples, or lower "
+                            "train.batch_size")
 
 
 def _check_batch(cfg: Config, mesh) -> None:
@@ -174,6 +192,21 @@ def _check_resumable(cfg: Config, ckpt: Checkpointer, say=print) -> int | None:
             f"rate follows the {cfg.train.steps}-step schedule (warm-up and decay), so the run is neither a "
             f"{before}-step nor a {cfg.train.steps}-step run")
     return step
+
+
+def _check_run_folder(cfg: Config, out) -> None:
+    """Refuse, before anything is written there, a train.output_dir that is the base model's folder or holds
+    another program's config.json (a model folder): the run would overwrite it."""
+    where = f"train.output_dir={cfg.train.output_dir}"
+    model = os.path.expanduser(cfg.model.path)
+    if is_local(out) and os.path.isdir(model) and os.path.realpath(out) == os.path.realpath(model):
+        raise RunFolderError(f"{where} is the base model's folder (model.path); choose another train.output_dir")
+    if (out / "config.json").exists():
+        saved = read_json(out / "config.json", RunFolderError)
+        if not all(isinstance(saved.get(section), dict) for section in ("model", "train")):
+            raise RunFolderError(f"{where} holds a config.json that is not a comoe-jax run's (fields "
+                                 f"{', '.join(sorted(saved)[:4]) or 'none'}; a model folder?), which the run would "
+                                 "overwrite; choose another train.output_dir")
 
 
 def _check_no_earlier_run(cfg: Config) -> None:
@@ -231,6 +264,8 @@ def _check_model(cfg: Config):
 
 
 def _use_compilation_cache(folder: str) -> None:
+    if folder:
+        output_folder(folder, "train.compilation_cache")  # a file or an unwritable path: refused, not warned about
     if folder and jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir", str(as_path(folder)))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -247,7 +282,8 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     _check_validation_items(cfg, say)
     out = as_path(cfg.train.output_dir)
     _prepare_output(out)
-    _check_model(cfg)
+    spec = _check_model(cfg)
+    _check_run_folder(cfg, out)
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, say)
     try:
         resume_from = _check_resumable(cfg, ckpt, say)
@@ -257,7 +293,7 @@ def train(cfg: Config, *, stream=None) -> RunResult:
     if jax.process_index() == 0:
         repair_jsonl(out / "metrics.jsonl", say)
     tokenizer = load_tokenizer(cfg.model.path)
-    batches = training_stream(cfg, tokenizer, say, shd.local_rows(mesh, rules, cfg.train.batch_size))
+    batches = training_stream(cfg, tokenizer, say, shd.local_rows(mesh, rules, cfg.train.batch_size), spec.vocab_size)
     # evaluation and validation items are read and checked now, not after minutes of loading and training
     eval_items = evaluation_examples(cfg) if cfg.eval.before_training or cfg.eval.after_training else []
     val_items = validation_examples(cfg) if cfg.eval.every else []

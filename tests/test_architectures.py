@@ -99,6 +99,12 @@ CONFIGS = {
                                                 rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.1, 1.2],
                                                 long_factor=[4.0, 8.0, 16.0])),
                                dict(sliding_window=None, sliding_layers=(), tie_word_embeddings=True)),
+    # one KV head and head_dim 16, not hidden / heads = 8: the fused rows split by head_dim
+    "phi3_mqa_head16_quarter_rotary": ("phi3", dict(pad_token_id=None, eos_token_id=2, head_dim=16,
+                                                    num_key_value_heads=1, rope_parameters=dict(
+                                                        rope_type="default", rope_theta=1e4,
+                                                        partial_rotary_factor=0.25)),
+                                       dict(head_dim=16, num_kv_heads=1, sliding_layers=())),
     "olmo2_post_norms_gqa": ("olmo2", dict(pad_token_id=None), dict(sliding_layers=(), qk_norm=False)),
     "olmo3_window4_on_layer0_two_ropes": ("olmo3", dict(
         pad_token_id=None, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
@@ -546,6 +552,20 @@ def _exported(name, saved, tmp_path, method, targets):
     return ref, cfg, model, ours
 
 
+def test_the_merged_export_holds_one_layer_at_a_time(saved):
+    """The merged weights come layer by layer, each fused Phi-3 weight as soon as its layer's parts have come."""
+    from comoe_jax.config import AdapterConfig
+    from comoe_jax.interop import merged_tensors
+
+    adapter = AdapterConfig(method="lora", num_experts=1, top_k=1, rank=2, target_modules=("q_proj", "up_proj"))
+    model = from_pretrained(saved("phi3_mqa_head16_quarter_rotary").folder, adapter=adapter)
+    names = [name for name, _ in merged_tensors(model, adapter)]
+    layers = [int(name.split(".")[2]) for name in names if name.startswith("model.layers.")]
+    assert layers == sorted(layers) and set(layers) == {0, 1}
+    assert {"model.layers.1.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(names)
+    assert not any(part in name for name in names for part in (".q_proj", ".k_proj", ".v_proj", ".up_proj"))
+
+
 def test_phi3_dora_on_some_fused_parts_exports_to_peft_and_merged(saved, tmp_path):
     """DoRA on q_proj, v_proj and up_proj only: peft adapts Phi-3's fused qkv_proj / gate_up_proj, so the export is
     one DoRA per fused module, A stacked by rank and B block-diagonal with empty blocks for k_proj and gate_proj
@@ -586,8 +606,10 @@ def test_unsupported_model_types_are_refused_with_the_supported_list(model_type,
                                         r"llama, mistral, ministral, qwen2, qwen3, smollm3, granite, olmo2, "
                                         r"olmo3, gemma, gemma2, gemma3_text, gemma3, phi3"):
         from_pretrained(str(tmp_path))
-    with pytest.raises(LoadError, match="model_type 'phi' is not supported"):
+    with pytest.raises(LoadError, match="model.random_arch: model_type 'phi' is not supported"):
         model_spec("random", dict(model_type="phi"))
+    with pytest.raises(LoadError, match="model.random_arch: model_type 'gpt2' is not supported"):  # not its fields
+        model_spec("random", dict(model_type="gpt2", intermediate_size=64))
 
 
 def test_gguf_of_another_architecture_is_refused(tmp_path):

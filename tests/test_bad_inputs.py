@@ -316,7 +316,8 @@ CASES = [
     ("source-bare-parquet", _bare_path("train.parquet", "x"), 2, r"for this path: data\.train=hf:/.*/train\.parquet$"),
     ("source-bare-folder", _bare_path("saved"), 2, r"for this path: data\.train=hf:/.*/saved$"),
     ("builtin-task", _override("data.train=builtin:nosuch"), 2, r"unknown built-in task\(s\) nosuch"),
-    ("mix-weight-negative", _override('data.mix_weights={"add": -1}'), 2, r"data\.mix_weights=.* positive numbers"),
+    ("mix-weight-negative", _override('data.mix_weights={"add": -1}'), 2,
+     r"data\.mix_weights=.* positive finite numbers"),
     ("mix-weight-task", _override('data.mix_weights={"nosuch": 1}'), 2, r"data\.mix_weights names task\(s\) nosuch"),
     ("tasks", _override("data.tasks=nosuch"), 2, r"data\.tasks names nosuch, not found in builtin:add"),
     ("eval-mode", _override("eval.mode=exact"), 2, r"eval\.mode='exact' is not allowed: one of label, loglik"),
@@ -496,7 +497,7 @@ CASES = [
                                         '"intermediate_size": 64, "num_attention_heads": 4, "vocab_size": 320}'), 2,
      r"model\.random_arch: num_hidden_layers=0; a decoder needs a positive integer"),
     ("mix-weight-bool", _override('data.mix_weights={"add": true}'), 2,
-     r"data\.mix_weights=\{'add': True\} is not allowed: positive numbers"),
+     r"data\.mix_weights=\{'add': True\} is not allowed: positive finite numbers"),
     ("mesh-rules-logical-typo", _override('mesh.rules=[["emb", "fsdp"]]'), 2,
      r"mesh\.rules: 'emb' is not a logical axis \(did you mean 'embed'\?\); logical axes are batch"),
     ("eval-after-free-form-label", _override("eval.mode=label", "eval.after_training=true"), 2,
@@ -624,7 +625,68 @@ CASES = [
      r"--grid 'train\.output_dir=a,b': train\.output_dir cannot be swept; every cell runs in <out>/<cell name>"),
     ("sweep-grid-repeated", lambda ctx, tmp: ("sweep", ["--config", "tiny", "--grid", "train.seed=0,0", "--out",
                                                         str(tmp / "sw")]), 2,
-     r"--grid 'train\.seed=0,0': a value is repeated"),
+     r"--grid 'train\.seed=0,0': a value is repeated"),    # ---- found by trying what users get wrong (third round)
+    ("seed-negative", _override("train.seed=-1"), 2, r"train\.seed=-1 is not allowed: 0 <= seed <= 4294967295"),
+    ("seed-past-32-bits", _override("train.seed=4294967296"), 2, r"train\.seed=4294967296 is not allowed: 0 <= seed"),
+    ("mix-weight-infinite", _override('data.mix_weights={"add": Infinity}'), 2,
+     r"data\.mix_weights=\{'add': inf\} is not allowed: positive finite numbers"),
+    ("source-twice", _override("data.train=builtin:add,builtin:add"), 2,
+     r"data\.train=.* is not allowed: each source once \(to weigh a task more, set data\.mix_weights\)"),
+    ("random-arch-past-host-memory", _override('model.random_arch={"vocab_size": 320, "hidden_size": 65536, '
+                                               '"intermediate_size": 262144, "num_hidden_layers": 64, '
+                                               '"num_attention_heads": 64}'), 2,
+     r"model\.random_arch=.*: the weights \(\d+\.\d+ B parameters, model\.param_dtype=float32\) need .* GiB on this "
+     r"host's 1 CPU device\(s\), more than its .* GiB of memory"),
+    ("random-arch-unsupported-type", _override('model.random_arch={"model_type": "gpt2", "intermediate_size": 64}'), 2,
+     r"model\.random_arch: model_type 'gpt2' is not supported; comoe-jax implements llama"),
+    ("compilation-cache-a-file", lambda ctx, tmp: ("train", tiny(
+        f"train.compilation_cache={_write(tmp / 'cache', 'x')}", out(tmp))), 2,
+     r"train\.compilation_cache=.*cache is a file, not a folder"),
+    ("config-exits", _config("    import sys\n    sys.exit('bad value')\n"), 2,
+     r"my_config\.py:8: the config file exits \('bad value'\)"),
+    ("config-empty-name", lambda ctx, tmp: ("train", ["--config", ""]), 2,
+     r"--config '': empty; give a config file or a shipped config's name \(default, tiny\)"),
+    ("jsonl-nan-field", _jsonl("d.jsonl", '{"instruction": NaN, "output": "b"}\n'), 2,
+     r"d\.jsonl:1: missing field 'instruction' \(NaN, a missing value\)"),
+    ("jsonl-a-row-of-long-examples", _jsonl("d.jsonl", "".join(json.dumps(
+        {"instruction": "word " * (90 if i == 1 else 2), "output": "yes"}) + "\n" for i in range(4))), 2,
+     r"batch row \d of train\.batch_size=4 has no training example: the 1 example\(s\) assigned to it "
+     r"\(.*d\.jsonl:2\) keep no response token within data\.seq_len=64"),
+    ("model-vocab-below-the-tokenizer", _hf(lambda f: (_edit_weights(f, lambda t: t.update(
+        {k: t[k][:100] for k in ("model.embed_tokens.weight", "lm_head.weight")})), _json(
+        f / "config.json", json.loads((f / "config.json").read_text()) | {"vocab_size": 100}))), 2,
+     r"the tokenizer gives token id \d+ \(\d+ tokens\), but the model .* has vocab_size=100: the tokenizer does not "
+     r"belong to this model"),
+    ("model-weights-nan", _hf(lambda f: _edit_weights(f, lambda t: t["model.layers.1.mlp.down_proj.weight"].__setitem__(
+        (0, 0), np.nan))), 2, r"tensor for layers\.1\.mlp\.down_proj\.kernel holds non-finite values"),
+    ("model-weights-int8", _hf(lambda f: _edit_weights(f, lambda t: t.update(
+        {"model.layers.0.self_attn.q_proj.weight": np.ones((32, 32), np.int8)}))), 2,
+     r"tensor for layers\.0\.self_attn\.q_proj\.kernel is int8, not floating point \(a quantised checkpoint\?\)"),
+    ("model-weights-of-more-layers", _hf(lambda f: _edit_weights(f, lambda t: t.update(
+        {"model.layers.7.mlp.down_proj.weight": t["model.layers.1.mlp.down_proj.weight"]}))), 2,
+     r"the safetensors files hold layer 7's weights, but config\.json has num_hidden_layers=2"),
+    ("model-tokenizer-without-vocabulary", _hf(lambda f: ([p.unlink() for p in f.glob("*token*")], _json(
+        f / "tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer"}))), 2,
+     r"the tokenizer \(.*\) turns text into no tokens: its vocabulary files .* are missing or broken"),
+    ("output-a-model-folder", lambda ctx, tmp: ("train", tiny(f"train.output_dir={_hf_copy(ctx, tmp)}")), 2,
+     r"train\.output_dir=.*llama holds a config\.json that is not a comoe-jax run's \(fields .*; a model folder\?\)"),
+    ("output-the-base-model", lambda ctx, tmp: ("train", tiny(
+        f"model.path={_hf_copy(ctx, tmp)}", "data.template=plain", f"train.output_dir={tmp / 'llama'}")), 2,
+     r"train\.output_dir=.*llama is the base model's folder \(model\.path\)"),
+    ("output-config-a-list", lambda ctx, tmp: ("train", tiny(
+        f"train.output_dir={_write(tmp / 'run' / 'config.json', '[1, 2]').parent}")), 2,
+     r"config\.json: holds a JSON list, not an object of named fields; the file is damaged"),
+    ("evaluate-out-the-run-config", _run(lambda run: None, "evaluate", "--out", "{run}/config"), 2,
+     r"--out .*/config: would overwrite .*config\.json, which is not an evaluation result written by evaluate\.py"),
+    ("evaluate-out-the-adapter-config", _run(lambda run: None, "evaluate", "--out", "{run}/adapter/adapter_config"), 2,
+     r"would overwrite .*adapter_config\.json, which is not an evaluation result"),
+    ("evaluate-out-eval-after", _run(lambda run: None, "evaluate", "--out", "{run}/eval_after"), 2,
+     r"--out .*eval_after: would overwrite the run's own evaluation at the end of training"),
+    ("analyze-out-the-run", lambda ctx, tmp: ("analyze", [str(run := _copy(ctx["finished_run"], tmp)), "--out",
+                                                          str(run)]), 2,
+     r"--out=.*run is a training run, whose plots and tables the results would overwrite"),
+    ("analyze-out-empty", lambda ctx, tmp: ("analyze", [str(_copy(ctx["finished_run"], tmp)), "--out", ""]), 2,
+     r"--out '': empty; give a folder for the results"),
 ]
 
 
@@ -751,6 +813,27 @@ def test_an_interrupted_run_exits_75_and_resumes(monkeypatch, tmp_path, capsys):
     assert "SIGTERM: saving step 2 and stopping" in capsys.readouterr().out
     monkeypatch.setattr(trainer, "next_global_batch", real)
     assert train.main(args) == 0
+
+
+def test_sigterm_while_the_model_loads_exits_75_with_a_message(monkeypatch, tmp_path, capsys):
+    """Outside the training loop (loading, evaluation) SIGTERM also ends with the interrupted code, not a bare 143,
+    and the handler the command replaced is put back."""
+    import signal
+
+    from comoe_jax import trainer
+
+    real = trainer.build_model
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "build_model", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert train.main(tiny(f"train.output_dir={tmp_path / 'run'}")) == 75
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("interrupted (SIGTERM); what was saved is kept: rerun "
+                                                                "the same command to continue")
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_grid_cell_is_reused_only_when_its_run_really_finished(finished_run, tmp_path):

@@ -108,6 +108,11 @@ def test_out_of_memory_is_one_line_with_what_to_change(capsys):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 5448819524376 bytes.\nmore")
 
     @command
+    def cpu_oom(argv=None):  # XLA:CPU's form of the same failure
+        raise jax.errors.JaxRuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 41773 "
+                                         "bytes.")
+
+    @command
     def other(argv=None):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
@@ -115,6 +120,8 @@ def test_out_of_memory_is_one_line_with_what_to_change(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("out of memory: RESOURCE_EXHAUSTED: Out of memory allocating 5448819524376 bytes; this run "
                           "does not fit the device: lower train.batch_size") and "\n" not in err
+    assert cpu_oom([]) == 2
+    assert capsys.readouterr().err.startswith("out of memory: INTERNAL: Error dispatching computation: Out of memory")
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # not a user error: keeps its traceback
         other([])
 

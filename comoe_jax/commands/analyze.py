@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 from comoe_jax.cli import command
 from comoe_jax.config import ConfigError, apply_overrides, load_run_config, negatives_per_anchor, validate
 from comoe_jax.constants import METHODS, SINGLE_EXPERT_METHODS
-from comoe_jax.paths import absolute, as_path, is_local, output_folder
+from comoe_jax.paths import absolute, as_path, is_local, results_folder
 
 
 @command
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{run}: adapter.method={cfg.adapter.method} has one expert and no router; analyze.py "
                               f"compares routed runs ({routed})")
     probe_cfg = validate(apply_overrides(load_run_config(args.runs[0]), overrides))
-    out = output_folder(args.out, "--out")
+    out = results_folder(args.out, "--out")
     from comoe_jax import sharding as shd
     from comoe_jax.analysis import collect_routing, expert_outputs_2d, summary
     from comoe_jax.checkpoint import load_run_model

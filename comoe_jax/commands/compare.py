@@ -31,7 +31,7 @@ from comoe_jax.cli import command
 from comoe_jax.config import ConfigError, apply_overrides, load_config_file, validate
 from comoe_jax.constants import METHODS
 from comoe_jax.experiments import median, run_grid
-from comoe_jax.paths import as_path
+from comoe_jax.paths import as_path, results_folder
 from comoe_jax.tables import markdown_table, number, percent
 
 # What this CPU can do in about an hour for all methods (overridable on the command line).
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings or set(settings) - {"mt", "st"}:
         raise ConfigError(f"--settings={args.settings!r}: choose one or both of mt, st (comma-separated)")
     base = apply_overrides(load_config_file(args.config), CPU_DEFAULTS + overrides)
+    results_folder(args.out, "--out")
     from comoe_jax.data import load_sources
 
     known = list(dict.fromkeys(ex.task for ex in load_sources(base.data.train, "train", tasks=base.data.tasks)))

@@ -66,9 +66,31 @@ def main(argv: list[str] | None = None) -> int:
 def _check_out_stem(out: str) -> None:
     if not out.strip():
         raise ConfigError("--out '': empty; give an output path stem such as runs/x/eval_arc (writes .json and .md)")
-    if as_path(out).is_dir():
-        raise ConfigError(f"--out {out} is a folder; give a path stem inside it such as {as_path(out) / 'eval'} "
+    stem = as_path(out)
+    if stem.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a path stem inside it such as {stem / 'eval'} "
                           "(writes eval.json and eval.md there)")
+    if stem.name in RUN_RECORDS and (stem.parent / "config.json").is_file():
+        raise ConfigError(f"--out {out}: would overwrite the run's own evaluation at the {RUN_RECORDS[stem.name]} of "
+                          "training (report.md and compare.py read it); choose another --out")
+    written = [stem.with_name(stem.name + suffix) for suffix in (".json", ".md")]
+    if any(path.exists() for path in written) and not _an_earlier_evaluation(written[0]):
+        taken = next(path for path in written if path.exists())
+        raise ConfigError(f"--out {out}: would overwrite {taken}, which is not an evaluation result written by "
+                          "evaluate.py (a run's config, report or adapter file?); choose another --out")
+
+
+RUN_RECORDS = {"eval_before": "start", "eval_after": "end"}
+
+
+def _an_earlier_evaluation(path) -> bool:
+    from comoe_jax.errors import ComoeError
+    from comoe_jax.evaluate import load_eval
+
+    try:
+        return load_eval(path) is not None
+    except ComoeError:
+        return False
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 from comoe_jax.cli import command
 from comoe_jax.config import ConfigError, apply_overrides, load_config_file, validate
 from comoe_jax.experiments import median, run_grid
-from comoe_jax.paths import as_path
+from comoe_jax.paths import as_path, results_folder
 from comoe_jax.tables import markdown_table, number, percent
 
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if not grid:
         raise ConfigError("give at least one --grid section.key=v1,v2,...")
     base = apply_overrides(load_config_file(args.config), overrides)
+    results_folder(args.out, "--out")
     cells = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     configs = []
     for values in cells:  # check every cell before training any

@@ -8,6 +8,7 @@ from comoe_jax.data.pipeline import (
     TrainStream,
     assign_rows,
     by_row,
+    check_token_ids,
     check_tokenizer,
     data_fingerprint,
     encode,
@@ -21,8 +22,7 @@ from comoe_jax.data.templates import TEMPLATES, render, render_cloze, render_seg
 
 __all__ = [
     "BATCH_ARRAYS", "BUILTIN_TASKS", "DataError", "Example", "FORMATS", "TEMPLATES", "TokenCounts", "TrainStream",
-    "assign_rows", "by_row", "check_tokenizer", "data_fingerprint", "encode", "encode_pair", "encode_segments",
-    "load_builtin",
-    "load_source", "load_sources",
+    "assign_rows", "by_row", "check_token_ids", "check_tokenizer", "data_fingerprint", "encode", "encode_pair",
+    "encode_segments", "load_builtin", "load_source", "load_sources",
     "multiple_choice", "render", "render_cloze", "render_segments", "tokenize", "tokenize_rows",
 ]

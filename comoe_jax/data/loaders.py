@@ -35,6 +35,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import math
 import re
 import zlib
 from pathlib import Path
@@ -112,10 +113,13 @@ def _read_text(path: Path) -> str:
 
 def _text(record: dict, field: str, where: str, *, required: bool = True) -> str:
     value = record.get(field)
-    if value is None:
+    missing = isinstance(value, float) and math.isnan(value)  # JSON NaN: a missing value as pandas writes it
+    if value is None or missing:
         if required:
-            raise DataError(f"{where}: missing field {field!r}")
+            raise DataError(f"{where}: missing field {field!r}" + (" (NaN, a missing value)" if missing else ""))
         return ""
+    if isinstance(value, float) and math.isinf(value):
+        raise DataError(f"{where}: field {field!r} is {value} (JSON Infinity), not text")
     if not isinstance(value, (str, int, float, bool)):
         raise DataError(f"{where}: field {field!r} should be text, got {type(value).__name__}")
     if isinstance(value, bool):  # JSON true / false, as written (Python's str() would give True / False)

@@ -57,11 +57,24 @@ class TokenCounts:
         return "data: " + ", ".join(parts) + warning
 
 
-def check_tokenizer(tokenizer) -> None:
+def check_tokenizer(tokenizer, encodes: bool = False) -> None:
+    """Refuse a tokenizer without pad or EOS token; with ``encodes``, also one that turns text into nothing."""
     if tokenizer.pad_token_id is None:
         raise DataError("the tokenizer has no pad token: set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token, so responses cannot be terminated")
+    if encodes and not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        raise DataError(f"the tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} tokens) turns text into no "
+                        "tokens: its vocabulary files (tokenizer.json, tokenizer.model) are missing or broken")
+
+
+def check_token_ids(records: dict[int, dict[str, list[dict]]], tokenizer, vocab_size: int | None, model: str) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer of another model): they would train on NaN."""
+    largest = max((int(r["ids"].max()) for tasks in records.values() for rs in tasks.values() for r in rs), default=-1)
+    largest = max(largest, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    if vocab_size is not None and largest >= vocab_size:
+        raise DataError(f"the tokenizer gives token id {largest} ({len(tokenizer)} tokens), but the model "
+                        f"{model} has vocab_size={vocab_size}: the tokenizer does not belong to this model")
 
 
 def encode_pair(tokenizer, prompt: str, continuation: str, special_tokens: bool = True,
@@ -218,6 +231,11 @@ def _data_change(saved: dict, now: dict) -> str:
     return "examples per task " + ", ".join(changed) if changed else "same counts, other contents"
 
 
+def _seed32(seed: int) -> int:
+    """grain's seeds are 32-bit: a row's derived seed wraps rather than overflow for seeds near 2**32."""
+    return seed % 2**32
+
+
 def by_row(records: dict[str, list[dict]], batch_size: int, rows=None) -> dict[int, dict[str, list[dict]]]:
     """Records of every task split over the rows (record j of a task to row ``j % batch_size``)."""
     rows = range(batch_size) if rows is None else rows
@@ -258,7 +276,8 @@ class TrainStream:
         if not tasks:
             raise DataError(f"batch row {row} has no training example: every example assigned to it was left "
                             f"out (no response token within data.seq_len); raise data.seq_len")
-        per_task = [grain.MapDataset.source(records[t]).shuffle(seed=seed + 7919 * row + self.tasks.index(t))
+        per_task = [grain.MapDataset.source(records[t]).shuffle(
+                        seed=_seed32(seed + 7919 * row + self.tasks.index(t)))
                     .repeat() for t in tasks]
         # grain's mix interleaves the tasks in one fixed pattern (the same in every row: a batch would hold one
         # task at a time); shuffling it in windows keeps the weights per window and makes rows differ.
@@ -269,7 +288,7 @@ class TrainStream:
         if packing:
             return grain.experimental.FirstFitPackIterDataset(
                 stream, length_struct={"ids": length, "response": length, "task": length},
-                num_packing_bins=PACKING_BINS, seed=seed + row, shuffle_bins=False)
+                num_packing_bins=PACKING_BINS, seed=_seed32(seed + row), shuffle_bins=False)
         return stream.map(lambda r: _pad(r, length, pad_id))
 
     def next_batch(self) -> dict[str, np.ndarray]:
