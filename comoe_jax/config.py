@@ -270,7 +270,7 @@ class TrainConfig(_Strict):
 
     steps: int = _f(60, "Optimizer steps.", resumable=True)
     batch_size: int = _f(8, "Global examples per micro-batch (split over the data and fsdp mesh axes).")
-    seed: int = _f(0, "Seed of adapter init, data order, dropout and anchor / negative sampling.")
+    seed: int = _f(0, "Seed of adapter init, data order, dropout and anchor / negative sampling (0 to 2**32 - 1).")
     output_dir: str = _f("runs/default", "Run folder: checkpoints, adapter export, metrics.jsonl.", resumable=True)
     resume: bool = _f(True, "Continue from the latest checkpoint in output_dir if there is one.", resumable=True)
     save_every: int = _f(20, "Steps between checkpoints (the last step is always saved).", resumable=True)

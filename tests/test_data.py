@@ -701,6 +701,22 @@ def test_processes_feeding_their_own_rows_make_up_the_single_process_batch(packi
     np.testing.assert_array_equal(resumed.next_batch()["input_ids"], whole.next_batch()["input_ids"])
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_largest_seed_streams_and_the_model_vocabulary_is_checked(packing, tiny_config):
+    """grain takes 32-bit seeds: the rows' derived seeds wrap instead of overflowing at train.seed = 2**32 - 1
+    (which differs from seed 0's stream); a tokenizer whose ids the model has no embedding for is refused."""
+    from comoe_jax.data import DataError
+    from comoe_jax.trainer import training_stream
+
+    tok = byte_tokenizer()
+    first = {seed: training_stream(tiny_config(data__packing=packing, train__seed=seed, train__batch_size=6), tok,
+                                   lambda text: None).next_batch()["input_ids"] for seed in (0, 2**32 - 1)}
+    assert first[0].shape == first[2**32 - 1].shape and not np.array_equal(first[0], first[2**32 - 1])
+    with pytest.raises(DataError, match=r"the tokenizer gives token id \d+ \(259 tokens\), but the model random has "
+                                        r"vocab_size=100: the tokenizer does not belong to this model"):
+        training_stream(tiny_config(data__packing=packing), tok, lambda text: None, vocab_size=100)
+
+
 def test_byte_order_mark_json_booleans_and_empty_replies(tmp_path):
     rows = [{"question": "Is water wet?", "options": ["true", "false"], "answer": True},
             {"instruction": "Is ice cold?", "output": False},
