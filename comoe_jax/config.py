@@ -678,14 +678,17 @@ def _check_source(key: str, spec: str) -> None:
     hub_like = fmt == "hf" and re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+[:@]", path) and not as_path(path).exists()
     _require(not hub_like, key, spec, "a hub dataset as hf:org/name[:subset][@split], with a non-empty subset after "
              "':' and split after '@' (e.g. hf:HuggingFaceH4/ultrachat_200k@train_sft)")
-    _require(_url_ok(key, spec, path) and as_path(path).exists(), key, spec, f"{path} does not exist")
+    folder, at, _ = path.rpartition("@")  # hf:<save_to_disk folder>@<split>
+    pinned = fmt == "hf" and at and not as_path(path).exists() and as_path(folder).is_dir()
+    _require(pinned or (_url_ok(key, spec, path) and as_path(path).exists()), key, spec, f"{path} does not exist")
 
 
 def split_less(spec: str) -> bool:
     """A source that reads the same items for every split (a data file, a BIG-bench task, a hub dataset pinned
     to one split with ``@split``)."""
     fmt, _, path = spec.partition(":")
-    pinned = fmt == "hf" and "@" in path and re.match(HUB_DATASET, path) is not None and not as_path(path).exists()
+    pinned = fmt == "hf" and "@" in path and not as_path(path).exists() and (
+        re.match(HUB_DATASET, path) is not None or as_path(path.rpartition("@")[0]).is_dir())
     return fmt in ("jsonl", "llm_adapters", "bigbench") or (fmt == "hf" and as_path(path).is_file()) or pinned
 
 

@@ -48,6 +48,7 @@ try:
 except ImportError as e:  # lm_eval is an optional dependency
     raise ImportError(f"comoe_jax.lm_eval_model needs lm-evaluation-harness: pip install lm_eval==0.4.13 ({e})") \
         from e
+import jax
 from tqdm import tqdm
 
 from comoe_jax import sharding as shd
@@ -72,6 +73,8 @@ log = logging.getLogger(__name__)
 def _mesh_config(base: MeshConfig, num_devices, fsdp, tensor) -> MeshConfig:
     if num_devices is not None:
         base.num_devices = _size("num_devices", num_devices)
+        if base.num_devices > jax.device_count():
+            raise ConfigError(f"model_args num_devices={num_devices}: only {jax.device_count()} devices are visible")
     if fsdp is not None:
         base.fsdp = _size("fsdp", fsdp)
     if tensor is not None:
@@ -151,17 +154,22 @@ class TokenScorer(Scorer):
 # --------------------------------------------------------------------------- the lm_eval model
 
 
+def _where(name: str) -> str:
+    """How a user set ``name``: batch_size may come from lm_eval's own --batch_size."""
+    return "--batch_size (or model_args batch_size)" if name == "batch_size" else f"model_args {name}"
+
+
 def _int(name: str, value) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"model_args {name}={value!r}: expected an integer") from None
+        raise ConfigError(f"{_where(name)}={value!r}: expected an integer") from None
 
 
 def _positive(name: str, value) -> int:
     number = _int(name, value)
     if number < 1:
-        raise ConfigError(f"model_args {name}={value!r}: expected a positive integer")
+        raise ConfigError(f"{_where(name)}={value!r}: expected a positive integer")
     return number
 
 

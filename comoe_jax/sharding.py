@@ -107,6 +107,8 @@ def rules_dict(rules) -> dict:
         for t in targets:
             if t not in MESH_AXES:
                 raise ConfigError(f"mesh.rules: {name!r} -> {t!r}: mesh axes are {', '.join(MESH_AXES)}")
+            if targets.count(t) > 1:
+                raise ConfigError(f"mesh.rules: {name!r} maps to mesh axis {t!r} twice; name each mesh axis once")
         out[name] = targets
     return out
 

@@ -687,7 +687,25 @@ CASES = [
      r"--out=.*run is a training run, whose plots and tables the results would overwrite"),
     ("analyze-out-empty", lambda ctx, tmp: ("analyze", [str(_copy(ctx["finished_run"], tmp)), "--out", ""]), 2,
      r"--out '': empty; give a folder for the results"),
+    ("hf-saved-empty", _hf_rows("empty", {"instruction": [], "answer": []}), 2,
+     r"empty: no examples \(the saved dataset, or one of its splits, is empty\)"),
+    ("hf-folder-unknown-split", lambda ctx, tmp: ("train", tiny(f"data.train=hf:{_saved(tmp / 'ds')}@dev", out(tmp))),
+     2, r"ds: split 'dev' not found; the dataset has test"),
+    ("jsonl-empty-option", _jsonl("d.jsonl", '{"question": "q", "options": ["", "b"], "answer": "b"}\n'), 2,
+     r"d\.jsonl:1: field 'options' has an empty option \(option A\)"),
+    ("jsonl-blank-label", _jsonl("d.jsonl", '{"instruction": "q", "answer": "a", "labels": ["a", "  "]}\n'), 2,
+     r"d\.jsonl:1: field 'labels' \['a', '  '\] has an empty or a repeated label"),
+    ("mesh-rules-axis-twice", _override('mesh.rules=[["embed", ["fsdp", "fsdp"]]]'), 2,
+     r"mesh\.rules: 'embed' maps to mesh axis 'fsdp' twice"),
 ]
+
+
+def _saved(folder: Path) -> Path:
+    """A save_to_disk DatasetDict holding only a test split."""
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"instruction": ["q"], "answer": ["a"]})}).save_to_disk(
+        folder)
+    return folder
 
 
 def _snapshot(folder: Path) -> list[str]:

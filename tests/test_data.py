@@ -182,6 +182,14 @@ def test_hf_dataset_loader(tmp_path):
     assert (m.options[m.answer_index], m.answer) == ("Paris", "B")
     with pytest.raises(DataError, match="not a dataset saved with save_to_disk"):
         load_hf_dataset(tmp_path, "test")
+    # hf:<folder>@<split>, as the split-not-found message suggests, passes the config check and reads that split
+    from comoe_jax.config import Config, split_less, validate
+    from comoe_jax.data import load_source
+
+    cfg = Config()
+    cfg.model.path, cfg.data.train = "random", (f"hf:{tmp_path / 'arc'}@test",)
+    validate(cfg)
+    assert split_less(cfg.data.train[0]) and load_source(cfg.data.train[0], "train")[0].answer == "B"
     with pytest.raises(DataError, match=r"x\.jsonl: hf: reads a folder .* or a data file ending in .* use jsonl:"):
         load_hf_dataset(_write(tmp_path / "x.jsonl", "{}"), "test")
 

@@ -248,7 +248,8 @@ def test_adapter_run_scores_as_our_own_scorer(hf_folder, ours, tmp_path):
     ("dtype=float8", r"model_args dtype='float8': expected one of auto, float32, bfloat16"),
     ("num_devices=0", r"model_args num_devices=0: expected a positive number of devices, or -1 for all"),
     ("fsdp=abc", r"model_args fsdp='abc': expected an integer"),
-    ("batch_size=0", r"model_args batch_size=0: expected a positive integer"),
+    ("batch_size=0", r"--batch_size \(or model_args batch_size\)=0: expected a positive integer"),
+    ("num_devices=99", r"model_args num_devices=99: only \d+ devices are visible"),
 ])
 def test_bad_model_args_are_refused_before_loading(hf_folder, args, message):
     from comoe_jax.errors import ConfigError

@@ -244,6 +244,8 @@ def _from_fields(record: dict, task: str, where: str) -> Example:
         raise DataError(f"{where}: field 'labels' should be a list of label texts (e.g. [\"true\", \"false\"]), "
                         f"got {json.dumps(labels)[:60]}")
     labels = tuple(labels)
+    if any(not label.strip() for label in labels) or len(set(labels)) != len(labels):
+        raise DataError(f"{where}: field 'labels' {list(labels)} has an empty or a repeated label")
     if labels and answer not in labels:
         raise DataError(f"{where}: field 'answer' {answer!r} is not among the labels {list(labels)}")
     return Example(task=task, instruction=str(instruction).strip(), answer=answer.strip(), labels=labels,
@@ -566,10 +568,16 @@ def load_hf_dataset(path: Path, split: str) -> list[Example]:
                         "datasets)") from None
     if as_path(path).is_file():
         return _hf_data_file(as_path(path), datasets)
+    folder = _exists(as_path(path))
     try:
-        data = datasets.load_from_disk(str(_exists(as_path(path))))
+        data = datasets.load_from_disk(str(folder))
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
+    except IndexError:  # datasets cannot concatenate zero Arrow tables: a saved dataset (or split) with no rows
+        raise DataError(f"{path}: no examples (the saved dataset, or one of its splits, is empty)") from None
+    except Exception as e:  # a damaged folder: state.json naming no or unreadable Arrow files (datasets / pyarrow)
+        raise DataError(f"{path}: a save_to_disk folder that cannot be read ({type(e).__name__}: {e}); is it "
+                        "complete?") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataError(f"{path}: split {split!r} not found; the dataset has {', '.join(data)}; pick one with "

@@ -72,6 +72,8 @@ def multiple_choice(task: str, instruction: str, options, correct: str, source: 
         raise DataError(f"{source}: field 'options' has {len(options)} options; at most {len(OPTION_LETTERS)}")
     if len(set(options)) != len(options):
         raise DataError(f"{source}: field 'options' repeats an option: {list(options)}")
+    if "" in options:  # an empty continuation scores log-likelihood 0 and would win every item
+        raise DataError(f"{source}: field 'options' has an empty option (option {OPTION_LETTERS[options.index('')]})")
     correct = str(correct).strip()
     if correct not in options:
         raise DataError(f"{source}: field 'answer' {correct!r} is not among the options {list(options)}")
