@@ -25,6 +25,7 @@ FAMILIES = {"llama": "llama", "mistral": "mistral", "ministral": "mistral", "qwe
 
 
 def check_model_type(model_type: str, source: str) -> str:
+    """``model_type`` if comoe-jax implements it; else a LoadError naming ``source`` and the supported types."""
     if model_type not in FAMILIES:
         raise LoadError(f"{source}: model_type {model_type!r} is not supported; comoe-jax implements "
                         f"{', '.join(FAMILIES)}")

@@ -445,8 +445,7 @@ def _check_tensor(path: str, name: str, value: np.ndarray, shape: tuple) -> None
 def _check_host_memory(model_cfg: ModelConfig, shapes: dict, dtypes: dict, shardings: dict) -> None:
     """Refuse, before allocating, weights that cannot fit this host's memory (CPU devices keep them there; an
     allocation past it ends in an XLA error or the kernel's OOM killer, with no word on the cause)."""
-    limit = host_memory_bytes()
-    if jax.default_backend() != "cpu" or limit is None:
+    if jax.default_backend() != "cpu" or (limit := host_memory_bytes()) is None:
         return
     need = sum(math.prod(shardings[n].shard_shape(shape)) * np.dtype(dtypes[n]).itemsize
                * len(shardings[n].addressable_devices) for n, shape in shapes.items())

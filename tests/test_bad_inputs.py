@@ -625,7 +625,8 @@ CASES = [
      r"--grid 'train\.output_dir=a,b': train\.output_dir cannot be swept; every cell runs in <out>/<cell name>"),
     ("sweep-grid-repeated", lambda ctx, tmp: ("sweep", ["--config", "tiny", "--grid", "train.seed=0,0", "--out",
                                                         str(tmp / "sw")]), 2,
-     r"--grid 'train\.seed=0,0': a value is repeated"),    # ---- found by trying what users get wrong (third round)
+     r"--grid 'train\.seed=0,0': a value is repeated"),
+    # ---- found by trying what users get wrong (third round)
     ("seed-negative", _override("train.seed=-1"), 2, r"train\.seed=-1 is not allowed: 0 <= seed <= 4294967295"),
     ("seed-past-32-bits", _override("train.seed=4294967296"), 2, r"train\.seed=4294967296 is not allowed: 0 <= seed"),
     ("mix-weight-infinite", _override('data.mix_weights={"add": Infinity}'), 2,
